@@ -1,0 +1,36 @@
+"""LMFusion: a pretrained Llama-3 learns to understand and generate images, its text kept exactly.
+
+Pins: the libraries whose APIs we call are pinned to the versions the test suite passes with; torch is a range so
+GPU clusters keep the build in their containers. megatron-core 0.16.1 is the newest release with a Python 3.11
+wheel (0.17+ need Python >= 3.12); see README "Versions".
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lmfusion",
+    version="0.1.0",
+    description="LMFusion (arXiv 2412.15188) on megatron-core: text+image generation from a frozen Llama-3",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lmfusion", "lmfusion.*", "megatron_ext", "megatron_ext.*", "data_tools"]),
+    install_requires=[
+        "torch>=2.6,<2.15",
+        "megatron-core==0.16.1",
+        "numpy>=1.26,<3",
+        "psutil>=5.9",  # megatron dist_checkpointing needs it but does not declare it
+        "pyyaml>=6.0,<7",
+        "tqdm>=4.66",
+        "safetensors==0.8.0",
+        "transformers==5.23.0",
+        "diffusers==0.42.1",
+        "webdataset==1.0.2",
+        "pillow>=10",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10"],
+        # Transformer Engine builds only against a CUDA torch; install it inside a CUDA container.
+        "gpu": ["transformer-engine[pytorch]>=2.8"],
+        "deepspeed": ["deepspeed==0.19.8"],
+    },
+    entry_points={"console_scripts": ["lmfusion=lmfusion.cli:main"]},
+)
