@@ -1,0 +1,65 @@
+"""Modality-routed RMSNorm: one weight per modality, the Llama formula.
+
+``y = w_m * (x / sqrt(mean(x^2) + eps))`` for a token of modality m, computed in fp32 and cast back before the
+weight multiply, exactly as Hugging Face's ``LlamaRMSNorm`` does (so frozen text norms reproduce HF bit for bit
+in fp32). The normalisation has no weights and is shared; only the final scale is routed, by gathering each
+token's weight row (one (tokens, h) gather — cheaper than grouping the tokens for an elementwise op). When every
+token has one modality only that weight is used; the other gets no gradient (as in the routed linears).
+
+With sequence parallelism the norm runs on this rank's sequence shard; pass that shard's modality ids
+(``RoutingPlan.local_modality_ids``). Its weights carry ``sequence_parallel=True`` so megatron's
+``finalize_model_grads`` all-reduces their gradients over the TP group.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from torch.nn import Parameter
+
+from megatron_ext.routing import TEXT, RoutingPlan
+
+__all__ = ["RoutedRMSNorm"]
+
+
+class RoutedRMSNorm(MegatronModule):
+    """``forward(x, plan)``: x (s, b, h) — (s/tp, b, h) under SP — normalised with its tokens' modality weight."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(config=config)
+        self.hidden_size = hidden_size
+        self.eps = eps
+        self.weight = Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.image_weight = Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        for p in (self.weight, self.image_weight):
+            setattr(p, "sequence_parallel", config.sequence_parallel)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, plan: RoutingPlan, local_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``local_ids``: flat modality ids of x's tokens when x is a sequence shard (else the plan's)."""
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(f"RoutedRMSNorm: expected hidden size {self.hidden_size}, got {x.shape[-1]}")
+        ids = plan.modality_ids if local_ids is None else local_ids
+        tokens = x.numel() // self.hidden_size
+        if ids.numel() != tokens:
+            raise ValueError(f"RoutedRMSNorm: {ids.numel()} modality ids for {tokens} tokens")
+        xn = self._normalise(x)
+        single = plan.single_modality if local_ids is None else None
+        if single is None and local_ids is not None:
+            present = torch.unique(ids)
+            single = int(present[0]) if present.numel() == 1 else None
+        if single is not None:
+            return (self.weight if single == TEXT else self.image_weight) * xn
+        weights = torch.stack([self.weight, self.image_weight])  # (2, h)
+        w = weights.index_select(0, ids.long()).view(x.shape)  # (s, b, h) each token's row
+        return w * xn
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Replicated over TP (norm weights are not sharded)."""
+        state_dict = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(state_dict, prefix, {}, sharded_offsets)

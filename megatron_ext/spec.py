@@ -1,0 +1,133 @@
+"""Module specs for routed layers: the slots name text/image-routed modules; a spec fills them.
+
+As megatron-core's ``gpt_layer_specs``: a layer names its slots (``input_layernorm``, ``linear_qkv``,
+``linear_proj``, ``pre_mlp_layernorm``, ``linear_fc1``, ``linear_fc2``) and the spec fills them with local (pure
+torch) or Transformer Engine modules. Swapping a backend changes the spec, not the model.
+
+:class:`RoutedMLP` is the pre-norm SwiGLU MLP half of a routed layer (norm -> fc1 -> SwiGLU -> fc2 -> residual);
+the attention half and the full layer are the model's (``lmfusion/model``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import get_pg_rank, get_pg_size
+
+from megatron_ext.linear import ModalityColumnParallelLinear, ModalityRowParallelLinear
+from megatron_ext.norm import RoutedRMSNorm
+from megatron_ext.routing import RoutingPlan
+from megatron_ext.te_linear import HAVE_TE, TEModalityColumnParallelLinear, TEModalityRowParallelLinear, require_te
+
+__all__ = ["RoutedLayerSubmodules", "RoutedMLPSubmodules", "RoutedMLP", "routed_layer_submodules",
+           "routed_mlp_spec", "resolve_backend"]
+
+Slot = Union[ModuleSpec, type]
+
+
+@dataclass
+class RoutedMLPSubmodules:
+    pre_mlp_layernorm: Slot = RoutedRMSNorm
+    linear_fc1: Slot = ModalityColumnParallelLinear
+    linear_fc2: Slot = ModalityRowParallelLinear
+
+
+@dataclass
+class RoutedLayerSubmodules:
+    """Every routed slot of an LMFusion layer; attention (shared) is the model's own slot."""
+
+    input_layernorm: Slot = RoutedRMSNorm
+    linear_qkv: Slot = ModalityColumnParallelLinear
+    linear_proj: Slot = ModalityRowParallelLinear
+    pre_mlp_layernorm: Slot = RoutedRMSNorm
+    linear_fc1: Slot = ModalityColumnParallelLinear
+    linear_fc2: Slot = ModalityRowParallelLinear
+
+
+def resolve_backend(backend: str) -> str:
+    """'local', 'te' or 'auto' (TE when it imports and a GPU is present) -> 'local' | 'te'."""
+    if backend not in ("local", "te", "auto"):
+        raise ValueError(f"backend must be 'local', 'te' or 'auto', got {backend!r}")
+    if backend == "auto":
+        return "te" if HAVE_TE and torch.cuda.is_available() else "local"
+    if backend == "te":
+        require_te("backend 'te'")
+    return backend
+
+
+def routed_layer_submodules(backend: str = "auto") -> RoutedLayerSubmodules:
+    """The routed slots filled for ``backend``. Norms are routed RMSNorm in both (TE has no routed norm)."""
+    if resolve_backend(backend) == "te":
+        return RoutedLayerSubmodules(linear_qkv=TEModalityColumnParallelLinear,
+                                     linear_proj=TEModalityRowParallelLinear,
+                                     linear_fc1=TEModalityColumnParallelLinear,
+                                     linear_fc2=TEModalityRowParallelLinear)
+    return RoutedLayerSubmodules()
+
+
+def routed_mlp_spec(backend: str = "auto") -> ModuleSpec:
+    slots = routed_layer_submodules(backend)
+    return ModuleSpec(module=RoutedMLP, submodules=RoutedMLPSubmodules(
+        pre_mlp_layernorm=slots.pre_mlp_layernorm, linear_fc1=slots.linear_fc1, linear_fc2=slots.linear_fc2))
+
+
+class RoutedMLP(MegatronModule):
+    """``h + fc2(silu(gate) * up)``, gate/up from one fused fc1, every weight routed by modality.
+
+    fc1's output stays grouped by modality into fc2 (local backend): one permutation in, one out.
+    """
+
+    def __init__(self, config: TransformerConfig, submodules: RoutedMLPSubmodules):
+        super().__init__(config=config)
+        h, ffn = config.hidden_size, config.ffn_hidden_size
+        self.pre_mlp_layernorm = build_module(submodules.pre_mlp_layernorm, config=config, hidden_size=h,
+                                              eps=config.layernorm_epsilon)
+        self.linear_fc1 = build_module(submodules.linear_fc1, h, 2 * ffn, config=config,
+                                       init_method=config.init_method, bias=config.add_bias_linear,
+                                       gather_output=False, skip_bias_add=False, is_expert=False,
+                                       stride=2)  # gate and up interleave per TP shard
+        self.linear_fc2 = build_module(submodules.linear_fc2, ffn, h, config=config,
+                                       init_method=config.output_layer_init_method,
+                                       bias=config.add_bias_linear, input_is_parallel=True,
+                                       skip_bias_add=False, is_expert=False)
+        self._grouped = isinstance(self.linear_fc1, ModalityColumnParallelLinear) and isinstance(
+            self.linear_fc2, ModalityRowParallelLinear)
+
+    def forward(self, hidden: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """hidden (s, b, h), (s/tp, b, h) with sequence parallelism."""
+        local_ids = None
+        if self.config.sequence_parallel:
+            tp_group = parallel_state.get_tensor_model_parallel_group()
+            if get_pg_size(tp_group) > 1:
+                local_ids = plan.local_modality_ids(get_pg_rank(tp_group), get_pg_size(tp_group))
+        x = self.pre_mlp_layernorm(hidden, plan, local_ids)
+        y, _ = self.linear_fc1(x, plan, keep_grouped=self._grouped)  # (rows, 2*ffn/tp) or (s, b, 2*ffn/tp)
+        gate, up = torch.chunk(y, 2, dim=-1)
+        act = F.silu(gate) * up
+        if self._grouped:
+            out, _ = self.linear_fc2(act, plan, input_grouped=True)
+        else:
+            out, _ = self.linear_fc2(act, plan)
+        return hidden + out
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """As megatron's MLP: fc1's fused [gate; up] is saved as two separately sharded halves (both modalities),
+        so a checkpoint reshards across TP sizes."""
+        out = {}
+        for name, module in self._modules.items():
+            sub = module.sharded_state_dict(f"{prefix}{name}.", sharded_offsets, metadata)
+            if name == "linear_fc1":
+                for key in list(sub):
+                    if key.rsplit(".", 1)[-1] in ("weight", "bias", "image_weight", "image_bias"):
+                        sub[key] = apply_swiglu_sharded_factory(
+                            sub[key], sharded_offsets, (metadata or {}).get("singleton_local_shards", False))
+            out.update(sub)
+        return out

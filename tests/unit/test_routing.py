@@ -1,0 +1,72 @@
+"""RoutingPlan: permutation, inverse, counts and padding against direct definitions."""
+
+import pytest
+import torch
+
+from megatron_ext.routing import IMAGE, TEXT, RoutingPlan
+
+
+def _ids(kind: str, s: int = 13, b: int = 3) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "mixed": (torch.rand(s, b, generator=gen) < 0.3).long(),
+        "all_text": torch.zeros(s, b, dtype=torch.long),
+        "all_image": torch.ones(s, b, dtype=torch.long),
+        "empty": torch.zeros(0, b, dtype=torch.long),
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["mixed", "all_text", "all_image", "empty"])
+@pytest.mark.parametrize("pad", [1, 4, 16])
+def test_plan_groups_and_inverts(kind, pad):
+    ids = _ids(kind)
+    plan = RoutingPlan.build(ids, pad_multiple=pad)
+    flat = ids.reshape(-1)
+    assert plan.counts == (int((flat == TEXT).sum()), int((flat == IMAGE).sum()))
+    assert all(p % pad == 0 and p - c < pad and p >= c for c, p in zip(plan.counts, plan.padded_counts))
+    x = torch.randn(flat.numel(), 5)
+    xg = plan.group(x)
+    assert xg.shape[0] == sum(plan.padded_counts)
+    off = plan.offsets
+    for m in (TEXT, IMAGE):
+        rows = xg[off[m]: off[m] + plan.counts[m]]
+        # stable: the group's tokens in sequence order
+        assert torch.equal(rows, x[flat == m])
+        assert torch.count_nonzero(xg[off[m] + plan.counts[m]: off[m + 1]]) == 0  # padding is zero
+    assert torch.equal(plan.ungroup(xg), x)
+    assert sorted(m for m, _ in plan.group_slices()) == [m for m in (TEXT, IMAGE) if plan.counts[m]]
+
+
+def test_single_modality_detection():
+    assert RoutingPlan.build(_ids("all_text")).single_modality == TEXT
+    assert RoutingPlan.build(_ids("all_image")).single_modality == IMAGE
+    assert RoutingPlan.build(_ids("mixed")).single_modality is None
+    assert RoutingPlan.build(_ids("all_text"), pad_multiple=16).single_modality is None  # padded: not a no-op
+
+
+def test_local_ids_split_sequence():
+    ids = _ids("mixed", s=8, b=2)
+    plan = RoutingPlan.build(ids)
+    parts = [plan.local_modality_ids(r, 4) for r in range(4)]
+    assert torch.equal(torch.cat(parts), ids.reshape(-1))
+    with pytest.raises(ValueError, match="sequence length 8 is not divisible by tensor-parallel size 3"):
+        plan.local_modality_ids(0, 3)
+
+
+@pytest.mark.parametrize("ids,needle", [
+    (torch.tensor([0, 1, 2]), "modality id 2"),
+    (torch.tensor([0, -3]), "modality id -3"),
+    (torch.tensor([0.0, 1.0]), "integer tensor"),
+    (torch.zeros(2, 2, 2, dtype=torch.long), "shape (2, 2, 2)"),
+])
+def test_bad_ids(ids, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        RoutingPlan.build(ids)
+
+
+def test_bad_pad_and_shapes():
+    with pytest.raises(ValueError, match="pad_multiple"):
+        RoutingPlan.build(torch.zeros(3, dtype=torch.long), pad_multiple=0)
+    plan = RoutingPlan.build(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="covers 3 tokens"):
+        plan.group(torch.zeros(4, 2))
