@@ -1,0 +1,125 @@
+"""DDPM pieces for LMFusion's image loss and sampling, on diffusers schedulers.
+
+Training (paper, Transfusion): 1000 steps, cosine schedule (``squaredcos_cap_v2``: Nichol & Dhariwal's
+``abar(t) = cos^2(((t/T) + 0.008) / 1.008 * pi/2)`` with betas capped at 0.999), epsilon prediction. A noise level
+``t`` is drawn per image, uniform over all steps, but at most ``cap`` (500) for images that come *first* in their
+sample (image -> caption) so the caption learns from a mostly clean image.
+
+Choices:
+
+* ``clip_sample=False`` on every scheduler: diffusers' default clips the predicted x0 to [-1, 1] when stepping,
+  which is for pixel space; VAE latents are not bounded that way. (It does not affect ``add_noise``.)
+* ``add_noise`` works in float32 and casts the result back: diffusers casts ``alphas_cumprod`` to the latents'
+  dtype, which in bf16 would quantise ``sqrt(abar)`` to 8 mantissa bits.
+* Samplers use ``timestep_spacing="trailing"``, so the first sampling step is the noisiest training step (T-1),
+  whatever the number of steps (with "leading", a 50-step DDIM would start at t=980, never at pure noise).
+* :func:`sample_timesteps` draws one uniform number per image whatever the image's kind, so the draws for a batch
+  depend only on the generator state and the number of images.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from torch import Tensor
+
+__all__ = [
+    "NUM_TRAIN_TIMESTEPS",
+    "IMAGE_FIRST_CAP",
+    "make_train_scheduler",
+    "sample_timesteps",
+    "add_noise",
+    "make_sampler",
+    "cfg_combine",
+]
+
+NUM_TRAIN_TIMESTEPS = 1000
+IMAGE_FIRST_CAP = 500
+
+
+def make_train_scheduler(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> DDPMScheduler:
+    """The training noise schedule: DDPM, cosine (``squaredcos_cap_v2``), epsilon prediction."""
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="epsilon",
+        clip_sample=False,  # latents are not in [-1, 1]; see module docstring
+    )
+
+
+def sample_timesteps(
+    n_images: int,
+    image_first: Tensor,
+    cap: int = IMAGE_FIRST_CAP,
+    generator: torch.Generator | None = None,
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+) -> Tensor:
+    """Noise levels per image: uniform in [0, T) and, where ``image_first``, uniform in [0, cap] (inclusive).
+
+    ``image_first``: (n_images,) bool. ``generator``: a CPU generator (the draw is made on CPU and moved to
+    ``image_first.device``, so the values do not depend on the device). Returns (n_images,) int64.
+    """
+    if image_first.shape != (n_images,) or image_first.dtype != torch.bool:
+        raise ValueError(f"image_first must be a ({n_images},) bool tensor, got {tuple(image_first.shape)} "
+                         f"{image_first.dtype}")
+    if not 0 <= cap < num_train_timesteps:
+        raise ValueError(f"cap={cap} must be in [0, {num_train_timesteps - 1}]")
+    u = torch.rand(n_images, generator=generator, dtype=torch.float64)  # one draw per image, [0, 1)
+    high = torch.where(image_first.cpu(), cap + 1, num_train_timesteps).to(torch.float64)
+    t = torch.minimum(torch.floor(u * high), high - 1).to(torch.int64)  # min(): guard against rounding up to high
+    return t.to(image_first.device)
+
+
+def add_noise(latents: Tensor, noise: Tensor, t: Tensor, scheduler: DDPMScheduler | None = None) -> Tensor:
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, per image: latents/noise (n, C, H, W), t (n,) int.
+
+    Computed in float32 through ``scheduler.add_noise`` (default: :func:`make_train_scheduler`), returned in the
+    latents' dtype.
+    """
+    if latents.shape != noise.shape:
+        raise ValueError(f"latents {tuple(latents.shape)} and noise {tuple(noise.shape)} differ in shape")
+    if t.shape != latents.shape[:1]:
+        raise ValueError(f"t must be ({latents.shape[0]},) (one per image), got {tuple(t.shape)}")
+    scheduler = scheduler if scheduler is not None else _default_scheduler()
+    high = scheduler.config.num_train_timesteps
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= high):
+        raise ValueError(f"timesteps must be in [0, {high - 1}], got range [{int(t.min())}, {int(t.max())}]")
+    noisy = scheduler.add_noise(latents.float(), noise.float(), t.long())
+    return noisy.to(latents.dtype)
+
+
+@functools.cache
+def _default_scheduler() -> DDPMScheduler:
+    # add_noise only reads the schedule (it caches alphas_cumprod on the latents' device), so one per process does.
+    return make_train_scheduler()
+
+
+def make_sampler(
+    kind: Literal["ddpm", "ddim"], steps: int, train_scheduler: DDPMScheduler | None = None
+) -> DDPMScheduler | DDIMScheduler:
+    """A sampling scheduler with the training schedule, ``set_timesteps(steps)`` done.
+
+    Loop: ``for t in s.timesteps: x = s.step(eps_model(x, t), t, x, generator=g).prev_sample``, starting from
+    ``x ~ N(0, I)`` (``init_noise_sigma`` is 1 for both).
+    """
+    base = train_scheduler if train_scheduler is not None else make_train_scheduler()
+    n_train = base.config.num_train_timesteps
+    if not 1 <= steps <= n_train:
+        raise ValueError(f"sampling steps={steps} must be in [1, {n_train}]")
+    if kind == "ddpm":
+        sampler = DDPMScheduler.from_config(base.config, timestep_spacing="trailing", clip_sample=False)
+    elif kind == "ddim":
+        sampler = DDIMScheduler.from_config(base.config, timestep_spacing="trailing", clip_sample=False)
+    else:
+        raise ValueError(f"sampler kind must be 'ddpm' or 'ddim', got {kind!r}")
+    sampler.set_timesteps(steps)
+    return sampler
+
+
+def cfg_combine(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance: uncond + scale * (cond - uncond). Exactly ``cond`` at scale 1, ``uncond`` at 0."""
+    # torch.lerp evaluates weight >= 0.5 as end - (end - start) * (1 - weight): exact at the end points.
+    return torch.lerp(uncond, cond, scale)

@@ -1,0 +1,124 @@
+"""LMFusion loss: LM cross-entropy + lambda x diffusion MSE, each normalised by its global token count.
+
+The model returns per-token outputs; these functions turn them into local *sums* and *counts*, and
+:func:`total_loss` normalises each sum by its count summed over the data-parallel group, so the gradient of a step
+is that of the global-batch mean loss whatever each rank holds (a rank may have no image tokens at all).
+
+**Scaling rule under data parallelism.** Megatron DDP (``calculate_per_token_loss=False``, with or without
+``average_in_collective``) reduces gradients to their *mean* over the ``dp`` ranks. The global mean loss is
+``L = sum_r S_r / N`` (``S_r``: rank r's loss sum, ``N = sum_r n_r``: the global count), so
+``grad L = (1/dp) * sum_r grad(dp * S_r / N)``: each rank must back-propagate ``dp * S_r / N``, which is what
+:func:`total_loss` returns as ``loss`` (``grads_averaged_over_dp=True``). If gradients are *summed* over ranks
+(``calculate_per_token_loss=True``-style reduction, or a plain all-reduce SUM), pass ``grads_averaged_over_dp=False``
+to back-propagate ``S_r / N``. Only the counts are all-reduced; the loss is not.
+
+**Micro-batches.** Counts are those of one micro-batch. Megatron's schedule divides a loss_func's 2-tuple output by
+``num_microbatches``, so with gradient accumulation the step's gradient is the mean over micro-batches of each
+micro-batch's global-mean loss; it equals the whole step's token mean when micro-batches have equal global counts.
+
+**Reported values** (``LossTerms.lm``, ``.diffusion``) are detached local contributions ``S_r / N``: summed over the
+DP group (not averaged) they give the global mean of each term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from torch import Tensor
+
+__all__ = ["DIFFUSION_LOSS_WEIGHT", "LossTerms", "lm_loss", "diffusion_loss", "total_loss"]
+
+DIFFUSION_LOSS_WEIGHT = 5.0  # lambda in LMFusion / Transfusion
+
+
+def lm_loss(vocab_parallel_logits: Tensor, labels: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-entropy summed over the tokens where ``loss_mask`` is set: returns (sum fp32 scalar, count int64 scalar).
+
+    ``vocab_parallel_logits``: (..., v / tp), this tensor-parallel rank's vocab shard (megatron's output layer
+    without gather). ``labels``, ``loss_mask``: (...), the same leading shape. Megatron's
+    ``vocab_parallel_cross_entropy`` documents (s, b, v) logits with (s, b) targets, but it flattens all leading
+    dims, so (b, s, v) with (b, s) labels gives the same per-token losses; only the labels' layout must match the
+    logits'. Requires megatron's ``parallel_state`` to be initialised (TP=1 included).
+
+    Megatron's kernel subtracts the max and exponentiates **in place** on ``logits.float()``: for fp32 logits that is
+    the caller's tensor, which holds softmax probabilities afterwards. Do not reuse the logits (clone first to do so).
+    Labels at masked positions may be any integer (e.g. -100): they are out of every vocab shard and give a finite,
+    ignored loss.
+    """
+    if labels.shape != vocab_parallel_logits.shape[:-1] or loss_mask.shape != labels.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} and loss_mask {tuple(loss_mask.shape)} must equal the logits' "
+                         f"leading shape {tuple(vocab_parallel_logits.shape[:-1])}")
+    mask = loss_mask.bool()
+    per_token = vocab_parallel_cross_entropy(vocab_parallel_logits, labels.long())  # (...) fp32
+    # where(), not a product: a masked token's loss never reaches the sum or the gradient, even if it were inf.
+    total = torch.where(mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device)).sum()
+    return total, mask.sum()
+
+
+def diffusion_loss(pred: Tensor, target: Tensor, image_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Squared error, averaged over each token's elements and summed over tokens: (sum fp32 scalar, count int64).
+
+    ``pred``, ``target``: (..., f), one row of ``f`` latent elements per image token; ``image_mask``: (...) bool,
+    which rows count (None: all). For image tensors (n, C, H, W), ``image_io.patchify(x, cfg.patch_size *
+    cfg.downsample_factor)`` gives the per-token layout (n, tokens_per_image, f) in the sequence's token order.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    if image_mask is not None and image_mask.shape != pred.shape[:-1]:
+        raise ValueError(f"image_mask {tuple(image_mask.shape)} must equal pred's leading shape "
+                         f"{tuple(pred.shape[:-1])}")
+    per_token = (pred.float() - target.float()).pow(2).mean(dim=-1)  # (...): fp32 whatever the model dtype
+    if image_mask is None:
+        return per_token.sum(), torch.tensor(per_token.numel(), dtype=torch.int64, device=per_token.device)
+    mask = image_mask.bool()
+    total = torch.where(mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device)).sum()
+    return total, mask.sum()
+
+
+@dataclass
+class LossTerms:
+    """What :func:`total_loss` returns.
+
+    ``loss``: the tensor to back-propagate (scaled for the DP gradient reduction; see module docstring).
+    ``lm``, ``diffusion``: detached local contributions S_r / N of each unweighted term (sum over DP = global mean).
+    ``lm_tokens``, ``image_tokens``: global (DP-summed) counts, int64.
+    """
+
+    loss: Tensor
+    lm: Tensor
+    diffusion: Tensor
+    lm_tokens: Tensor
+    image_tokens: Tensor
+
+
+def total_loss(
+    lm_sum: Tensor,
+    lm_count: Tensor,
+    diff_sum: Tensor,
+    diff_count: Tensor,
+    lam: float = DIFFUSION_LOSS_WEIGHT,
+    dp_group: dist.ProcessGroup | None = None,
+    grads_averaged_over_dp: bool = True,
+) -> LossTerms:
+    """lm_sum / N_lm + lam * diff_sum / N_diff, with N the counts summed over ``dp_group``, scaled for DDP.
+
+    ``dp_group``: the group DDP reduces gradients over (megatron: ``parallel_state.get_data_parallel_group()``);
+    None means a single data-parallel rank (no communication). A term whose global count is 0 contributes exactly
+    0 (its sum is then 0 too), never NaN.
+    """
+    counts = torch.stack([lm_count.reshape(()), diff_count.reshape(())]).to(torch.int64)  # (2,)
+    dp_size = 1
+    if dp_group is not None:
+        dp_size = dist.get_world_size(dp_group)
+        if dp_size > 1:
+            counts = counts.clone()
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=dp_group)  # int64: exact for any token count
+    n_lm, n_diff = counts.clamp(min=1).to(lm_sum.dtype).unbind()  # clamp: 0/0 -> 0/1 = 0
+    lm_term, diff_term = lm_sum / n_lm, diff_sum / n_diff
+    scale = dp_size if grads_averaged_over_dp else 1
+    loss = scale * (lm_term + lam * diff_term)
+    return LossTerms(loss=loss, lm=lm_term.detach(), diffusion=diff_term.detach(),
+                     lm_tokens=counts[0], image_tokens=counts[1])
