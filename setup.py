@@ -31,6 +31,8 @@ setup(
         # Transformer Engine builds only against a CUDA torch; install it inside a CUDA container.
         "gpu": ["transformer-engine[pytorch]>=2.8"],
         "deepspeed": ["deepspeed==0.19.8"],
+        # Parquet manifests for data_tools/build_shards.py (imported only when one is given)
+        "parquet": ["pyarrow>=14"],
     },
     entry_points={"console_scripts": ["lmfusion=lmfusion.cli:main"]},
 )
