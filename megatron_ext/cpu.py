@@ -10,16 +10,41 @@ job can never pick it up by accident. What it changes, and why (call sites are m
 * **Type-name checks.** ``param.type() == 'torch.cuda.FloatTensor'`` (clip_grads.py:167, optimizer.py:690,
   distrib_optimizer.py:420) would reject every CPU tensor: the mode answers ``Tensor.type()`` (no argument) of a
   CPU tensor with its CUDA name, which is what those checks mean ("a float32 tensor on the compute device").
-* **torch.cuda calls.** ``current_device`` answers 0 (mapped to cpu by the mode), ``synchronize``/``empty_cache``/
+* **torch.cuda calls.** ``current_device`` answers ``torch.device("cpu")``, not 0: torch function modes are not
+  active inside autograd backward functions, where megatron allocates with ``device=torch.cuda.current_device()``
+  too (mappings.py, layers.py, random.py's ``gather_split_1d_tensor``). ``synchronize``/``empty_cache``/
   ``set_device`` are no-ops, streams and events are torch.cpu's (which are no-op stand-ins on CPU).
-* **RNG tracker.** megatron's ``CudaRNGStatesTracker`` saves and restores CUDA generator states; on a CPU build
-  ``_set_cuda_rng_state`` silently does nothing, so dropout inside ``fork()`` would not be reproducible.
-  :class:`CpuRNGStatesTracker` keeps the named states as CPU generator states, forked the same way; activation
-  recompute with dropout is then bit-exact.
-* **Distributed optimizer step counters.** With the torch AdamW fallback (no apex/TE), ``DistributedOptimizer``
-  loads one shared ``step`` tensor for all params (distrib_optimizer.py:825) which foreach-AdamW would advance once
-  per param. :func:`split_shared_adam_steps` gives each param its own step tensor after a load; call it after
-  ``optimizer.load_state_dict`` / ``load_parameter_state``.
+* **RNG.** On CPU the compute device's generator *is* the CPU generator, so ``torch.cuda.manual_seed`` /
+  ``get_rng_state`` / ``set_rng_state`` act on it: ``model_parallel_cuda_manual_seed(seed)`` then seeds the default
+  (data-parallel) stream with ``seed`` as on GPU (random.py:422). megatron's own ``_set_cuda_rng_state``
+  (random.py:72) silently does nothing on a CPU build, and ``torch.cuda.get_rng_state`` raises "Torch not
+  compiled with CUDA", which broke ``tensor_parallel.checkpoint`` (random.py:447); both now use the CPU generator.
+  megatron's ``CudaRNGStatesTracker`` saves and restores CUDA generator states; :class:`CpuRNGStatesTracker` keeps
+  the named states as CPU generator states, forked the same way. Dropout inside ``get_cuda_rng_tracker().fork()``
+  is then reproducible and activation recompute with dropout is bit-exact.
+* **Batched p2p on gloo (pipeline schedules).** ``_batched_p2p_ops`` (p2p_communication.py:16) posts
+  ``send_prev, recv_prev, send_next, recv_next``. gloo pairs point-to-point messages between two ranks in posting
+  order; with pipeline size 2 the previous and the next stage are the same peer, so when one batch holds both
+  directions (the interleaved schedule's steady state, ``batch_p2p_comm=True``, the default) a stage's
+  ``send_prev`` (a gradient) lands in the peer's ``recv_prev`` (an activation) of the same shape: wrong losses and
+  gradients, no error. CPU mode replaces it with the same ops posted in data-flow order (forward-flowing
+  ``send_next``/``recv_prev`` first, then ``send_prev``/``recv_next``), which pairs correctly on any peer layout.
+  ``batch_p2p_comm=False`` (``_p2p_ops``) was always right. The variable-shape handshake
+  (``variable_seq_lengths=True``, p2p_communication.py:214) has the same ordering and is not patched:
+  :func:`check_config` refuses it with an interleaved schedule at pipeline size 2.
+* **Distributed optimizer checkpoints with torch AdamW.** Without apex/TE (always, on CPU) megatron falls back to
+  torch AdamW, whose per-param ``step`` tensor the DistributedOptimizer checkpoint code gets wrong in three places;
+  CPU mode wraps the three methods so the standard save/load flow resumes bit-identically:
+  ``state_dict()`` of a fresh optimizer (which ``sharded_state_dict(..., is_loading=True)`` calls) asserts one common
+  step (distrib_optimizer.py:642): the state is created first (zeros and step 0, what AdamW's lazy init would
+  create). ``load_state_dict`` gives all params one shared ``step`` tensor (distrib_optimizer.py:825) that AdamW
+  advances once per param, so the resumed run silently drifts: each param gets its own copy afterwards
+  (:func:`split_shared_adam_steps`). Loading ``fully_reshardable`` param state copies every optimizer-state key,
+  ``step`` included, from a checkpoint entry that has none (KeyError, distrib_optimizer.py:940): ``step`` is
+  left as loaded from the param groups.
+  Pass ``metadata={"distrib_optim_sharding_type": "fully_reshardable"}``: the default sharding type fails at save
+  ("flattened_range is not supported", mapping.py:134), and ``sharding_type=`` without ``metadata`` fails in
+  ``sharded_param_state_fully_reshardable`` (``None.get``, distrib_optimizer.py:1443).
 
 What is *not* done here: CUDA-only fusions (``masked_softmax_fusion`` in bf16, ``apply_rope_fusion``,
 ``gradient_accumulation_fusion``, ``persist_layer_norm``) must simply be off in the config (see
@@ -29,7 +54,7 @@ What is *not* done here: CUDA-only fusions (``masked_softmax_fusion`` in bf16, `
 from __future__ import annotations
 
 import contextlib
-import os
+import functools
 from typing import Any
 
 import torch
@@ -37,9 +62,11 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "enable",
+    "disable",
     "is_enabled",
     "CpuRNGStatesTracker",
     "check_config",
+    "init_adam_state_for_load",
     "split_shared_adam_steps",
     "init_process_group",
 ]
@@ -81,8 +108,6 @@ class _CpuDeviceMode(TorchFunctionMode):
             return args[0]
         elif func is torch.Tensor.to:
             # tensor.to("cuda") / tensor.to(device=0) / tensor.to(torch.device("cuda"), dtype)
-            if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-                kwargs = {**kwargs, "device": _CPU}
             if len(args) > 1 and not isinstance(args[1], (torch.Tensor, torch.dtype)) and _is_cuda_device(args[1]):
                 args = (args[0], _CPU, *args[2:])
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
@@ -94,8 +119,12 @@ class CpuRNGStatesTracker:
     """Drop-in for megatron's ``CudaRNGStatesTracker`` that keeps named CPU generator states.
 
     Same contract: ``add(name, seed)`` creates a state without disturbing the default one; ``fork(name)`` swaps it
-    in, runs the block, stores the advanced state and restores the default state.
+    in, runs the block, stores the advanced state and restores the state it found (forks nest).
     """
+
+    # Read by megatron's cuda-graph and TE code paths (random.py:448, cuda_graphs.py:1409).
+    use_cudagraphable_rng = False
+    is_inference_rng_tracker = False
 
     def __init__(self, *args, **kwargs):
         self.reset()
@@ -140,6 +169,82 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(saved)
 
 
+def _cpu_get_rng_state(device: Any = "cuda", *args, **kwargs) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device: Any = "cuda", *args, **kwargs) -> None:
+    torch.set_rng_state(new_state)
+
+
+class _CpuStream(torch.cpu.Stream):
+    """torch.cuda.Stream(device=...) / (priority=...): the CPU stand-in takes neither device nor stream pointers.
+    A class, not a function: libraries annotate with ``torch.cuda.Stream | None`` at import time."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+
+def _gloo_batched_p2p_ops(
+    *, tensor_send_prev, tensor_recv_prev, tensor_send_next, tensor_recv_next, group, prev_pipeline_rank,
+    next_pipeline_rank,
+):
+    """megatron's ``_batched_p2p_ops`` with the ops posted in data-flow order (see the module docstring).
+
+    A stage's ``send_next`` pairs with its successor's ``recv_prev`` and its ``send_prev`` with its predecessor's
+    ``recv_next``; posting forward-flowing ops first and backward-flowing ops second on every rank keeps those
+    pairs in the same relative order on both ends, even when predecessor and successor are one rank.
+    """
+    ops = []
+    isend, irecv, P2POp = torch.distributed.isend, torch.distributed.irecv, torch.distributed.P2POp
+    if tensor_send_next is not None:
+        ops.append(P2POp(isend, tensor_send_next, next_pipeline_rank, group))
+    if tensor_recv_prev is not None:
+        ops.append(P2POp(irecv, tensor_recv_prev, prev_pipeline_rank, group))
+    if tensor_send_prev is not None:
+        ops.append(P2POp(isend, tensor_send_prev, prev_pipeline_rank, group))
+    if tensor_recv_next is not None:
+        ops.append(P2POp(irecv, tensor_recv_next, next_pipeline_rank, group))
+    return torch.distributed.batch_isend_irecv(ops) if ops else []
+
+
+def _state_dict_with_adam_state(state_dict):
+    @functools.wraps(state_dict)
+    def wrapper(self):
+        init_adam_state_for_load(self)
+        return state_dict(self)
+
+    return wrapper
+
+
+def _load_state_dict_with_own_steps(load_state_dict):
+    @functools.wraps(load_state_dict)
+    def wrapper(self, state_dict):
+        load_state_dict(self, state_dict)
+        split_shared_adam_steps(self)
+
+    return wrapper
+
+
+def _set_states_keeping_step(set_states):
+    @functools.wraps(set_states)
+    def wrapper(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            step = self.optimizer.state.get(main_param, {}).get("step")
+            if step is not None:
+                tensors = {**tensors, "step": step}  # copied onto itself: left as loaded
+        return set_states(self, model_param, tensors)
+
+    return wrapper
+
+
+def _original(obj: Any, name: str) -> Any:
+    """What :func:`enable` replaced ``obj.name`` with (tests use it to show a patch is still needed)."""
+    return _STATE["saved"][(obj, name)]
+
+
 def _patch(obj: Any, name: str, value: Any) -> None:
     _STATE["saved"].setdefault((obj, name), getattr(obj, name, None))
     setattr(obj, name, value)
@@ -153,26 +258,45 @@ def enable() -> None:
         raise RuntimeError(
             "megatron_ext.cpu.enable(): CUDA is available; CPU mode is for machines without a GPU only"
         )
+    import torch.cuda.random as cuda_random
+    from megatron.core.pipeline_parallel import p2p_communication
     from megatron.core.tensor_parallel import random as mrandom
 
     cuda = torch.cuda
-    _patch(cuda, "current_device", lambda: 0)
+    # A device object, not 0: megatron's autograd backward functions allocate with it, and torch function
+    # modes are not active inside the autograd engine's backward calls.
+    _patch(cuda, "current_device", lambda: _CPU)
     _patch(cuda, "device_count", lambda: 0)
     _patch(cuda, "set_device", lambda *a, **k: None)
     _patch(cuda, "synchronize", lambda *a, **k: None)
     _patch(cuda, "empty_cache", lambda *a, **k: None)
-    _patch(cuda, "Stream", torch.cpu.Stream)
+    _patch(cuda, "Stream", _CpuStream)
     _patch(cuda, "Event", torch.cpu.Event)
     _patch(cuda, "stream", torch.cpu.stream)
     _patch(cuda, "current_stream", torch.cpu.current_stream)
     _patch(cuda, "default_stream", torch.cpu.current_stream)
-    # model_parallel_cuda_manual_seed calls torch.cuda.manual_seed, then seeds the tracker.
-    _patch(cuda, "manual_seed", lambda seed: None)
+    # The compute device's generator is the CPU generator (see the module docstring).
+    _patch(cuda, "manual_seed", torch.manual_seed)
+    for module in (cuda, cuda_random):
+        _patch(module, "get_rng_state", _cpu_get_rng_state)
+        _patch(module, "set_rng_state", _cpu_set_rng_state)
+    _patch(mrandom, "_set_cuda_rng_state", _cpu_set_rng_state)
 
     tracker = CpuRNGStatesTracker()
     _patch(mrandom, "_CUDA_RNG_STATE_TRACKER", tracker)
     _patch(mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)
     _patch(mrandom, "initialize_rng_tracker", lambda *a, **k: None)
+
+    _patch(p2p_communication, "_batched_p2p_ops", _gloo_batched_p2p_ops)
+
+    from megatron.core.optimizer import distrib_optimizer
+
+    if not distrib_optimizer.HAVE_APEX_OR_TE:
+        dist_opt = distrib_optimizer.DistributedOptimizer
+        _patch(dist_opt, "state_dict", _state_dict_with_adam_state(dist_opt.state_dict))
+        _patch(dist_opt, "load_state_dict", _load_state_dict_with_own_steps(dist_opt.load_state_dict))
+        _patch(dist_opt, "_set_main_param_and_optimizer_states",
+               _set_states_keeping_step(dist_opt._set_main_param_and_optimizer_states))
 
     mode = _CpuDeviceMode()
     mode.__enter__()
@@ -204,29 +328,71 @@ _CUDA_ONLY_FUSIONS = (
 
 
 def check_config(config: Any) -> None:
-    """Raise if a megatron TransformerConfig asks for a fusion that has no CPU implementation."""
+    """Raise if a megatron TransformerConfig / ModelParallelConfig asks for something CPU mode cannot do right.
+
+    CUDA-only fusions have no CPU implementation; the variable-shape p2p handshake pairs messages wrongly on gloo
+    with an interleaved schedule at pipeline size 2 (module docstring).
+    """
+    problems = []
     on = [name for name in _CUDA_ONLY_FUSIONS if getattr(config, name, False)]
     if on:
-        raise ValueError(f"TransformerConfig: {', '.join(on)} must be False on CPU (CUDA-only fusions)")
+        problems.append(f"{', '.join(on)} must be False on CPU (CUDA-only fusions)")
+    vpp = getattr(config, "virtual_pipeline_model_parallel_size", None) or 1
+    pp = getattr(config, "pipeline_model_parallel_size", 1) or 1
+    if vpp > 1 and pp == 2 and getattr(config, "variable_seq_lengths", False):
+        problems.append(
+            "variable_seq_lengths=True with an interleaved pipeline at pipeline_model_parallel_size=2 pairs gloo "
+            "p2p shape messages in the wrong order (p2p_communication.py:214); use fixed sequence lengths"
+        )
+    if problems:
+        raise ValueError("TransformerConfig: " + "; ".join(problems))
+
+
+def _inner_torch_optimizers(optimizer: Any) -> list[Any]:
+    """The torch optimizers under a megatron (chained / distributed / fp32) optimizer, or the optimizer itself."""
+    chained = getattr(optimizer, "chained_optimizers", None)
+    if chained is not None:
+        return [inner for opt in chained for inner in _inner_torch_optimizers(opt)]
+    return [getattr(optimizer, "optimizer", optimizer)]
+
+
+def init_adam_state_for_load(optimizer: Any) -> None:
+    """Create the state of a (megatron-wrapped) torch AdamW that has not stepped yet; existing state is kept.
+
+    ``DistributedOptimizer.sharded_state_dict(..., is_loading=True)`` reads the current state (one common
+    ``step``, distrib_optimizer.py:642), which a fresh torch AdamW does not have yet. Creates what AdamW's lazy
+    init would (zero ``exp_avg``/``exp_avg_sq``, ``step`` 0) without touching the params. CPU mode calls it from
+    ``DistributedOptimizer.state_dict``.
+    """
+    for inner in _inner_torch_optimizers(optimizer):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if param not in inner.state or not inner.state[param]:
+                    inner.state[param] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                        "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+                    }
 
 
 def split_shared_adam_steps(optimizer: Any) -> int:
     """Give every param of a (distributed) torch-Adam optimizer its own ``step`` tensor; returns how many split.
 
     megatron's DistributedOptimizer restores one shared ``step`` tensor for all params (distrib_optimizer.py:825);
-    torch's foreach AdamW increments each param's ``step`` in place, so a shared one advances N times per step
-    and the resumed run silently drifts.
+    torch's AdamW increments each param's ``step`` in place, so a shared one advances N times per step and the
+    resumed run silently drifts. CPU mode calls it at the end of ``DistributedOptimizer.load_state_dict``; calling
+    it again is harmless.
     """
-    inner = getattr(optimizer, "optimizer", optimizer)
-    seen: set[int] = set()
     split = 0
-    for state in inner.state.values():
-        step = state.get("step")
-        if isinstance(step, torch.Tensor):
-            if id(step) in seen:
-                state["step"] = step.clone()
-                split += 1
-            seen.add(id(state["step"]))
+    for inner in _inner_torch_optimizers(optimizer):
+        seen: set[int] = set()
+        for state in inner.state.values():
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                if id(step) in seen:
+                    state["step"] = step.clone()
+                    split += 1
+                seen.add(id(state["step"]))
     return split
 
 

@@ -38,6 +38,7 @@ from megatron.core.tensor_parallel.layers import (
     _initialize_affine_weight_cpu,
     _initialize_affine_weight_gpu,
     copy_tensor_model_parallel_attributes,
+    set_tensor_model_parallel_attributes,
 )
 from megatron.core.tensor_parallel.mappings import (
     gather_from_tensor_model_parallel_region,
@@ -51,7 +52,7 @@ from torch.nn import Parameter
 
 from megatron_ext.routing import IMAGE, TEXT, RoutingPlan
 
-__all__ = ["ModalityColumnParallelLinear", "ModalityRowParallelLinear", "routed_linear"]
+__all__ = ["ModalityColumnParallelLinear", "ModalityRowParallelLinear", "routed_linear", "tag_partitioned"]
 
 
 def _all_gather_first_dim(x: torch.Tensor, group, async_op: bool = False):
@@ -159,6 +160,13 @@ def routed_linear(x: torch.Tensor, plan: RoutingPlan, weights, biases=(None, Non
                                weights[0], weights[1], biases[0], biases[1])
 
 
+def tag_partitioned(weight: torch.Tensor, dim: int, stride: int) -> None:
+    """megatron tags TP-sharded weights only inside its initialisers; with ``perform_initialization=False``
+    (weights loaded later) they would stay untagged and DDP / grad-norm would treat them as duplicates."""
+    if not hasattr(weight, "tensor_model_parallel"):
+        set_tensor_model_parallel_attributes(weight, True, dim, stride)
+
+
 def _make_image_twin(layer: torch.nn.Module, name: str, like: torch.Tensor, config: ModelParallelConfig,
                      init: Optional[Callable[[], None]]) -> Parameter:
     """A parameter shaped, typed and TP-tagged like ``like`` (the text tensor), registered as ``name``."""
@@ -209,6 +217,7 @@ class ModalityColumnParallelLinear(ColumnParallelLinear):
             else:
                 _initialize_affine_weight_gpu(self.image_weight, init_method, partition_dim=0, stride=stride)
 
+        tag_partitioned(self.weight, 0, stride)
         _make_image_twin(self, "image_weight", self.weight, config, init_weight)
         if self.bias is not None:
             _make_image_twin(self, "image_bias", self.bias, config, None)
@@ -272,6 +281,7 @@ class ModalityRowParallelLinear(RowParallelLinear):
             else:
                 _initialize_affine_weight_gpu(self.image_weight, init_method, partition_dim=1, stride=stride)
 
+        tag_partitioned(self.weight, 1, stride)
         _make_image_twin(self, "image_weight", self.weight, config, init_weight)
         if self.bias is not None:
             _make_image_twin(self, "image_bias", self.bias, config, None)
