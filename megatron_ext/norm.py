@@ -14,6 +14,7 @@ With sequence parallelism the norm runs on this rank's sequence shard; pass that
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
@@ -62,4 +63,7 @@ class RoutedRMSNorm(MegatronModule):
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """Replicated over TP (norm weights are not sharded)."""
         state_dict = self.state_dict(prefix="", keep_vars=True)
-        return make_sharded_tensors_for_checkpoint(state_dict, prefix, {}, sharded_offsets)
+        dp_cp_group = (metadata or {}).get("dp_cp_group")
+        tp_group = parallel_state.get_tensor_model_parallel_group() if dp_cp_group is not None else None
+        return make_sharded_tensors_for_checkpoint(state_dict, prefix, {}, sharded_offsets, tp_group=tp_group,
+                                                   dp_cp_group=dp_cp_group)

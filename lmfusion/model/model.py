@@ -1,0 +1,288 @@
+"""LMFusionModel: a Llama-3 text model with image twins, on megatron-core (TP, SP, PP).
+
+    tokens --embedding (frozen)--+
+                                  +--> hidden (s, b, h) --> LMFusionLayer x L --> routed final norm --+--> LM head (frozen) --> logits
+    x_t, t --image encoder ------+   (image tokens replace their positions)                          +--> image decoder --> predicted noise
+
+Pipeline parallelism: the first stage (``pre_process``) embeds text and image tokens, the last (``post_process``)
+holds the final norm, LM head and image decoder; other stages take their input through ``set_input_tensor``.
+Every stage builds the micro-batch's routing plan, mask and RoPE table once from the same
+:class:`ModelInputs` (they are cheap and identical on all stages) and hands them to each of its layers.
+
+Tied embeddings: the text path is frozen, so the last stage may hold its own frozen copy of the embedding as the LM
+head (no embedding-gradient sync between stages is needed); at PP=1 the head reads the embedding parameter itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.utils import sharded_state_dict_default
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from lmfusion.config import ModelConfig
+from lmfusion.model.attention import AttentionMask
+from lmfusion.model.image_io import build_image_io, tokens_per_image
+from lmfusion.model.layer import LayerContext, lmfusion_layer_spec
+from lmfusion.model.weights import is_image_param
+from megatron_ext.linear import tag_partitioned
+from megatron_ext.norm import RoutedRMSNorm
+from megatron_ext.routing import IMAGE, RoutingPlan
+from megatron_ext.spec import resolve_backend, routed_layer_submodules
+
+__all__ = ["ModelInputs", "LMFusionOutput", "LMFusionModel", "resolve_attention_backend"]
+
+
+def resolve_attention_backend(name: str) -> str:
+    if name == "auto":
+        return "flex" if torch.cuda.is_available() else "sdpa"
+    return name
+
+
+@dataclass
+class ModelInputs:
+    """One micro-batch as the model sees it. Image ``j`` occupies ``tokens_per_image`` positions starting at
+    ``image_start[j]`` in row ``image_batch[j]`` (between its ``<boi>`` and ``<eoi>`` tokens).
+
+    tokens: (b, s) token ids (any id at image positions; they are replaced by image tokens).
+    document_ids: (b, s) packed-document id per token, -1 for padding (attention never crosses documents).
+    position_ids: (b, s) RoPE positions, or None for 0..s-1 in every row.
+    image_latents: (n_img, C, H, W) noisy latents x_t fed to the image encoder (clean ones for understanding).
+    image_timesteps: (n_img,) diffusion step of each image.
+    image_batch / image_start: (n_img,) row and first position of each image.
+    """
+
+    tokens: Tensor
+    document_ids: Tensor
+    position_ids: Optional[Tensor] = None
+    image_latents: Optional[Tensor] = None
+    image_timesteps: Optional[Tensor] = None
+    image_batch: Optional[Tensor] = None
+    image_start: Optional[Tensor] = None
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.image_batch is None else int(self.image_batch.numel())
+
+    def image_layout(self, n_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(modality_ids (b, s), image_ids (b, s), flat (n_img * n_tokens,) indices into the (s, b) flattening)."""
+        b, s = self.tokens.shape
+        device = self.tokens.device
+        modality = torch.zeros(b, s, dtype=torch.long, device=device)
+        image_ids = torch.full((b, s), -1, dtype=torch.long, device=device)
+        if self.num_images == 0:
+            return modality, image_ids, torch.empty(0, dtype=torch.long, device=device)
+        for name in ("image_latents", "image_timesteps", "image_start"):
+            value = getattr(self, name)
+            if value is None or value.shape[0] != self.num_images:
+                raise ValueError(f"ModelInputs.{name} must have {self.num_images} entries (one per image)")
+        start, row = self.image_start.long(), self.image_batch.long()
+        if bool((start < 0).any()) or bool((start + n_tokens > s).any()) or bool((row < 0).any() | (row >= b).any()):
+            raise ValueError(f"ModelInputs: an image ({n_tokens} tokens) does not fit in the (b={b}, s={s}) batch")
+        pos = start[:, None] + torch.arange(n_tokens, device=device)  # (n_img, T)
+        rows = row[:, None].expand_as(pos)
+        if int(modality[rows, pos].sum()) or torch.unique(rows * s + pos).numel() != pos.numel():
+            raise ValueError("ModelInputs: images overlap")
+        modality[rows, pos] = IMAGE
+        image_ids[rows, pos] = torch.arange(self.num_images, device=device)[:, None].expand_as(pos)
+        flat = (pos * b + rows).reshape(-1)  # token index in the (s, b) flattening
+        return modality, image_ids, flat
+
+
+@dataclass
+class LMFusionOutput:
+    """Last-stage output. logits: (s, b, padded_vocab / tp), vocab-parallel; noise_pred: (n_img, C, H, W)."""
+
+    logits: Tensor
+    noise_pred: Optional[Tensor]
+
+
+class TextEmbedding(MegatronModule):
+    """Holds ``word_embeddings`` (megatron naming); a MegatronModule so its TP shards checkpoint as shards."""
+
+    def __init__(self, config: TransformerConfig, padded_vocab: int, hidden: int):
+        super().__init__(config=config)
+        self.word_embeddings = VocabParallelEmbedding(padded_vocab, hidden, init_method=config.init_method,
+                                                      config=config)
+
+
+class Decoder(MegatronModule):
+    """``layers`` (this stage's) and, on the last stage, ``final_layernorm``.
+
+    ``sharded_state_dict`` numbers layers globally, as megatron's TransformerBlock: checkpoint keys are
+    ``decoder.layers.*`` with the layer index as a sharded axis, so a checkpoint reshards across PP sizes. (A plain
+    ``ModuleList`` between MegatronModules would be saved TP-replicated: only TP rank 0's shard would survive.)
+    """
+
+    def __init__(self, config: TransformerConfig, layers: list[MegatronModule]):
+        super().__init__(config=config)
+        self.layers = torch.nn.ModuleList(layers)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        out = {}
+        for local, layer in enumerate(self.layers):
+            local_prefix = f"{prefix}layers.{local}."
+            sd = layer.sharded_state_dict(local_prefix, [(0, layer.layer_number - 1, self.config.num_layers)],
+                                          metadata)
+            replace_prefix_for_sharding(sd, local_prefix, f"{prefix}layers.")
+            out.update(sd)
+        for name, module in self.named_children():
+            if module is not self.layers:
+                out.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
+        return out
+
+
+class LMFusionModel(MegatronModule):
+    def __init__(self, model_config: ModelConfig, config: TransformerConfig, pre_process: bool = True,
+                 post_process: bool = True, layer_offset: Optional[int] = None, num_local_layers: Optional[int] = None):
+        super().__init__(config=config)
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+        self.model_config = model_config
+        self.pre_process, self.post_process = pre_process, post_process
+        tp = config.tensor_model_parallel_size
+        pp = config.pipeline_model_parallel_size
+        model_config.check_parallel(tp, pp)
+        self.padded_vocab_size = model_config.padded_vocab_size(tp)
+        self.image_tokens = tokens_per_image(model_config.image)
+        if num_local_layers is None:
+            num_local_layers = model_config.num_layers // pp
+        if layer_offset is None:
+            layer_offset = parallel_state.get_pipeline_model_parallel_rank() * num_local_layers
+        self.layer_offset = layer_offset
+        self.attention_backend = resolve_attention_backend(model_config.attention_backend)
+        linear_backend = resolve_backend(model_config.linear_backend)
+        self.input_tensor: Optional[Tensor] = None
+
+        self.rotary = RotaryEmbedding(kv_channels=model_config.head_dim, rotary_percent=1.0,
+                                      rotary_base=model_config.rope_theta, use_cpu_initialization=True)
+        if model_config.rope_scaling is not None:
+            rs = model_config.rope_scaling
+            # megatron fixes the Llama-3.1 constants; apply the configured ones with its own formula.
+            self.rotary.inv_freq = self.rotary._apply_scaling(
+                self.rotary.inv_freq, factor=rs.factor, low_freq_factor=rs.low_freq_factor,
+                high_freq_factor=rs.high_freq_factor,
+                original_max_position_embeddings=rs.original_max_position_embeddings)
+
+        encoder, decoder = build_image_io(model_config.image, model_config.hidden_size)
+        # Module names follow megatron's GPTModel (embedding.word_embeddings, decoder.layers.N..., output_layer),
+        # which is also the naming of a converted base checkpoint (lmfusion/checkpoint/hf.py).
+        if pre_process:
+            self.embedding = TextEmbedding(config, self.padded_vocab_size, model_config.hidden_size)
+            self.image_encoder = encoder
+        spec = lmfusion_layer_spec(routed_layer_submodules(linear_backend))
+        self.decoder = Decoder(config, [
+            build_module(spec, config=config, layer_number=layer_offset + i + 1,
+                         attention_backend=self.attention_backend)
+            for i in range(num_local_layers)])
+        if post_process:
+            self.decoder.final_layernorm = RoutedRMSNorm(config, model_config.hidden_size,
+                                                         eps=model_config.rms_norm_eps)
+            self.share_embedding = model_config.tie_word_embeddings and pre_process
+            self.output_layer = ColumnParallelLinear(
+                model_config.hidden_size, self.padded_vocab_size, config=config, init_method=config.init_method,
+                bias=False, gather_output=False, skip_weight_param_allocation=self.share_embedding)
+            self.image_decoder = decoder
+            if not self.share_embedding:
+                tag_partitioned(self.output_layer.weight, 0, 1)
+        if pre_process:
+            tag_partitioned(self.embedding.word_embeddings.weight, 0, 1)
+
+    # ------------------------------------------------------------------ checkpointing
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """The trainable (image) set only: the frozen text model lives in the base checkpoint, which a training
+        checkpoint refers to instead of copying (DESIGN.md "Checkpoints"). Layer indices are a sharded axis and
+        every TP-sharded tensor keeps its sharding, so checkpoints load at other TP/PP sizes."""
+        full = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        return {k: v for k, v in full.items() if is_image_param(k[len(prefix):])}
+
+    # ------------------------------------------------------------------ megatron pipeline hooks
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    # ------------------------------------------------------------------ per micro-batch context
+    def _tp(self) -> tuple[int, int]:
+        group = parallel_state.get_tensor_model_parallel_group()
+        return group.rank(), group.size()
+
+    def build_context(self, inputs: ModelInputs) -> tuple[LayerContext, Tensor]:
+        """Routing plan, SP-local ids, RoPE table and mask for one micro-batch; also the image token indices."""
+        modality, image_ids, flat = inputs.image_layout(self.image_tokens)
+        plan = RoutingPlan.build(modality.t().contiguous())  # (s, b): megatron's token order
+        local_ids = None
+        tp_rank, tp_size = self._tp()
+        if self.config.sequence_parallel and tp_size > 1:
+            local_ids = plan.local_modality_ids(tp_rank, tp_size)
+        b, s = inputs.tokens.shape
+        positions = inputs.position_ids
+        if positions is None:
+            positions = torch.arange(s, device=inputs.tokens.device).expand(b, s)
+        max_pos = int(positions.max()) + 1 if positions.numel() else 1
+        table = self.rotary.get_emb(max_pos)  # (max_pos, 1, 1, d)
+        rotary = table[positions.t()].squeeze(2).squeeze(2).unsqueeze(2)  # (s, b, 1, d)
+        mask = AttentionMask(inputs.document_ids, image_ids)
+        return LayerContext(plan=plan, local_ids=local_ids, rotary=rotary, mask=mask), flat
+
+    # ------------------------------------------------------------------ forward
+    def embed(self, inputs: ModelInputs, flat_image_index: Tensor) -> Tensor:
+        """(s, b, h) input hidden states: text embeddings, image encoder tokens at image positions."""
+        tokens = inputs.tokens.clamp(0, self.model_config.vocab_size - 1)
+        hidden = self.embedding.word_embeddings(tokens).transpose(0, 1).contiguous()  # (b, s, h) -> (s, b, h)
+        if inputs.num_images:
+            img = self.image_encoder(inputs.image_latents, inputs.image_timesteps)  # (n_img, T, h)
+            s, b, h = hidden.shape
+            hidden = hidden.view(s * b, h).index_put((flat_image_index,), img.reshape(-1, h).to(hidden.dtype))
+            hidden = hidden.view(s, b, h)
+        if self.config.sequence_parallel and self._tp()[1] > 1:
+            hidden = scatter_to_sequence_parallel_region(hidden)  # (s/tp, b, h)
+        return hidden
+
+    def _mask_vocab_padding(self, logits: Tensor) -> Tensor:
+        """Padded vocabulary rows (zeros) would give logit 0 and join the softmax, so the loss would depend on the
+        TP size (the padding is a multiple of 128 * tp) and differ from HF's: push them to the dtype's minimum."""
+        vocab, local = self.model_config.vocab_size, logits.shape[-1]
+        start = self._tp()[0] * local
+        if start + local <= vocab:
+            return logits
+        ids = torch.arange(start, start + local, device=logits.device)
+        return logits.masked_fill(ids >= vocab, torch.finfo(logits.dtype).min)
+
+    def forward(self, inputs: ModelInputs):
+        """First/middle stages return hidden states (s[/tp], b, h); the last returns :class:`LMFusionOutput`."""
+        ctx, flat = self.build_context(inputs)
+        hidden = self.embed(inputs, flat) if self.pre_process else self.input_tensor
+        if hidden is None:
+            raise RuntimeError("LMFusionModel: a non-first pipeline stage needs set_input_tensor() before forward")
+        for layer in self.decoder.layers:
+            hidden = layer(hidden, ctx)
+        if not self.post_process:
+            return hidden
+        hidden = self.decoder.final_layernorm(hidden, ctx.plan, ctx.local_ids)
+        weight = self.embedding.word_embeddings.weight if self.share_embedding else None
+        logits, _ = self.output_layer(hidden, weight=weight)  # (s, b, V/tp); gathers the sequence under SP
+        logits = self._mask_vocab_padding(logits)
+        noise_pred = None
+        if inputs.num_images:
+            full = hidden
+            if self.config.sequence_parallel and self._tp()[1] > 1:
+                # The decoder runs replicated on every TP rank: gather without summing gradients back.
+                full = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+            s, b, h = full.shape
+            img = full.reshape(s * b, h).index_select(0, flat).view(inputs.num_images, self.image_tokens, h)
+            noise_pred = self.image_decoder(img, inputs.image_latents, inputs.image_timesteps)
+        return LMFusionOutput(logits=logits, noise_pred=noise_pred)
