@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from lmfusion.model.attention import AttentionMask, CoreAttention
+from lmfusion.model.kv_cache import KVCache
 from megatron_ext.routing import RoutingPlan
 from megatron_ext.spec import RoutedLayerSubmodules, RoutedMLP, RoutedMLPSubmodules
 
@@ -38,14 +39,18 @@ class LayerContext:
     rotary: Tensor
     """RoPE frequencies (s, b, 1, head_dim) for megatron's ``apply_rotary_pos_emb``."""
     mask: AttentionMask
+    kv_cache: Optional["KVCache"] = None
+    """Generation: keys/values of earlier positions (the mask then covers cached + new keys)."""
 
 
 class RoutedSelfAttention(MegatronModule):
     """Fused QKV (megatron's GQA-interleaved layout) + RoPE + shared core attention + routed output projection.
     Takes the normalised input; the residual add is the layer's."""
 
-    def __init__(self, config: TransformerConfig, submodules: RoutedLayerSubmodules, attention_backend: str):
+    def __init__(self, config: TransformerConfig, submodules: RoutedLayerSubmodules, attention_backend: str,
+                 layer_number: int = 1):
         super().__init__(config=config)
+        self.layer_number = layer_number
         tp = config.tensor_model_parallel_size
         self.heads = config.num_attention_heads // tp  # query heads on this rank
         self.groups = config.num_query_groups // tp  # kv heads on this rank
@@ -69,6 +74,8 @@ class RoutedSelfAttention(MegatronModule):
         q = q.reshape(s, b, self.heads, self.head_dim)  # query heads of a group are contiguous
         k = apply_rotary_pos_emb(k.contiguous(), ctx.rotary, config=self.config)  # (s, b, groups, d)
         q = apply_rotary_pos_emb(q, ctx.rotary, config=self.config)
+        if ctx.kv_cache is not None:
+            k, v = ctx.kv_cache.extend(self.layer_number, k, v.contiguous())  # (s_cached + s, b, groups, d)
         # (s, b, h, d) -> (b, h, s, d) for the core attention
         out = self.core_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), ctx.mask)
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)  # (s, b, heads*d)
@@ -85,7 +92,7 @@ class LMFusionLayer(MegatronModule):
         self.layer_number = layer_number
         self.input_layernorm = build_module(submodules.input_layernorm, config=config,
                                             hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
-        self.self_attention = RoutedSelfAttention(config, submodules, attention_backend)
+        self.self_attention = RoutedSelfAttention(config, submodules, attention_backend, layer_number)
         self.mlp = RoutedMLP(config, RoutedMLPSubmodules(pre_mlp_layernorm=submodules.pre_mlp_layernorm,
                                                          linear_fc1=submodules.linear_fc1,
                                                          linear_fc2=submodules.linear_fc2))

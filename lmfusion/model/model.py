@@ -37,6 +37,7 @@ from torch import Tensor
 from lmfusion.config import ModelConfig
 from lmfusion.model.attention import AttentionMask
 from lmfusion.model.image_io import build_image_io, tokens_per_image
+from lmfusion.model.kv_cache import KVCache
 from lmfusion.model.layer import LayerContext, lmfusion_layer_spec
 from lmfusion.model.weights import is_image_param
 from megatron_ext.linear import tag_partitioned
@@ -220,23 +221,32 @@ class LMFusionModel(MegatronModule):
         group = parallel_state.get_tensor_model_parallel_group()
         return group.rank(), group.size()
 
-    def build_context(self, inputs: ModelInputs) -> tuple[LayerContext, Tensor]:
-        """Routing plan, SP-local ids, RoPE table and mask for one micro-batch; also the image token indices."""
+    def build_context(self, inputs: ModelInputs, kv_cache: Optional[KVCache] = None
+                      ) -> tuple[LayerContext, Tensor, Tensor, Tensor]:
+        """Routing plan, SP-local ids, RoPE table and mask for one micro-batch; also the image token indices,
+        the step's image ids and positions (for the KV cache)."""
         modality, image_ids, flat = inputs.image_layout(self.image_tokens)
         plan = RoutingPlan.build(modality.t().contiguous())  # (s, b): megatron's token order
         local_ids = None
         tp_rank, tp_size = self._tp()
         if self.config.sequence_parallel and tp_size > 1:
+            if kv_cache is not None:
+                raise ValueError("KV-cache decoding runs without sequence parallelism")
             local_ids = plan.local_modality_ids(tp_rank, tp_size)
         b, s = inputs.tokens.shape
         positions = inputs.position_ids
         if positions is None:
-            positions = torch.arange(s, device=inputs.tokens.device).expand(b, s)
+            positions = (kv_cache.next_positions(b, s, inputs.tokens.device) if kv_cache is not None
+                         else torch.arange(s, device=inputs.tokens.device).expand(b, s))
         max_pos = int(positions.max()) + 1 if positions.numel() else 1
         table = self.rotary.get_emb(max_pos)  # (max_pos, 1, 1, d)
         rotary = table[positions.t()].squeeze(2).squeeze(2).unsqueeze(2)  # (s, b, 1, d)
-        mask = AttentionMask(inputs.document_ids, image_ids)
-        return LayerContext(plan=plan, local_ids=local_ids, rotary=rotary, mask=mask), flat
+        if kv_cache is None:
+            mask = AttentionMask(inputs.document_ids, image_ids)
+        else:
+            mask = AttentionMask(*kv_cache.full_ids(inputs.document_ids, image_ids), q_len=s)
+        ctx = LayerContext(plan=plan, local_ids=local_ids, rotary=rotary, mask=mask, kv_cache=kv_cache)
+        return ctx, flat, image_ids, positions
 
     # ------------------------------------------------------------------ forward
     def embed(self, inputs: ModelInputs, flat_image_index: Tensor) -> Tensor:
@@ -262,14 +272,19 @@ class LMFusionModel(MegatronModule):
         ids = torch.arange(start, start + local, device=logits.device)
         return logits.masked_fill(ids >= vocab, torch.finfo(logits.dtype).min)
 
-    def forward(self, inputs: ModelInputs):
-        """First/middle stages return hidden states (s[/tp], b, h); the last returns :class:`LMFusionOutput`."""
-        ctx, flat = self.build_context(inputs)
+    def forward(self, inputs: ModelInputs, kv_cache: Optional[KVCache] = None):
+        """First/middle stages return hidden states (s[/tp], b, h); the last returns :class:`LMFusionOutput`.
+
+        With ``kv_cache`` (generation, single stage) the step attends to the cached positions too and, when the
+        cache commits, is appended to it."""
+        ctx, flat, image_ids, positions = self.build_context(inputs, kv_cache)
         hidden = self.embed(inputs, flat) if self.pre_process else self.input_tensor
         if hidden is None:
             raise RuntimeError("LMFusionModel: a non-first pipeline stage needs set_input_tensor() before forward")
         for layer in self.decoder.layers:
             hidden = layer(hidden, ctx)
+        if kv_cache is not None and kv_cache.commit:
+            kv_cache.commit_ids(inputs.document_ids, image_ids, positions)
         if not self.post_process:
             return hidden
         hidden = self.decoder.final_layernorm(hidden, ctx.plan, ctx.local_ids)

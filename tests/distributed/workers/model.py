@@ -328,5 +328,42 @@ def checkpoint_reshards_tp_and_pp():
         if bad:
             raise AssertionError(f"save tp={tp} pp={pp} -> load tp=1: {len(bad)} tensors differ, e.g. {bad[:4]}")
 
+@case
+def kv_cache_matches_full_forward():
+    """Prefill + token-by-token decoding with the KV cache gives the logits of one full forward (text and an image
+    in the prefix); a non-committing step leaves the cache as it was."""
+    from lmfusion.model.kv_cache import KVCache
+
+    _, cfg, base = converted("gqa_untied")
+    grid(1, 1)
+    model = build_model(cfg, base=base).eval()
+    inputs, _ = mixed_inputs(cfg)
+    row = ModelInputs(tokens=inputs.tokens[:1], document_ids=inputs.document_ids[:1],
+                      image_latents=inputs.image_latents[:1], image_timesteps=torch.zeros(1, dtype=torch.long),
+                      image_batch=torch.zeros(1, dtype=torch.long), image_start=inputs.image_start[:1])
+    with torch.no_grad():
+        full = model(row).logits  # (s, 1, V)
+        split = int(row.image_start[0]) + tokens_per_image(cfg.image) + 3  # prefix ends after the image
+        cache = KVCache()
+        prefix = ModelInputs(tokens=row.tokens[:, :split], document_ids=row.document_ids[:, :split],
+                             image_latents=row.image_latents, image_timesteps=row.image_timesteps,
+                             image_batch=row.image_batch, image_start=row.image_start)
+        outs = [model(prefix, kv_cache=cache).logits]
+        length = cache.length
+        cache.commit = False
+        model(ModelInputs(tokens=row.tokens[:, split:split + 1], document_ids=row.document_ids[:, :1]),
+              kv_cache=cache)
+        if cache.length != length or cache.keys[1].shape[0] != length:
+            raise AssertionError("a commit=False step changed the cache")
+        cache.commit = True
+        for i in range(split, row.tokens.shape[1]):
+            step = ModelInputs(tokens=row.tokens[:, i:i + 1], document_ids=row.document_ids[:, i:i + 1])
+            outs.append(model(step, kv_cache=cache).logits)
+    got = torch.cat(outs, dim=0)
+    err = (got - full).abs().max().item()
+    if err > LOGIT_TOL:
+        raise AssertionError(f"KV-cache logits differ from the full forward by {err:.2e}")
+
+
 if __name__ == "__main__":
     worker_main()
