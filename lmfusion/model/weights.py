@@ -55,11 +55,16 @@ def init_image_twins_from_text(model: torch.nn.Module) -> int:
 
 
 class BaseTensors(Protocol):
-    """Read access to a converted base checkpoint (full TP=1 tensors by megatron name)."""
+    """Read access to a converted base checkpoint (full TP=1 tensors by megatron name).
+
+    ``get(name, slices)`` returns ``tensor[slices]``, reading only that part where the store allows it
+    (safetensors does: a TP rank of an 8B model reads its shard, not the full tensor)."""
 
     def keys(self) -> Iterable[str]: ...
 
-    def get(self, name: str) -> torch.Tensor: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def get(self, name: str, slices=None) -> torch.Tensor: ...
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
@@ -74,12 +79,41 @@ def _base_name(local: str, layer_offset: int, tied: bool) -> str:
     return local
 
 
-def _shard(full: torch.Tensor, param: torch.Tensor, rank: int, world: int, name: str) -> torch.Tensor:
+def _shard_ranges(full_rows: int, param: torch.Tensor, rank: int, world: int) -> list[tuple[int, int]]:
+    """Index ranges along the partition dim that make up this rank's shard (stride 2: [gate_r; up_r])."""
+    stride = getattr(param, "partition_stride", 1)
+    part = full_rows // (world * stride)
+    return [((s * world + rank) * part, (s * world + rank + 1) * part) for s in range(stride)]
+
+
+def _shard(full: torch.Tensor, param: torch.Tensor, rank: int, world: int, name: str = "") -> torch.Tensor:
+    """This rank's shard of a full tensor, as megatron lays it out (identity for replicated params)."""
     if not getattr(param, "tensor_model_parallel", False) or world == 1:
         return full
-    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
-    chunks = full.chunk(world * stride, dim=dim)  # stride 2: [part_0..part_{w-1}] for gate, then for up
-    return torch.cat([chunks[s * world + rank] for s in range(stride)], dim=dim)
+    dim = param.partition_dim
+    return torch.cat([full.narrow(dim, a, b - a) for a, b in _shard_ranges(full.shape[dim], param, rank, world)],
+                     dim=dim)
+
+
+def _read_shard(base: BaseTensors, key: str, param: torch.Tensor, rank: int, world: int,
+                padded_rows: int | None) -> torch.Tensor:
+    """Read only this rank's rows/columns of ``key`` (zero rows past the vocabulary when ``padded_rows``)."""
+    shape = tuple(base.shape(key))
+    if not getattr(param, "tensor_model_parallel", False) or world == 1:
+        ranges, dim = [(0, padded_rows or shape[0])], 0
+    else:
+        dim = param.partition_dim
+        ranges = _shard_ranges(padded_rows if dim == 0 and padded_rows else shape[dim], param, rank, world)
+    parts = []
+    for a, b in ranges:
+        stop = min(b, shape[dim]) if padded_rows and dim == 0 else b
+        index = [slice(None)] * len(shape)
+        index[dim] = slice(a, max(a, stop))
+        part = base.get(key, tuple(index)) if stop > a else torch.empty(0, *shape[1:])
+        if padded_rows and dim == 0 and b > stop:  # vocabulary padding: zero rows
+            part = torch.cat([part.to(param.dtype), torch.zeros(b - max(a, stop), *shape[1:], dtype=param.dtype)])
+        parts.append(part.to(param.dtype))
+    return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
 
 
 @torch.no_grad()
@@ -101,18 +135,17 @@ def load_base_weights(model: torch.nn.Module, base: BaseTensors, *, vocab_size: 
         key = _base_name(name, layer_offset, tied)
         if key not in keys:
             raise ValueError(f"base checkpoint has no tensor {key!r} (needed for parameter {name!r})")
-        full = base.get(key)
+        full_shape = tuple(base.shape(key))
+        padded_rows = None
         if key.endswith("word_embeddings.weight") or key == "output_layer.weight":
-            padded = param.shape[0] * (tp_size if getattr(param, "tensor_model_parallel", False) else 1)
-            if full.shape[0] != vocab_size or full.shape[1:] != param.shape[1:]:
-                raise ValueError(f"{key}: shape {tuple(full.shape)} does not match the model's "
-                                 f"({vocab_size}, {param.shape[1]})")
-            full = torch.cat([full, full.new_zeros(padded - vocab_size, *full.shape[1:])]) if padded > vocab_size \
-                else full
-        local = _shard(full, param, tp_rank, tp_size, key)
+            if full_shape[0] != vocab_size or full_shape[1:] != tuple(param.shape[1:]):
+                raise ValueError(f"{key}: shape {full_shape} does not match the model's ({vocab_size}, "
+                                 f"{param.shape[1]})")
+            padded_rows = param.shape[0] * (tp_size if getattr(param, "tensor_model_parallel", False) else 1)
+        local = _read_shard(base, key, param, tp_rank, tp_size, padded_rows)
         if local.shape != param.shape:
             raise ValueError(f"{key}: base shard shape {tuple(local.shape)} != model parameter shape "
-                             f"{tuple(param.shape)} (full {tuple(full.shape)}, tp {tp_rank}/{tp_size})")
+                             f"{tuple(param.shape)} (full {full_shape}, tp {tp_rank}/{tp_size})")
         param.copy_(local)
         loaded.append(name)
     return loaded
