@@ -185,6 +185,29 @@ def _make_image_twin(layer: torch.nn.Module, name: str, like: torch.Tensor, conf
     return param
 
 
+def _add_image_twins(layer, config: ModelParallelConfig, init_method: Callable, partition_dim: int,
+                     per_partition: int, stride: int) -> None:
+    """Register ``image_weight`` (and ``image_bias``) beside megatron's text ``weight``/``bias``, sharded and
+    initialised as megatron shards and initialises the text weight (``partition_dim`` 0: column, 1: row)."""
+    rank, world = get_pg_rank(layer.tp_group), get_pg_size(layer.tp_group)
+
+    def init_weight():
+        if config.use_cpu_initialization:
+            _initialize_affine_weight_cpu(layer.image_weight, layer.output_size, layer.input_size, per_partition,
+                                          partition_dim, init_method, stride=stride,
+                                          params_dtype=config.params_dtype, rank=rank, world_size=world)
+        else:
+            _initialize_affine_weight_gpu(layer.image_weight, init_method, partition_dim=partition_dim,
+                                          stride=stride)
+
+    tag_partitioned(layer.weight, partition_dim, stride)
+    _make_image_twin(layer, "image_weight", layer.weight, config, init_weight)
+    if layer.bias is not None:
+        _make_image_twin(layer, "image_bias", layer.bias, config, None)
+    else:
+        layer.register_parameter("image_bias", None)
+
+
 def _check_divisible(size: int, tp: int, what: str) -> None:
     if size % tp:
         raise ValueError(f"{what} {size} is not divisible by tensor-parallel size {tp}")
@@ -207,22 +230,7 @@ class ModalityColumnParallelLinear(ColumnParallelLinear):
         super().__init__(input_size, output_size, config=config, init_method=init_method, bias=bias,
                          gather_output=gather_output, stride=stride, skip_bias_add=skip_bias_add,
                          is_expert=is_expert, tp_comm_buffer_name=tp_comm_buffer_name, tp_group=tp_group)
-        rank, world = get_pg_rank(self.tp_group), get_pg_size(self.tp_group)
-
-        def init_weight():
-            if config.use_cpu_initialization:
-                _initialize_affine_weight_cpu(self.image_weight, output_size, input_size,
-                                              self.output_size_per_partition, 0, init_method, stride=stride,
-                                              rank=rank, world_size=world)
-            else:
-                _initialize_affine_weight_gpu(self.image_weight, init_method, partition_dim=0, stride=stride)
-
-        tag_partitioned(self.weight, 0, stride)
-        _make_image_twin(self, "image_weight", self.weight, config, init_weight)
-        if self.bias is not None:
-            _make_image_twin(self, "image_bias", self.bias, config, None)
-        else:
-            self.register_parameter("image_bias", None)
+        _add_image_twins(self, config, init_method, 0, self.output_size_per_partition, stride)
 
     def forward(self, input_: torch.Tensor, plan: RoutingPlan, keep_grouped: bool = False):
         if input_.dim() != 3 or input_.shape[-1] != self.input_size:
@@ -271,22 +279,7 @@ class ModalityRowParallelLinear(RowParallelLinear):
         super().__init__(input_size, output_size, config=config, init_method=init_method, bias=bias,
                          input_is_parallel=input_is_parallel, skip_bias_add=skip_bias_add, stride=stride,
                          is_expert=is_expert, tp_comm_buffer_name=tp_comm_buffer_name, tp_group=tp_group)
-        rank, world = get_pg_rank(self.tp_group), get_pg_size(self.tp_group)
-
-        def init_weight():
-            if config.use_cpu_initialization:
-                _initialize_affine_weight_cpu(self.image_weight, output_size, input_size,
-                                              self.input_size_per_partition, 1, init_method, stride=stride,
-                                              params_dtype=config.params_dtype, rank=rank, world_size=world)
-            else:
-                _initialize_affine_weight_gpu(self.image_weight, init_method, partition_dim=1, stride=stride)
-
-        tag_partitioned(self.weight, 1, stride)
-        _make_image_twin(self, "image_weight", self.weight, config, init_weight)
-        if self.bias is not None:
-            _make_image_twin(self, "image_bias", self.bias, config, None)
-        else:
-            self.register_parameter("image_bias", None)
+        _add_image_twins(self, config, init_method, 1, self.input_size_per_partition, stride)
 
     def forward(self, input_: torch.Tensor, plan: RoutingPlan, input_grouped: bool = False,
                 seq_shape: Optional[tuple[int, int]] = None):
