@@ -1,0 +1,287 @@
+"""Load a checkpoint for inference: a converted base, or a training checkpoint that refers to one.
+
+Two kinds of ``--ckpt`` directory:
+
+* **Base** (``lmfusion convert-hf``): ``lmfusion_config.json`` + safetensors + tokenizer files. Image twins start as
+  copies of the text weights and the U-Net is random: text generation is the base LLM's, images are meaningless.
+* **Training checkpoint** (the contract this loader assumes; the trainer writes it)::
+
+      RUN_DIR/latest                        text: the newest iteration directory's name (or its iteration number,
+                                            meaning ``iter_{n:07d}``)
+      RUN_DIR/iter_0000100/lmfusion_checkpoint.json
+          {"base": "/path/to/base",         absolute, or relative to this JSON's directory
+           "model": {...},                  ModelConfig.to_dict() of the trained model
+           "vae": {...} | null,             the shard manifest's "vae" block (shard_format.LatentCodec.describe())
+           "model_key_prefix": ""}          optional: prefix of the model's keys in the sharded checkpoint
+      RUN_DIR/iter_0000100/<megatron dist_checkpointing files of model.sharded_state_dict(prefix)>
+
+  ``--ckpt`` may name the run directory (``latest`` is followed) or one iteration directory. The text weights come
+  from the base, the image set from the dist checkpoint, which megatron reshards: it loads at any TP size.
+
+Inference runs in one process by default: a one-rank gloo (CPU) or NCCL (GPU) group in an in-process store, megatron
+model parallel state TP=PP=1, megatron CPU mode on CPU. Under ``torchrun`` the group spans the launched ranks and
+TP = world size (every rank runs the same sampling with the same seeds; logits are gathered over TP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+import torch
+
+from lmfusion.checkpoint.hf import BASE_CONFIG, CONVERSION, load_base_state
+from lmfusion.config import ModelConfig
+
+__all__ = ["CHECKPOINT_JSON", "LATEST", "TEXT_FIELDS", "CheckpointMeta", "InferenceModel", "init_runtime",
+           "resolve_device", "resolve_checkpoint", "checkpoint_vae", "load_for_inference", "load_vae",
+           "load_tokenizer"]
+
+CHECKPOINT_JSON = "lmfusion_checkpoint.json"
+LATEST = "latest"
+# Fields a training checkpoint's model config must share with its base (they fix the frozen text model's tensors
+# and the meaning of its token ids); image, attention/linear backend and vocabulary padding may differ.
+TEXT_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
+               "num_query_groups", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
+               "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id", "boi_token_id",
+               "eoi_token_id")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointMeta:
+    kind: str  # "base" | "training"
+    path: Path  # the directory loaded (an iteration directory for training checkpoints)
+    base_dir: Path
+    stop_token_ids: tuple[int, ...]  # eos ids of the source model (Llama-3 instruct lists several)
+
+
+class InferenceModel(NamedTuple):
+    model: torch.nn.Module  # LMFusionModel, eval mode, on the requested device
+    config: ModelConfig
+    tokenizer: Any  # transformers tokenizer, or None when the base has no tokenizer files
+    vae: Optional[dict[str, Any]]  # the shard manifest's "vae" block, or None (base checkpoints)
+    meta: CheckpointMeta
+
+
+# ---------------------------------------------------------------------------------------------------- runtime
+def init_runtime(device: torch.device) -> None:
+    """Process group + megatron parallel state (+ CPU mode on CPU), each only if not set up already."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if device.type == "cpu":
+        from megatron_ext import cpu
+
+        if not cpu.is_enabled():
+            cpu.enable()
+    elif device.type == "cuda":
+        torch.cuda.set_device(device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            dist.init_process_group(backend)  # torchrun: rendezvous from the environment
+        else:  # one rank: an in-process store, no port to pick or collide on
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=dist.get_world_size())
+
+
+# ---------------------------------------------------------------------------------------------------- files
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def resolve_checkpoint(ckpt: str | Path) -> tuple[str, Path]:
+    """``("base", dir)`` or ``("training", iteration_dir)`` for a ``--ckpt`` argument."""
+    ckpt = Path(ckpt).expanduser()
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"{ckpt}: no such checkpoint directory")
+    if (ckpt / BASE_CONFIG).is_file():
+        return "base", ckpt
+    if (ckpt / CHECKPOINT_JSON).is_file():
+        return "training", ckpt
+    if (ckpt / LATEST).is_file():
+        name = (ckpt / LATEST).read_text(encoding="utf-8").strip()
+        candidates = [ckpt / name] + ([ckpt / f"iter_{int(name):07d}"] if name.isdigit() else [])
+        for cand in candidates:
+            if (cand / CHECKPOINT_JSON).is_file():
+                return "training", cand
+        raise FileNotFoundError(f"{ckpt / LATEST}: points to {name!r}, but no {candidates[-1].name}/"
+                                f"{CHECKPOINT_JSON} exists")
+    if (ckpt / "config.json").is_file():
+        raise ValueError(f"{ckpt}: a Hugging Face directory, not an LMFusion checkpoint; convert it first with "
+                         f"`lmfusion convert-hf --hf-dir {ckpt} --output BASE_DIR`")
+    raise FileNotFoundError(f"{ckpt}: neither a base ({BASE_CONFIG}) nor a training checkpoint ({CHECKPOINT_JSON} "
+                            f"or {LATEST})")
+
+
+def _stop_token_ids(base_dir: Path, cfg: ModelConfig) -> tuple[int, ...]:
+    ids = [cfg.eos_token_id]
+    if (base_dir / CONVERSION).is_file():
+        ids += [i for i in _read_json(base_dir / CONVERSION).get("eos_token_ids") or [] if isinstance(i, int)]
+    return tuple(dict.fromkeys(ids))
+
+
+def load_tokenizer(base_dir: Path):
+    """The base's tokenizer (transformers ``AutoTokenizer``, local files only), or None if it has none."""
+    if not any((base_dir / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{base_dir}: cannot load the tokenizer files ({e})") from e
+
+
+def _check_text_fields(trained: ModelConfig, base: ModelConfig, source: Path, base_dir: Path) -> None:
+    for key in TEXT_FIELDS:
+        a, b = getattr(trained, key), getattr(base, key)
+        if a != b:
+            raise ValueError(f"{source}: model.{key}={a!r} does not match the base {base_dir / BASE_CONFIG} "
+                             f"({b!r}); checkpoint and base config mismatch")
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def _load_image_set(model: torch.nn.Module, iter_dir: Path, prefix: str) -> None:
+    """The trained image set from the dist checkpoint (megatron reshards it to this TP size)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from lmfusion.model.weights import is_image_param
+
+    sharded = model.sharded_state_dict(prefix=prefix)
+    try:
+        with warnings.catch_warnings():  # megatron calls torch's deprecated ShardedTensor / load_state_dict APIs
+            warnings.simplefilter("ignore", FutureWarning)
+            loaded = dist_checkpointing.load(sharded, str(iter_dir))
+    except (CheckpointingException, CheckpointException, KeyError, RuntimeError) as e:
+        # torch's CheckpointException carries each rank's traceback: its last line is megatron's message
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ValueError(f"{iter_dir}: the dist checkpoint does not match the model of {CHECKPOINT_JSON} "
+                         f"({lines[-1][:300] if lines else type(e).__name__})") from e
+    state = {k[len(prefix):]: v for k, v in loaded.items()}
+    missing, _ = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if is_image_param(k)]
+    if missing:
+        raise ValueError(f"{iter_dir}: image parameters {missing[:3]} were not loaded")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or CUDA when available, else CPU."""
+    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _read_record(iter_dir: Path) -> dict[str, Any]:
+    """A training checkpoint's ``lmfusion_checkpoint.json``, its keys checked."""
+    record_path = iter_dir / CHECKPOINT_JSON
+    record = _read_json(record_path)
+    for key in ("base", "model"):
+        if key not in record:
+            raise ValueError(f"{record_path}: missing key {key!r}")
+    if record.get("vae") is not None and not isinstance(record["vae"], dict):
+        raise ValueError(f"{record_path}: key 'vae' must be an object or null")
+    return record
+
+
+def checkpoint_vae(ckpt: str | Path) -> tuple[Optional[dict[str, Any]], str]:
+    """The VAE block a checkpoint records (None for a base) and where it was read, without building the model."""
+    kind, path = resolve_checkpoint(ckpt)
+    if kind == "base":
+        return None, f"checkpoint {path}"
+    return _read_record(path).get("vae"), str(path / CHECKPOINT_JSON)
+
+
+def load_for_inference(ckpt: str | Path, device: str | torch.device | None = None,
+                       dtype: torch.dtype = torch.float32, attention_backend: str = "sdpa") -> InferenceModel:
+    """Build the model for ``ckpt`` (base or training checkpoint) in eval mode on ``device`` (default: CUDA if
+    available). ``dtype``: parameter dtype (fp32 reproduces the HF model's greedy text exactly).
+
+    ``attention_backend`` defaults to SDPA with a dense mask: decoding steps have few queries (the mask is small) and
+    a new key length at every step, which would recompile the shape-specialised compiled FlexAttention each time."""
+    from lmfusion.model.builder import build_model
+
+    device = resolve_device(device)
+    kind, path = resolve_checkpoint(ckpt)
+    vae, prefix = None, ""
+    if kind == "base":
+        base_dir = path
+        cfg, weights = load_base_state(base_dir)
+    else:
+        record_path = path / CHECKPOINT_JSON
+        record = _read_record(path)
+        base_dir = Path(record["base"]).expanduser()
+        if not base_dir.is_absolute():
+            base_dir = (path / base_dir).resolve()
+        if not (base_dir / BASE_CONFIG).is_file():
+            raise FileNotFoundError(f"{record_path}: key 'base' names {base_dir}, which has no {BASE_CONFIG}")
+        cfg = ModelConfig.from_dict(record["model"], source=f"{record_path} key 'model'")
+        vae = record.get("vae")
+        prefix = str(record.get("model_key_prefix") or "")
+        base_cfg, weights = load_base_state(base_dir)
+        try:
+            _check_text_fields(cfg, base_cfg, record_path, base_dir)
+        except ValueError:
+            weights.close()
+            raise
+    # backends are this machine's choice, not the checkpoint's (it may have been trained with TE on GPUs)
+    cfg = dataclasses.replace(cfg, attention_backend=attention_backend, linear_backend="auto")
+    init_runtime(device)
+    with weights:
+        model = build_model(cfg, base=weights, params_dtype=dtype, freeze=False)
+    if kind == "training":
+        _load_image_set(model, path, prefix)
+    model.requires_grad_(False)
+    # params_dtype covers megatron's modules only; the image encoder/decoder (plain torch) follow here, as megatron's
+    # Float16Module casts the whole model in training.
+    model = model.to(device=device, dtype=dtype).eval()
+    meta = CheckpointMeta(kind, path, base_dir, _stop_token_ids(base_dir, cfg))
+    return InferenceModel(model, cfg, load_tokenizer(base_dir), vae, meta)
+
+
+# ---------------------------------------------------------------------------------------------------- VAE
+def load_vae(spec: Optional[str], info: Optional[dict[str, Any]], device: torch.device, source: str = "checkpoint"):
+    """The latent codec (``data_tools.shard_format.LatentCodec``) to encode/decode images with.
+
+    ``spec`` (``--vae``) wins: ``identity`` (pixels in [-1, 1]), a shard-set directory (its ``manifest.json``
+    names the VAE), or a diffusers VAE directory. Otherwise ``info``: the shard manifest's ``vae`` block recorded in
+    the checkpoint; the VAE found at its path must be the one the shards were built with (config hash)."""
+    from data_tools import shard_format as fmt
+
+    if spec is None and info is None:
+        raise ValueError(f"no VAE: {source} names none (base checkpoints never do); pass --vae identity, a "
+                         f"diffusers VAE directory, or the shard directory the model was trained on")
+    if spec is not None and spec != "identity" and (Path(spec) / fmt.MANIFEST).is_file():
+        info, source, spec = fmt.read_manifest(Path(spec)).get("vae"), str(Path(spec) / fmt.MANIFEST), None
+        if not isinstance(info, dict):
+            raise ValueError(f"{source}: key 'vae' is missing")
+    if spec is not None:
+        if spec != "identity" and not Path(spec).expanduser().exists():
+            raise FileNotFoundError(f"--vae {spec}: no such directory (expected 'identity', a diffusers VAE "
+                                    f"directory or a shard directory)")
+        return fmt.load_codec(spec, device, torch.float32)
+    if info.get("kind") == "identity":
+        return fmt.load_codec("identity", device, torch.float32)
+    path = info.get("path")
+    if not path or not Path(path).exists():
+        raise FileNotFoundError(f"{source}: the VAE {info.get('id', path)!r} is not at {path!r}; pass --vae DIR")
+    codec = fmt.load_codec(str(path), device, torch.float32)
+    want = info.get("config_hash")
+    if want and codec.config_hash != want:
+        raise ValueError(f"{source}: the VAE at {path} (config hash {codec.config_hash[:12]}) is not the one the "
+                         f"shards were built with ({want[:12]})")
+    return codec
