@@ -1,0 +1,221 @@
+"""One sample stream: a deterministic walk over the blended shard sets that yields packed micro-batches.
+
+The global batch is drawn from ``S`` streams (``DataConfig.streams``). Everything a stream yields is a function
+of (seed, S, stream index k, the data) and not of the number of ranks or workers, which is what makes resume exact
+and lets a run continue at another data-parallel size.
+
+Order of a stream (``d``: dataset, ``n_d``: its shards, ``p``: a position in its infinite shard sequence):
+
+* Dataset ``d``'s shard sequence is the concatenation of per-epoch permutations: position ``p`` is shard
+  ``perm(seed, d, epoch = p // n_d)[p % n_d]``. Stream ``k`` takes positions ``k, k + S, k + 2S, ...`` ("visits"), so
+  within one epoch every shard goes to exactly one stream (and with fewer shards than streams every stream still
+  has data: epochs simply interleave).
+* A visited shard is read whole (:func:`read_shard`) and walked in a permutation seeded by (seed, d, p).
+* Each next sample comes from dataset ``d`` drawn with the blending weights by a generator seeded by
+  (seed, k, draw counter); its layout, caption dropout and latent noise by one seeded by (seed, d, p, sample).
+
+The resumable state is plain JSON: per dataset the visit number and the index within the visited shard (plus
+failure and bookkeeping counters), the draw counter, and the rows emitted. A micro-batch's state is taken before
+the document left waiting for the next row, so a restored stream rereads it and continues identically.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Optional
+
+import numpy as np
+
+from lmfusion.data.batch import Batch, collate
+from lmfusion.data.sequence import Document, Packer, SequenceBuilder
+from lmfusion.data.shards import RawSample, ShardError, ShardSet, read_shard
+
+__all__ = ["DataError", "StreamContext", "Stream", "initial_stream_state", "load_tokenizer", "tokenizer_fingerprint"]
+
+log = logging.getLogger("lmfusion.data")
+
+# Distinct generator domains, so no two kinds of random choice share a seed.
+_SHARD_ORDER, _SAMPLE_ORDER, _BLEND, _SAMPLE = 1, 2, 3, 4
+
+
+class DataError(RuntimeError):
+    """Training data cannot be read (e.g. too many consecutive unreadable shards)."""
+
+
+def load_tokenizer(path: str):
+    """The base model's tokenizer from its local Hugging Face directory (never a hub download)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"data.tokenizer {path}: cannot load a Hugging Face tokenizer there ({e})") from e
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary (token -> id): what the token ids a stream produces depend on."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def _copy_source(source: dict[str, Any]) -> dict[str, Any]:
+    """Copy of a stream's source state (flat counters + one flat dict per dataset; cheaper than deepcopy)."""
+    return {**source, "readers": [dict(r) for r in source["readers"]]}
+
+
+def initial_stream_state(num_datasets: int) -> dict[str, Any]:
+    return {"rows": 0, "source": {"draws": 0, "documents": 0, "truncated": 0, "skipped_shards": 0,
+                                  "readers": [{"visit": 0, "index": 0, "consecutive_failures": 0}
+                                              for _ in range(num_datasets)]}}
+
+
+@dataclass
+class StreamContext:
+    """What every stream needs, built once on the training process and sent to workers (picklable)."""
+
+    sets: list[ShardSet]
+    cum_weights: np.ndarray
+    tokenizer_path: str
+    builder: SequenceBuilder
+    seq_length: int
+    tokens_per_image: int
+    pad: int
+    boi: int
+    control_ids: tuple[int, ...]
+    seed: int
+    num_streams: int
+    max_consecutive_failures: int
+    verify_checksums: bool
+
+    def __post_init__(self) -> None:
+        self._tokenizer = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_tokenizer"] = None  # each process loads its own (fast tokenizers do not survive a fork well)
+        return state
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+
+@lru_cache(maxsize=64)
+def _shard_permutation(seed: int, dataset: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, _SHARD_ORDER, dataset, epoch]).permutation(n)
+
+
+@dataclass
+class _OpenShard:
+    visit: int
+    position: int
+    epoch: int
+    samples: list[RawSample]
+    caption_ids: list[list[int]]
+    order: np.ndarray
+
+
+class Stream:
+    """Stream ``k`` of ``ctx.num_streams``; ``state`` as produced by :meth:`next_micro_batch` (None: the start)."""
+
+    def __init__(self, k: int, ctx: StreamContext, state: Optional[dict[str, Any]] = None):
+        self.k, self.ctx = k, ctx
+        self.state = copy.deepcopy(state) if state is not None else initial_stream_state(len(ctx.sets))
+        if len(self.state["source"]["readers"]) != len(ctx.sets):
+            raise ValueError(f"stream {k}: state has {len(self.state['source']['readers'])} dataset readers, "
+                             f"config has {len(ctx.sets)} datasets")
+        self._open: dict[int, _OpenShard] = {}
+        self.packer = Packer(ctx.seq_length, self.next_document)
+
+    # ------------------------------------------------------------------ reading
+    def _position(self, visit: int) -> int:
+        return self.k + visit * self.ctx.num_streams
+
+    def _shard(self, d: int) -> Optional[_OpenShard]:
+        """The shard of dataset ``d``'s current visit, read if needed; None if it was unreadable (then skipped)."""
+        reader = self.state["source"]["readers"][d]
+        cached = self._open.get(d)
+        if cached is not None and cached.visit == reader["visit"]:
+            return cached
+        shards = self.ctx.sets[d].shards
+        p = self._position(reader["visit"])
+        epoch, r = divmod(p, len(shards))
+        entry = shards[int(_shard_permutation(self.ctx.seed, d, epoch, len(shards))[r])]
+        try:
+            samples = read_shard(entry, self.ctx.sets[d].latent_shape, self.ctx.sets[d].has_std,
+                                 self.ctx.verify_checksums)
+        except ShardError as e:
+            source = self.state["source"]
+            source["skipped_shards"] += 1
+            reader["consecutive_failures"] += 1
+            log.warning("data: skipping shard %s (stream %d; %d skipped so far by this stream): %s",
+                        entry.path, self.k, source["skipped_shards"], e)
+            if reader["consecutive_failures"] >= self.ctx.max_consecutive_failures:
+                raise DataError(f"{reader['consecutive_failures']} consecutive unreadable shards in "
+                                f"{self.ctx.sets[d].directory} (stream {self.k}; data.max_consecutive_failures "
+                                f"{self.ctx.max_consecutive_failures}); last: {e}") from e
+            reader["visit"] += 1
+            reader["index"] = 0
+            return None
+        reader["consecutive_failures"] = 0
+        ids = self.ctx.tokenizer([s.caption for s in samples], add_special_tokens=False)["input_ids"]
+        control = set(self.ctx.control_ids)  # a caption spelling out e.g. "<boi>" must not become the real token
+        ids = [[t for t in x if t not in control] for x in ids]
+        order = np.random.default_rng([self.ctx.seed, _SAMPLE_ORDER, d, p]).permutation(len(samples))
+        self._open[d] = _OpenShard(reader["visit"], p, epoch, samples, ids, order)
+        return self._open[d]
+
+    def _choose_dataset(self) -> int:
+        source = self.state["source"]
+        draw = source["draws"]
+        source["draws"] += 1
+        if len(self.ctx.sets) == 1:
+            return 0
+        u = np.random.default_rng([self.ctx.seed, _BLEND, self.k, draw]).random()
+        return int(min(np.searchsorted(self.ctx.cum_weights, u, side="right"), len(self.ctx.sets) - 1))
+
+    def next_document(self) -> tuple[Document, dict[str, Any]]:
+        """The next document and the source state before it (what resuming at this document restores)."""
+        before = _copy_source(self.state["source"])
+        d = self._choose_dataset()
+        reader = self.state["source"]["readers"][d]
+        while True:
+            shard = self._shard(d)
+            if shard is None:
+                continue
+            if reader["index"] < len(shard.order):
+                break
+            reader["visit"] += 1
+            reader["index"] = 0
+        i = int(shard.order[reader["index"]])
+        reader["index"] += 1
+        sample = shard.samples[i]
+        rng = np.random.default_rng([self.ctx.seed, _SAMPLE, d, shard.position, i])
+        dropped, caption_first = self.ctx.builder.choices(rng)
+        latent = sample.latent.astype(np.float32)
+        if sample.std is not None:  # a fresh draw from the encoder's distribution at every visit
+            latent = latent + sample.std.astype(np.float32) * rng.standard_normal(latent.shape, dtype=np.float32)
+        doc = self.ctx.builder.build(shard.caption_ids[i], dropped, caption_first, latent,
+                                     f"{d}:{sample.key}:{shard.epoch}")
+        self.state["source"]["documents"] += 1
+        self.state["source"]["truncated"] += int(doc.truncated)
+        return doc, before
+
+    # ------------------------------------------------------------------ batches
+    def next_micro_batch(self, rows: int) -> tuple[Batch, dict[str, Any]]:
+        """``rows`` packed rows as a :class:`Batch`, and the stream state right after them."""
+        packed = [self.packer.next_row() for _ in range(rows)]
+        self.state["rows"] += rows
+        resume = self.packer.resume_state()
+        after = {"rows": self.state["rows"],
+                 "source": _copy_source(resume if resume is not None else self.state["source"])}
+        batch = collate(packed, self.ctx.seq_length, self.ctx.tokens_per_image, self.ctx.pad, self.ctx.boi,
+                        self.ctx.sets[0].latent_shape)
+        return batch, after
