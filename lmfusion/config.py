@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from lmfusion.model.image_io import ImageIOConfig
+from lmfusion.model.image_config import ImageIOConfig
 
 __all__ = ["ModelConfig", "RopeScaling", "to_transformer_config", "LLAMA3_BOI", "LLAMA3_EOI"]
 
