@@ -28,24 +28,9 @@ def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
 
 def init_data_parallel(device: torch.device) -> None:
     """Process group (torchrun's, or a one-rank in-process one) and megatron state with TP=PP=1 on every rank."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
+    from lmfusion.inference.load import init_runtime
 
-    if device.type == "cpu":
-        from megatron_ext import cpu
-
-        if not cpu.is_enabled():
-            cpu.enable()
-    elif device.type == "cuda":
-        torch.cuda.set_device(device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0)))
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            dist.init_process_group(backend)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    init_runtime(device, tensor_model_parallel_size=1)
 
 
 def rank_world() -> tuple[int, int]:

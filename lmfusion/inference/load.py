@@ -69,8 +69,11 @@ class InferenceModel(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------------- runtime
-def init_runtime(device: torch.device) -> None:
-    """Process group + megatron parallel state (+ CPU mode on CPU), each only if not set up already."""
+def init_runtime(device: torch.device, tensor_model_parallel_size: Optional[int] = None) -> None:
+    """Process group + megatron parallel state (+ CPU mode on CPU), each only if not set up already.
+
+    ``tensor_model_parallel_size``: default every rank (one model sharded over all); 1 gives data parallelism
+    (every rank a whole model, as sharded evaluation wants)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -88,7 +91,8 @@ def init_runtime(device: torch.device) -> None:
         else:  # one rank: an in-process store, no port to pick or collide on
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=dist.get_world_size())
+        tp = dist.get_world_size() if tensor_model_parallel_size is None else tensor_model_parallel_size
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
 
 
 # ---------------------------------------------------------------------------------------------------- files
