@@ -152,6 +152,9 @@ class LMFusionModel(MegatronModule):
                  post_process: bool = True, layer_offset: Optional[int] = None, num_local_layers: Optional[int] = None):
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+        # read by megatron's finalize_model_grads at PP>1: the text path (embedding, head) is frozen, so a tied
+        # head is a frozen copy on the last stage and no embedding-gradient sync across stages is needed
+        self.share_embeddings_and_output_weights = False
         self.model_config = model_config
         self.pre_process, self.post_process = pre_process, post_process
         tp = config.tensor_model_parallel_size
