@@ -25,6 +25,7 @@ setup(
         "diffusers==0.42.1",
         "webdataset==1.0.2",
         "pillow>=10",
+        "tensorboard==2.21.0",  # training metrics (torch.utils.tensorboard)
     ],
     extras_require={
         "test": ["pytest>=8,<10"],

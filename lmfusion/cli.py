@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 
 from lmfusion import evaluation, inference
 from lmfusion.checkpoint import hf
+from lmfusion.training import cli as training_cli
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
@@ -21,6 +22,7 @@ SUBCOMMANDS: list[Callable[["argparse._SubParsersAction"], None]] = [
     hf.add_subparser,  # convert-hf, export-hf
     inference.add_subparser,  # generate, caption, chat
     evaluation.add_subparser,  # eval generation|caption|text
+    training_cli.add_subparser,  # train, flops, plot
 ]
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 USER_ERROR_EXIT = 2  # argparse's status for usage errors

@@ -1,0 +1,151 @@
+"""One LMFusion training step with the text frozen vs the same model with everything trainable, same batch.
+
+Both variants run the trainer's own pieces (lmfusion.training): megatron DDP + distributed optimizer + the
+OptimizerParamScheduler, megatron's forward-backward schedule, the step's noising and loss. The batch is packed by
+the loader's sequence builder and packer (80/20 caption-first, 10% caption dropout, captions of 8-40 tokens: the
+length range of COCO/CC-style captions in Llama-3 tokens) with random token ids and latents; both variants see the
+same micro-batches. Timing: median of interleaved repetitions of a whole optimizer step.
+
+Printed: the measured time ratio frozen / everything-trainable; the FLOP model's prediction of that ratio for the
+batch's actual token classes (lmfusion.training.flops: DESIGN.md's 6n / 4n / 2n rule, which assumes no backward
+through text that precedes every image of its document); the prediction "as implemented" (autograd still runs
+backward through that text, which shares tensors with image tokens, and the LM head's GEMMs run on every position);
+and last, the headline ``measured_over_predicted`` (target <= 1.05). Neither prediction counts the optimizer step
+(AdamW over 3-4x more parameters when everything trains) or the dense embedding gradient of the trainable baseline:
+both make the measured ratio lower than the FLOP ratio.
+
+Usage: python benchmarks/train_step.py [--hidden 768 --layers 4 --seq 1024 --reps 3 --threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _config(args):
+    from lmfusion.config_io import config_from_dict
+
+    heads = args.hidden // 64
+    return config_from_dict({
+        "model": {"vocab_size": args.vocab, "hidden_size": args.hidden, "ffn_hidden_size": args.ffn,
+                  "num_layers": args.layers, "num_attention_heads": heads, "num_query_groups": max(1, heads // 2),
+                  "max_position_embeddings": args.seq, "bos_token_id": 1, "eos_token_id": 2, "boi_token_id": 3,
+                  "eoi_token_id": 4, "attention_backend": "sdpa", "linear_backend": "local",
+                  "image": {"latent_channels": 4, "latent_size": args.latent, "patch_size": 2, "kind": "unet",
+                            "block_channels": [64, 128], "downsample": [False, False], "layers_per_block": 1,
+                            "norm_groups": 32}},
+        "data": {"seq_length": args.seq, "num_workers": 0},
+        "train": {"micro_batch_size": 1, "global_batch_size": args.micro_batches, "train_iters": 1000,
+                  "precision": "fp32"},
+        "optimizer": {"lr": 1e-4, "lr_warmup_iters": 0},
+        "init": {"base_checkpoint": "none"}, "checkpoint": {"save": "none"},
+        "logging": {"tensorboard": False}}, resolve_base=False)
+
+
+def main(argv=None) -> float:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--ffn", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--latent", type=int, default=16, help="latent side (tokens per image = (latent/2)^2)")
+    p.add_argument("--micro-batches", type=int, default=2, help="micro-batches (of one row) per step")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from _common import init_single_rank
+
+    from megatron_ext import cpu
+
+    cpu.enable()
+    init_single_rank()
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from lmfusion.training import flops
+    from lmfusion.training.model_setup import build_train_model
+    from lmfusion.training.step import StepLoss, prepare_micro_batch
+    from lmfusion.training.synthetic import synthetic_batches
+
+    cfg = _config(args)
+    model_parallel_cuda_manual_seed(cfg.train.seed)
+    batches = list(itertools.islice(synthetic_batches(cfg.model, args.seq, 1, seed=0), args.micro_batches))
+    mbs = [prepare_micro_batch(b, seed=0, step=1, dp_rank=0, index=i, device=torch.device("cpu"),
+                               dtype=torch.float32, cap=cfg.train.image_first_max_timestep)
+           for i, b in enumerate(batches)]
+    counts = sum((mb.counts for mb in mbs), flops.TokenCounts())
+    img = cfg.model.image
+    loss = StepLoss(sum(m.lm_tokens for m in mbs), sum(m.image_tokens for m in mbs), 1, len(mbs),
+                    cfg.train.diffusion_loss_weight, img.patch_size * img.downsample_factor)
+
+    variants = {name: build_train_model(cfg, None, train_text=train_text)
+                for name, train_text in (("frozen", False), ("all_trainable", True))}
+    trainable = {k: sum(p.numel() for c in v.chunks for p in c.parameters() if p.requires_grad)
+                 for k, v in variants.items()}
+
+    def step(tm) -> None:
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            return model(mb.inputs), lambda out, mb=mb: loss(mb, out)
+
+        for chunk in tm.chunks:
+            chunk.zero_grad_buffer()
+        tm.optimizer.zero_grad()
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(mbs), model=tm.chunks,
+                                    num_microbatches=len(mbs), seq_length=args.seq, micro_batch_size=1,
+                                    decoder_seq_length=args.seq, forward_only=False)
+        tm.optimizer.step()
+        tm.scheduler.step(increment=1)
+
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for name, tm in variants.items():  # warm-up
+        step(tm)
+    for _ in range(args.reps):
+        for name, tm in variants.items():
+            t0 = time.perf_counter()
+            step(tm)
+            times[name].append(time.perf_counter() - t0)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+    measured = med["frozen"] / med["all_trainable"]
+    all_flops = flops.step_flops(cfg.model, counts, "all_trainable")
+    predicted = flops.step_flops(cfg.model, counts, "lmfusion") / all_flops
+    implemented = (flops.step_flops(cfg.model, counts, "lmfusion", as_implemented=True)
+                   / flops.step_flops(cfg.model, counts, "all_trainable", as_implemented=True))
+    total = counts.tokens
+    print(f"model: hidden {args.hidden}, ffn {args.ffn}, {args.layers} layers, vocab {args.vocab}, seq {args.seq}, "
+          f"{tokens_per_image(cfg)} tokens/image; {args.micro_batches} micro-batches; {args.threads} threads")
+    print(f"batch: image {counts.image / total:.1%}, text after an image {counts.text_on / total:.1%}, text before "
+          f"any image (incl. padding) {counts.text_off / total:.1%}; {counts.images} images")
+    print(f"trainable parameters: frozen text {trainable['frozen']:,}, everything {trainable['all_trainable']:,}")
+    for k in variants:
+        print(f"step time {k:<14} median {med[k]:.3f} s  ({', '.join(f'{t:.3f}' for t in times[k])})")
+    print(f"measured_ratio (frozen / all trainable): {measured:.4f}")
+    print(f"predicted_ratio (FLOP model, DESIGN.md rule): {predicted:.4f}")
+    print(f"predicted_ratio_as_implemented (backward through pre-image text, LM head on every position): "
+          f"{implemented:.4f}")
+    print(f"measured_over_as_implemented: {measured / implemented:.4f}")
+    print(f"measured_over_predicted: {measured / predicted:.4f}")
+    return measured / predicted
+
+
+def tokens_per_image(cfg) -> int:
+    from lmfusion.model.image_io import tokens_per_image as tpi
+
+    return tpi(cfg.model.image)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""The trainable side of a run: model chunks, megatron DDP over the image parameters, optimizer and LR schedule.
+
+* **Chunks.** One :class:`LMFusionModel` stage per rank, or ``virtual_pipeline_model_parallel_size`` chunks
+  (interleaved 1F1B: chunk ``v`` of pipeline rank ``r`` holds layers ``(v * pp + r) * n ...``).
+* **Frozen text.** :func:`~lmfusion.model.builder.build_model` sets ``requires_grad`` on the image set only, before
+  DDP and the optimizer exist: megatron DDP allocates gradient buffers for trainable parameters only, and the
+  (distributed) optimizer holds state for them only.
+* **Precision.** bf16 on GPU: parameters are built in bf16 and wrapped in megatron's ``Float16Module``; the optimizer
+  keeps fp32 main parameters and gradients are reduced in fp32. fp32 on CPU.
+* **Activation recompute** (``train.recompute: full``): every transformer layer's forward is re-run in backward
+  (``torch.utils.checkpoint``, non-reentrant: the layer takes a non-tensor context). The model has no dropout, so
+  no RNG-tracker state needs replaying.
+* **Optimizer state checkpoints** (megatron-core 0.16.1): 'fully_reshardable' needs one gradient bucket
+  (``overlap_grad_reduce`` off gives exactly one); :func:`check_buckets` refuses more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from lmfusion.config import Config, to_transformer_config
+from lmfusion.model.builder import build_model
+from lmfusion.model.model import LMFusionModel
+from lmfusion.model.weights import freeze_text, init_image_twins_from_text, load_base_weights
+
+__all__ = ["TrainModel", "params_dtype", "build_train_model", "check_buckets", "unwrap", "text_parameters"]
+
+
+@dataclass
+class TrainModel:
+    chunks: list[DistributedDataParallel]
+    """DDP-wrapped model chunks (one without virtual pipeline)."""
+    optimizer: Any
+    scheduler: OptimizerParamScheduler
+    config: Any
+    """megatron TransformerConfig of chunk 0 (the schedules read it)."""
+
+
+def params_dtype(cfg: Config) -> torch.dtype:
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def unwrap(chunk: torch.nn.Module) -> LMFusionModel:
+    """The LMFusionModel inside DDP / Float16Module wrappers."""
+    while not isinstance(chunk, LMFusionModel):
+        chunk = chunk.module
+    return chunk
+
+
+def _config_overrides(cfg: Config) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if cfg.parallel.vpp > 1:
+        out["virtual_pipeline_model_parallel_size"] = cfg.parallel.vpp
+    if cfg.train.fp8 is not None:
+        out.update(fp8=cfg.train.fp8, fp8_recipe=cfg.train.fp8_recipe)
+    return out
+
+
+def _build_chunks(cfg: Config, base, dtype: torch.dtype, train_text: bool) -> list[LMFusionModel]:
+    sp = cfg.parallel.sequence_parallel
+    overrides = _config_overrides(cfg)
+    vpp = cfg.parallel.vpp
+    if vpp == 1:
+        return [build_model(cfg.model, base=base, sequence_parallel=sp, params_dtype=dtype, seed=cfg.train.seed,
+                            freeze=not train_text, **overrides)]
+    # Interleaved pipeline: build_model builds one contiguous stage, so chunks are assembled here the same way.
+    pp, rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    per_chunk = cfg.model.num_layers // (pp * vpp)
+    chunks = []
+    for v in range(vpp):
+        torch.manual_seed(cfg.train.seed)  # as build_model: replicated image modules start equal on TP ranks
+        tconfig = to_transformer_config(cfg.model, tp=ps.get_tensor_model_parallel_world_size(), pp=pp,
+                                        sequence_parallel=sp, params_dtype=dtype,
+                                        perform_initialization=base is None, **overrides)
+        offset = (v * pp + rank) * per_chunk
+        model = LMFusionModel(cfg.model, tconfig, pre_process=v == 0 and rank == 0,
+                              post_process=v == vpp - 1 and rank == pp - 1, layer_offset=offset,
+                              num_local_layers=per_chunk)
+        model.vp_stage = v  # megatron's schedules check it against the chunk they run
+        if base is not None:
+            load_base_weights(model, base, vocab_size=cfg.model.vocab_size, tied=cfg.model.tie_word_embeddings,
+                              layer_offset=offset)
+        init_image_twins_from_text(model)
+        if not train_text:
+            freeze_text(model)
+        chunks.append(model)
+    return chunks
+
+
+def _recompute_layers(model: LMFusionModel) -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.decoder.layers:
+        forward = layer.forward
+
+        def recomputed(hidden, ctx, _forward=forward):
+            return checkpoint(_forward, hidden, ctx, use_reentrant=False)
+
+        layer.forward = recomputed  # instance attribute: parameter names (and checkpoints) are unchanged
+
+
+def check_buckets(cfg: Config, chunks: list[DistributedDataParallel]) -> None:
+    """Refuse a 'fully_reshardable' distributed-optimizer checkpoint over more than one gradient bucket
+    (megatron-core 0.16.1 writes it corrupt: Megatron-LM PR #5077)."""
+    if not cfg.parallel.use_distributed_optimizer or cfg.checkpoint.optimizer_sharding != "fully_reshardable":
+        return
+    buckets = sum(len(buf.buckets) for chunk in chunks for buf in chunk.buffers)
+    if buckets > len(chunks):
+        raise ValueError(f"checkpoint.optimizer_sharding=fully_reshardable with {buckets} gradient buckets: megatron-"
+                         f"core 0.16.1 saves such optimizer state corrupt; use checkpoint.optimizer_sharding="
+                         f"dp_reshardable or parallel.overlap_grad_reduce=false")
+
+
+def build_train_model(cfg: Config, base, train_text: bool = False) -> TrainModel:
+    """Model chunks (text from ``base``; random when None), DDP, megatron optimizer and LR/WD scheduler, wired for the
+    schedules. ``train_text``: train the text weights too (the everything-trainable baseline of benchmarks)."""
+    if cfg.train.fp8 is not None:
+        from megatron_ext.te_linear import HAVE_TE
+
+        if not (HAVE_TE and torch.cuda.is_available()):
+            raise ValueError(f"train.fp8={cfg.train.fp8!r} needs Transformer Engine and a GPU")
+        raise ValueError("train.fp8: LMFusionModel builds its RoutingPlan without FP8 padding (lmfusion/model/"
+                         "model.py build_context: RoutingPlan.build(ids) needs pad_multiple=16 under fp8_autocast); "
+                         "FP8 training is refused until the model pads")
+    dtype = params_dtype(cfg)
+    chunks = _build_chunks(cfg, base, dtype, train_text)
+    for model in chunks:
+        # megatron's finalize_model_grads reads this GPTModel attribute at PP > 1 to all-reduce tied embedding grads
+        # between the first and last stage. The embedding is frozen (no gradient): there is nothing to sync.
+        if not hasattr(model, "share_embeddings_and_output_weights"):
+            model.share_embeddings_and_output_weights = False
+    if cfg.train.recompute == "full":
+        for model in chunks:
+            _recompute_layers(model)
+    tconfig = chunks[0].config
+    if dtype == torch.bfloat16:
+        from megatron.core.transformer.module import Float16Module
+
+        wrapped = [Float16Module(m.config, m) for m in chunks]
+    else:
+        wrapped = list(chunks)
+    par = cfg.parallel
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce,
+        use_distributed_optimizer=par.use_distributed_optimizer, bucket_size=par.ddp_bucket_size)
+    ddp = [DistributedDataParallel(m.config, ddp_config, m, disable_bucketing=i > 0)
+           for i, m in enumerate(wrapped)]
+    check_buckets(cfg, ddp)
+    o = cfg.optimizer
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16,
+        params_dtype=dtype, use_distributed_optimizer=par.use_distributed_optimizer)
+    optimizer = get_megatron_optimizer(opt_config, ddp)
+    decay = o.lr_decay_iters or cfg.train.train_iters
+    # Megatron's default parameter groups exempt biases and 1-D weights (norms) from weight decay through a
+    # wd_mult of 0 that only the scheduler applies: it is always used.
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.lr_warmup_iters,
+        lr_decay_steps=decay, lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=cfg.train.train_iters, wd_incr_style="constant")
+    # What megatron's training loop wires into the config the schedules read.
+    tconfig.grad_scale_func = optimizer.scale_loss
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    if par.overlap_grad_reduce:
+        no_sync = [c.no_sync for c in ddp]
+        tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    for m in chunks[1:]:
+        m.config.grad_scale_func = tconfig.grad_scale_func
+    return TrainModel(chunks=ddp, optimizer=optimizer, scheduler=scheduler, config=tconfig)
+
+
+def text_parameters(chunks: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Frozen (text) parameters of this rank, by local name per chunk (for bit-for-bit checks)."""
+    out = {}
+    for i, chunk in enumerate(chunks):
+        for name, p in unwrap(chunk).named_parameters():
+            if not p.requires_grad:
+                out[f"{i}.{name}"] = p
+    return out
+

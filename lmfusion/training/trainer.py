@@ -1,0 +1,304 @@
+"""The LMFusion trainer: one loop, one overridable step (torchtitan's Flux trainer overrides only its
+``forward_backward_step``), everything a resume needs in one checkpoint.
+
+    loader -> noise (per sample) -> megatron schedule (1F1B / interleaved; DDP over image params) -> optimizer
+           -> scheduler -> metrics -> checkpoint every N steps, on SIGTERM/SIGUSR1 and at the end
+
+Guards: a non-finite loss stops the run before the optimizer step, a non-finite gradient norm right after it; either
+raises :class:`TrainingDiverged` naming the step, and no checkpoint is written (the last good one stays ``latest``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from lmfusion.config import Config, ModelConfig
+from lmfusion.config_io import TEXT_FIELDS, dump_config
+from lmfusion.training import checkpointing as ckpt
+from lmfusion.training.flops import TokenCounts, peak_tflops, step_flops
+from lmfusion.training.metrics import MetricsWriter
+from lmfusion.training.model_setup import TrainModel, build_train_model, params_dtype
+from lmfusion.training.runtime import Runtime, init_runtime
+from lmfusion.training.signals import SignalWatcher
+from lmfusion.training.step import MicroBatch, StepLoss, prepare_micro_batch
+from lmfusion.utils import atomic_write_text
+
+__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "EXIT_STATUS"]
+
+EXIT_STATUS = "exit_status.json"
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm."""
+
+
+@dataclass
+class TrainResult:
+    iteration: int
+    reason: str
+    """'finished' (train_iters reached) or 'signal' (stopped by checkpoint.exit_signals after saving)."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """``Trainer(cfg).run()``. ``loader``: any iterator of :class:`lmfusion.data.Batch` with JSON
+    ``state_dict()/load_state_dict()`` for this data-parallel rank (default: ``MultimodalLoader`` over
+    ``cfg.data``)."""
+
+    def __init__(self, cfg: Config, loader: Optional[Any] = None):
+        self.cfg = cfg
+        self._loader = loader
+        self.iteration = 0
+        self.optimizer_steps = 0  # successful updates (megatron skips one only on fp16 overflow)
+        self.history: list[dict[str, Any]] = []
+        self._closed = False
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> "Trainer":
+        cfg = self.cfg
+        self.rt: Runtime = init_runtime(cfg)
+        self.run_dir = Path(cfg.checkpoint.save).expanduser().resolve()
+        if self.rt.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+        self.base_dir = self._prepare_base()
+        from lmfusion.checkpoint.hf import load_base_state
+
+        base_cfg, weights = load_base_state(self.base_dir)
+        self._check_text_fields(dataclasses.asdict(base_cfg), f"base {self.base_dir}")
+        with weights:
+            self.tm: TrainModel = build_train_model(cfg, weights)
+        self.loader = self._loader if self._loader is not None else self._make_loader()
+        self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.rt.dp_size)
+        self.dtype = params_dtype(cfg)
+        record = {"format": "lmfusion-checkpoint", "base": str(self.base_dir),
+                  "base_conversion_sha256": ckpt.base_sha256(self.base_dir), "model": cfg.model.to_dict(),
+                  "vae": self._vae_block()}
+        c = cfg.checkpoint
+        self.checkpointer = ckpt.Checkpointer(self.run_dir, self.tm.chunks, self.tm.optimizer, self.tm.scheduler,
+                                              self.loader, record, dump_config(cfg), c.optimizer_sharding,
+                                              c.keep_last, c.async_save)
+        self._resume()
+        log = cfg.logging
+        self.metrics = MetricsWriter(self.run_dir, self.rt.rank == 0, log.tensorboard_dir, log.tensorboard,
+                                     log.log_interval)
+        self.metrics.truncate_after(self.iteration)
+        self.peak = peak_tflops(log.peak_tflops)
+        self.signals = SignalWatcher(c.exit_signals)
+        return self
+
+    def _prepare_base(self) -> Path:
+        init = self.cfg.init
+        if init.base_checkpoint is not None:
+            return Path(init.base_checkpoint).expanduser().resolve()
+        from lmfusion.checkpoint.hf import BASE_CONFIG, convert_hf
+
+        target = Path(init.convert_to or self.run_dir / "base").expanduser().resolve()
+        if self.rt.rank == 0 and not (target / BASE_CONFIG).is_file():
+            m = self.cfg.model
+            convert_hf(init.hf_dir, target, tp=self.cfg.parallel.tensor_model_parallel_size,
+                       pp=self.cfg.parallel.pipeline_model_parallel_size, boi=m.boi_token_id, eoi=m.eoi_token_id)
+        dist.barrier()
+        return target
+
+    def _check_text_fields(self, other: dict[str, Any], source: str) -> None:
+        mine = dataclasses.asdict(self.cfg.model)
+        for key in TEXT_FIELDS:
+            if mine[key] != other.get(key):
+                raise ValueError(f"model.{key}={mine[key]!r} does not match {source} ({other.get(key)!r})")
+
+    def _make_loader(self):
+        from lmfusion.data import MultimodalLoader
+
+        data = self.cfg.data
+        if not data.tokenizer:  # the base carries its tokenizer files
+            data = dataclasses.replace(data, tokenizer=str(self.base_dir))
+        return MultimodalLoader.from_parallel_state(data, self.cfg.model)
+
+    def _vae_block(self) -> Optional[dict[str, Any]]:
+        if not self.cfg.data.datasets:
+            return None
+        from data_tools import shard_format
+
+        return shard_format.read_manifest(Path(self.cfg.data.datasets[0])).get("vae")
+
+    def _resume(self) -> None:
+        c = self.cfg.checkpoint
+        found = ckpt.find_checkpoint(self.run_dir)
+        if found is None and c.load is not None:
+            found = ckpt.find_checkpoint(Path(c.load).expanduser())
+            if found is None:
+                raise FileNotFoundError(f"checkpoint.load: {c.load} holds no checkpoint ({ckpt.LATEST} or "
+                                        f"{ckpt.TRAIN_STATE})")
+        if found is None:
+            return
+
+        def check(record: dict[str, Any], path: Path) -> None:
+            base = Path(record.get("base", ""))
+            base = base if base.is_absolute() else (path.parent / base).resolve()
+            want = record.get("base_conversion_sha256")
+            if want != ckpt.base_sha256(self.base_dir):
+                raise ValueError(f"{path}: trained on the base {base} (conversion.json sha256 {str(want)[:12]}); "
+                                 f"init.base_checkpoint {self.base_dir} is a different base")
+            saved = ModelConfig.from_dict(record.get("model", {}), source=f"{path} key 'model'")
+            self._check_text_fields(dataclasses.asdict(saved), str(path))
+            if saved.image != self.cfg.model.image:
+                raise ValueError(f"{path}: model.image {saved.image} differs from this config's "
+                                 f"{self.cfg.model.image}; image modules cannot load across image configs")
+
+        state = self.checkpointer.load(found, c.load_optimizer, check)
+        self.iteration = int(state["iteration"]) if c.load_optimizer or found.parent == self.run_dir else 0
+        self.optimizer_steps = int(state.get("optimizer_steps", self.iteration)) if c.load_optimizer else 0
+        self.resumed_from = found
+        if self.rt.rank == 0:
+            print(f"lmfusion train: resumed from {found} (step {self.iteration})", flush=True)
+
+    # ------------------------------------------------------------------ one step
+    def step_loss(self, lm_tokens: int, image_tokens: int) -> StepLoss:
+        """The loss of this step's micro-batches (override to change the objective)."""
+        img = self.cfg.model.image
+        return StepLoss(lm_tokens, image_tokens, self.rt.dp_size, self.num_microbatches,
+                        self.cfg.train.diffusion_loss_weight, img.patch_size * img.downsample_factor)
+
+    def forward_step(self, data_iterator: Iterator[MicroBatch], model):
+        """megatron's forward_step_func: one micro-batch through one model chunk."""
+        mb = next(data_iterator)
+        return model(mb.inputs), functools.partial(self._loss, mb)
+
+    def forward_backward_step(self, micro_batches: list[MicroBatch]) -> list[dict[str, torch.Tensor]]:
+        """Forward and backward of one step's micro-batches through megatron's schedule; returns the last stage's
+        per-micro-batch loss dicts (empty elsewhere)."""
+        chunks = self.tm.chunks
+        data = iter(micro_batches) if len(chunks) == 1 else [iter(micro_batches) for _ in chunks]
+        s = self.cfg.data.seq_length
+        return get_forward_backward_func()(
+            forward_step_func=self.forward_step, data_iterator=data, model=chunks,
+            num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=self.cfg.train.micro_batch_size,
+            decoder_seq_length=s, forward_only=False)
+
+    def _next_micro_batches(self, step: int) -> tuple[list[MicroBatch], float]:
+        wait, out = 0.0, []
+        for i in range(self.num_microbatches):
+            t0 = time.perf_counter()
+            batch = next(self.loader)
+            wait += time.perf_counter() - t0
+            out.append(prepare_micro_batch(batch, seed=self.cfg.train.seed, step=step, dp_rank=self.rt.dp_rank,
+                                           index=i, device=self.rt.device, dtype=self.dtype,
+                                           cap=self.cfg.train.image_first_max_timestep))
+        return out, wait
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """One optimizer step (``step`` counts from 1); returns its metrics (identical on every rank)."""
+        t0 = time.perf_counter()
+        mbs, wait = self._next_micro_batches(step)
+        counts = sum((mb.counts for mb in mbs), TokenCounts())
+        local = [sum(mb.lm_tokens for mb in mbs), sum(mb.image_tokens for mb in mbs), *counts.as_list()]
+        totals = torch.tensor(local, dtype=torch.float64, device=self.rt.device)
+        dist.all_reduce(totals, group=ps.get_data_parallel_group())  # the step's global counts (exact in fp64)
+        totals = [int(v) for v in totals.tolist()]
+        self._loss = self.step_loss(totals[0], totals[1])
+        step_counts = TokenCounts(*totals[2:])
+
+        for chunk in self.tm.chunks:
+            chunk.zero_grad_buffer()
+        self.tm.optimizer.zero_grad()
+        losses = self.forward_backward_step(mbs)
+
+        # Losses live on the last stage; one world all-reduce shares them (TP rank 0 of each DP replica counts) with
+        # the loader wait and the stop flag, so every rank takes the same decisions below.
+        reported = torch.zeros(2, dtype=torch.float64)
+        if ps.is_pipeline_last_stage(ignore_virtual=True) and self.rt.tp_rank == 0:
+            for d in losses:
+                reported += d["lm_diffusion"].double().cpu()
+        stop = float(self.signals.received is not None)
+        shared = torch.tensor([*reported.tolist(), wait, stop], dtype=torch.float64, device=self.rt.device)
+        dist.all_reduce(shared)
+        lm, diff, wait_sum, stop_sum = shared.tolist()
+        loss = lm + self.cfg.train.diffusion_loss_weight * diff
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"step {step}: loss is {loss} (lm {lm}, diffusion {diff}); stopped before the "
+                                   f"optimizer step, no checkpoint written ({self._last_good()})")
+        lr = max(g["lr"] for g in self.tm.optimizer.param_groups)
+        ok, grad_norm, _ = self.tm.optimizer.step()
+        self.optimizer_steps += int(bool(ok))
+        if grad_norm is None or not math.isfinite(float(grad_norm)):
+            raise TrainingDiverged(f"step {step}: gradient norm is {grad_norm} (loss {loss}); no checkpoint written "
+                                   f"({self._last_good()})")
+        self.tm.scheduler.step(increment=1)
+        elapsed = time.perf_counter() - t0
+        flops = step_flops(self.cfg.model, step_counts, "lmfusion")
+        tflops = flops / elapsed / self.rt.world_size / 1e12
+        tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_length
+        return {"loss": loss, "lm_loss": lm, "diffusion_loss": diff, "grad_norm": float(grad_norm), "lr": lr,
+                "update_skipped": not ok, "tokens_per_s": tokens / elapsed, "tflops_per_device": tflops,
+                "mfu": tflops / self.peak if self.peak else None, "loader_wait_s": wait_sum / self.rt.world_size,
+                "step_time_s": elapsed, "model_flops": flops, "text_tokens_off_path": step_counts.text_off,
+                "text_tokens_on_path": step_counts.text_on, "image_tokens": step_counts.image,
+                "stop": stop_sum > 0}
+
+    def _last_good(self) -> str:
+        latest = self.run_dir / ckpt.LATEST
+        return f"last good checkpoint: {self.run_dir / latest.read_text().strip()}" if latest.is_file() else \
+            "no checkpoint saved yet"
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> TrainResult:
+        """Train to ``train.train_iters`` (or until a signal); saves every ``save_interval`` steps and at exit."""
+        if not hasattr(self, "tm"):
+            self.setup()
+        cfg = self.cfg
+        reason = "finished"
+        try:
+            while self.iteration < cfg.train.train_iters:
+                step = self.iteration + 1
+                metrics = self.train_step(step)
+                self.iteration = step
+                stop = metrics.pop("stop")
+                self.history.append({"step": step, **metrics})
+                self.metrics.log(step, metrics)
+                if stop or step % cfg.checkpoint.save_interval == 0 or step == cfg.train.train_iters:
+                    self.checkpointer.save(step, {"optimizer_steps": self.optimizer_steps, "metrics": {
+                        k: metrics[k] for k in ("loss", "lm_loss", "diffusion_loss")}})
+                self.checkpointer.poll()
+                if stop:
+                    reason = "signal"
+                    self.metrics.note(f"{self.signals.received} received: saved step {step}, exiting")
+                    break
+            self.checkpointer.wait()
+        except TrainingDiverged as e:
+            self._write_status("error", str(e))
+            raise
+        self._write_status(reason, None)
+        return TrainResult(self.iteration, reason, self.history)
+
+    def _write_status(self, reason: str, message: Optional[str]) -> None:
+        if self.rt.rank == 0:
+            atomic_write_text(self.run_dir / EXIT_STATUS, json.dumps(
+                {"reason": reason, "iteration": self.iteration, "message": message}) + "\n")
+
+    def close(self) -> None:
+        """Release handlers, writers and megatron state (the process group only if this trainer created it)."""
+        if self._closed:
+            return
+        self._closed = True
+        for name in ("signals", "metrics", "checkpointer"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                obj.close()
+        close = getattr(self.loader if hasattr(self, "loader") else None, "close", None)
+        if close is not None:
+            close()
+        if hasattr(self, "rt"):
+            self.rt.close()

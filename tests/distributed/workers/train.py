@@ -1,0 +1,328 @@
+"""Trainer cases on 2 gloo ranks: layout parity, bit-exact resume, resharding, frozen text, guards, signals.
+
+Inputs come from the pytest side (``LMFUSION_TRAIN_SPEC``, a JSON file): a tiny converted base, a shard set, the
+tiny example config and the metrics of the 1-rank reference run (TP=PP=DP=1) made with ``torchrun -m
+lmfusion.train``. Every run here is ``examples/configs/tiny_cpu.yaml`` with overrides. fp32 on CPU.
+
+Tolerances: layouts vs the 1-rank reference 1e-5 on the step-1 loss (the issue's bound; only summation order and
+vocabulary padding differ). Resume is compared bit for bit (same layout, same process count, one thread per rank).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from lmfusion.config_io import load_config
+from lmfusion.training import checkpointing as ckpt
+from lmfusion.training.model_setup import unwrap
+from lmfusion.training.step import StepLoss
+from lmfusion.training.trainer import Trainer, TrainingDiverged
+from tests.distributed.harness import case, worker_main
+from tests.distributed.workers.megatron_common import shared_tmpdir
+from tests.unit.test_data_fixtures import SPECIALS
+
+PARITY_TOL = 1e-5
+TINY_CONFIG = Path(__file__).resolve().parents[3] / "examples" / "configs" / "tiny_cpu.yaml"
+LAYOUTS = {
+    "tp2": ["parallel.tensor_model_parallel_size=2"],
+    "pp2": ["parallel.pipeline_model_parallel_size=2"],
+    "tp2_sp": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+    "dp2": [],  # TP=PP=1 on 2 ranks
+}
+
+
+def make_tiny_assets(root: Path) -> dict[str, str]:
+    """A tiny random Llama (HF, safetensors) with the data fixtures' word tokenizer, converted to a base, and a shard
+    set of random 8 x 8 images (identity VAE); returns the paths and the tiny example config."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmfusion.checkpoint.hf import convert_hf
+    from tests.unit.test_data_fixtures import SPECIALS, WORDS, build_set, make_images, make_tokenizer
+
+    make_images(root / "img", 40, seed=7)
+    shards = build_set(root / "shards", root / "img", 8)
+    make_tokenizer(root / "hf")  # the HF directory carries the tokenizer; the base copies it
+    ids = {tok: i for i, tok in enumerate(SPECIALS)}
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(SPECIALS) + len(WORDS), hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, rope_theta=10000.0, bos_token_id=ids["<bos>"],
+                         eos_token_id=ids["<eos>"], tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(root / "hf", safe_serialization=True)
+    convert_hf(root / "hf", root / "base", boi=ids["<boi>"], eoi=ids["<eoi>"])
+    return {"base": str(root / "base"), "hf": str(root / "hf"), "shards": str(shards), "config": str(TINY_CONFIG)}
+
+
+def spec() -> dict:
+    return json.loads(Path(os.environ["LMFUSION_TRAIN_SPEC"]).read_text())
+
+
+def config(run_dir: str, *overrides: str):
+    s = spec()
+    return load_config(s["config"], [f"init.base_checkpoint={s['base']}", f"data.datasets=[{s['shards']}]",
+                                     f"checkpoint.save={run_dir}", *overrides])
+
+
+def train(cfg, cls=Trainer) -> Trainer:
+    """Run to the end; the trainer is returned open (its model still in memory): close it."""
+    trainer = cls(cfg)
+    try:
+        trainer.run()
+    except BaseException:
+        trainer.close()
+        raise
+    return trainer
+
+
+def losses(trainer: Trainer) -> list[float]:
+    return [h["loss"] for h in trainer.history]
+
+
+def image_params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {f"{i}.{n}": p.detach().clone() for i, c in enumerate(trainer.tm.chunks)
+            for n, p in unwrap(c).named_parameters() if p.requires_grad}
+
+
+def tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+@case
+def layouts_match_reference_step1_and_keep_text_frozen():
+    """TP=2, PP=2, TP=2+SP and DP=2 each train 5 steps: the step-1 loss equals the 1-rank run's (1e-5), later
+    losses stay close, every step is finite, and after training every text weight equals the base bit for bit."""
+    from lmfusion.checkpoint.hf import load_base_state
+    from lmfusion.model.builder import build_model
+
+    ref = [json.loads(line)["loss"] for line in Path(spec()["reference"]).read_text().splitlines()]
+    errors = []
+    for name, overrides in LAYOUTS.items():
+        trainer = train(config(shared_tmpdir(), "train.train_iters=5", *overrides))
+        try:
+            got = losses(trainer)
+            if len(got) != 5 or abs(got[0] - ref[0]) > PARITY_TOL:
+                errors.append(f"{name}: step-1 loss {got[:1]} vs reference {ref[0]}")
+            drift = max(abs(a - b) for a, b in zip(got, ref))
+            if drift > 1e-3:  # Adam amplifies rounding differences over steps; a layout bug is far larger
+                errors.append(f"{name}: losses {got} drift from the reference {ref[:5]} by {drift:.2e}")
+            model = unwrap(trainer.tm.chunks[0])
+            cfg = trainer.cfg
+            _, base = load_base_state(cfg.init.base_checkpoint)
+            with base:
+                fresh = build_model(cfg.model, base=base, sequence_parallel=cfg.parallel.sequence_parallel)
+            want = dict(fresh.named_parameters())
+            text = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+            changed = [n for n, p in text if not torch.equal(p, want[n])]
+            if not text or changed:
+                errors.append(f"{name}: {len(changed)} of {len(text)} text weights differ from the base: "
+                              f"{changed[:3]}")
+        finally:
+            trainer.close()
+    if errors:
+        raise AssertionError("\n".join(errors))
+
+
+N = 3
+
+
+@case
+def resume_is_bit_exact_and_reshards_to_tp1_and_pp1():
+    """TP=2: 2N steps straight vs N + resume + N: identical loss sequences and final weights, bit for bit.
+    Then the step-N checkpoint of the straight run loads at TP=1 and (from a PP=2 run) at PP=1: model and optimizer
+    tensors equal the saved ones exactly (a re-save at the new layout holds the same full tensors) and the next
+    step's loss equals the straight run's (1e-5)."""
+    every = [f"checkpoint.save_interval={N}", "checkpoint.keep_last=null"]
+    straight_dir = shared_tmpdir()
+    straight = train(config(straight_dir, f"train.train_iters={2 * N}", "parallel.tensor_model_parallel_size=2",
+                           *every))
+    want_losses, want_params = losses(straight), image_params(straight)
+    straight.close()
+
+    split_dir = shared_tmpdir()
+    first = train(config(split_dir, f"train.train_iters={N}", "parallel.tensor_model_parallel_size=2", *every))
+    first.close()
+    second = train(config(split_dir, f"train.train_iters={2 * N}", "parallel.tensor_model_parallel_size=2", *every))
+    try:
+        got = losses(first) + losses(second)
+        assert got == want_losses, f"resumed losses {got} != straight {want_losses}"
+        for k, v in image_params(second).items():
+            assert torch.equal(v, want_params[k]), f"{k} differs after resume"
+        assert second.resumed_from.name == ckpt.iter_name(N)
+    finally:
+        second.close()
+
+    pp_dir = shared_tmpdir()
+    pp_run = train(config(pp_dir, f"train.train_iters={N + 1}", "parallel.pipeline_model_parallel_size=2", *every))
+    pp_next = losses(pp_run)[N]
+    pp_run.close()
+    for run_dir, loss_next in ((straight_dir, want_losses[N]), (pp_dir, pp_next)):
+        source = Path(run_dir) / ckpt.iter_name(N)
+        out = shared_tmpdir()
+        t = Trainer(config(out, f"train.train_iters={N + 1}", f"checkpoint.load={source}",
+                           f"checkpoint.save_interval={N}")).setup()
+        try:
+            assert t.iteration == N, f"loaded at step {t.iteration}, expected {N}"
+            t.checkpointer.save(N, {})  # the loaded state, written at TP=1/PP=1
+            saved = dist_checkpointing.load_plain_tensors(str(source))
+            again = dist_checkpointing.load_plain_tensors(str(Path(out) / ckpt.iter_name(N)))
+            tensors = [k for k, v in saved.items() if isinstance(v, torch.Tensor)]
+            assert any(k.startswith("optimizer.state.exp_avg.") for k in tensors), "no optimizer state saved"
+            bad = [k for k in tensors if not torch.equal(saved[k], again[k])]
+            assert not bad, f"{source}: {len(bad)} tensors changed through resharding, e.g. {bad[:3]}"
+            t.run()
+            next_loss = t.history[0]["loss"]
+            assert abs(next_loss - loss_next) <= PARITY_TOL, f"{source}: next-step loss {next_loss} vs {loss_next}"
+        finally:
+            t.close()
+
+
+@case
+def recompute_async_and_bucketed_optimizer_resume_like_plain_runs():
+    """Resume stays bit-exact with activation recompute and background (async) checkpoint writes (TP=2), and with
+    overlapped gradient reduction over several buckets + 'dp_reshardable' optimizer state (DP=2): 2 + 2 steps give
+    the loss sequence of 4 straight plain steps. (megatron-core 0.16.1's dp_reshardable load leaves torch AdamW's step
+    counts at 0; the checkpointer restores them: without that, step 4 differs.)"""
+    variants = {
+        "recompute+async": (["parallel.tensor_model_parallel_size=2"],
+                            ["train.recompute=full", "checkpoint.async_save=true"]),
+        "buckets+dp_reshardable": ([], ["parallel.overlap_grad_reduce=true", "parallel.ddp_bucket_size=20000",
+                                        "checkpoint.optimizer_sharding=dp_reshardable"]),
+    }
+    for name, (layout, extra) in variants.items():
+        plain = train(config(shared_tmpdir(), "train.train_iters=4", *layout))
+        want = losses(plain)
+        plain.close()
+        run_dir = shared_tmpdir()
+        got = []
+        for iters in (2, 4):
+            t = train(config(run_dir, f"train.train_iters={iters}", "checkpoint.save_interval=2", *layout, *extra))
+            if name.startswith("buckets") and iters == 2:
+                buckets = sum(len(b.buckets) for c in t.tm.chunks for b in c.buffers)
+                assert buckets > 1, f"{name}: {buckets} gradient bucket(s); the case needs several"
+            got += losses(t)
+            t.close()
+        assert got == want, f"{name}: resumed {got} != plain {want}"
+        assert (Path(run_dir) / ckpt.LATEST).read_text().strip() == ckpt.iter_name(4)
+
+
+@case
+def hf_dir_is_converted_once_into_the_run():
+    """init.hf_dir: rank 0 converts the Hugging Face directory into <run>/base; the run's first loss equals the
+    reference run's (trained from the same model converted ahead of time); a resume reuses the converted base."""
+    run_dir = Path(shared_tmpdir())
+    s = spec()
+    ref = json.loads(Path(s["reference"]).read_text().splitlines()[0])["loss"]
+    for iters in (1, 2):
+        cfg = load_config(s["config"], [
+            "init.base_checkpoint=null", f"init.hf_dir={s['hf']}", f"data.datasets=[{s['shards']}]",
+            f"checkpoint.save={run_dir}", f"train.train_iters={iters}",
+            # the tiny tokenizer has no <|reserved_special_token_N|>: name its image tokens
+            f"model.boi_token_id={SPECIALS.index('<boi>')}", f"model.eoi_token_id={SPECIALS.index('<eoi>')}"])
+        t = train(cfg)
+        first = t.history[0]["loss"]
+        t.close()
+        if iters == 1:
+            assert abs(first - ref) <= PARITY_TOL, f"step-1 loss {first} vs {ref}"
+            stamp = (run_dir / "base" / "conversion.json").stat().st_mtime_ns
+    assert (run_dir / "base" / "conversion.json").stat().st_mtime_ns == stamp, "the base was converted again"
+
+
+class _NanLoss(StepLoss):
+    def terms(self, mb, output):
+        terms = super().terms(mb, output)
+        terms.loss = terms.loss * float("nan")
+        terms.lm = terms.lm * float("nan")
+        return terms
+
+
+class _NanAt(Trainer):
+    nan_step, kind = 4, "loss"
+
+    def step_loss(self, lm_tokens, image_tokens):
+        if self.kind == "loss" and self.iteration + 1 == self.nan_step:
+            img = self.cfg.model.image
+            return _NanLoss(lm_tokens, image_tokens, self.rt.dp_size, self.num_microbatches,
+                            self.cfg.train.diffusion_loss_weight, img.patch_size * img.downsample_factor)
+        return super().step_loss(lm_tokens, image_tokens)
+
+    def forward_backward_step(self, micro_batches):
+        out = super().forward_backward_step(micro_batches)
+        if self.kind == "grad" and self.iteration + 1 == self.nan_step:
+            p = next(p for c in self.tm.chunks for p in c.module.parameters() if p.requires_grad)
+            p.main_grad.fill_(float("nan"))
+        return out
+
+
+@case
+def nan_loss_or_grad_stops_with_the_step_and_keeps_the_last_checkpoint():
+    """A NaN loss (step 4, a save step) and a NaN gradient raise TrainingDiverged naming the step; ``latest`` still
+    names step 2's checkpoint, whose files are unchanged; no step-4 checkpoint exists."""
+    for kind, words in (("loss", "loss is nan"), ("grad", "gradient norm is nan")):
+        run_dir = Path(shared_tmpdir())
+        cls = type(f"NanAt_{kind}", (_NanAt,), {"kind": kind})
+        cfg = config(str(run_dir), "train.train_iters=6", "checkpoint.save_interval=2")
+        trainer = cls(cfg)
+        digest = None
+        try:
+            trainer.setup()
+            original_save = trainer.checkpointer.save
+
+            def save_and_hash(iteration, extra):
+                nonlocal digest
+                original_save(iteration, extra)
+                digest = tree_digest(run_dir / ckpt.iter_name(2))
+
+            trainer.checkpointer.save = save_and_hash
+            try:
+                trainer.run()
+            except TrainingDiverged as e:
+                message = str(e)
+            else:
+                raise AssertionError(f"{kind}: no TrainingDiverged")
+        finally:
+            trainer.close()
+        assert message.startswith("step 4:") and words in message, message
+        assert ckpt.iter_name(2) in message, f"the error does not name the last good checkpoint: {message}"
+        assert (run_dir / ckpt.LATEST).read_text().strip() == ckpt.iter_name(2)
+        assert not (run_dir / ckpt.iter_name(4)).exists()
+        assert tree_digest(run_dir / ckpt.iter_name(2)) == digest, "step 2's checkpoint changed"
+        status = json.loads((run_dir / "exit_status.json").read_text())
+        assert status["reason"] == "error" and status["iteration"] == 3, status
+
+
+class _SignalRank0(Trainer):
+    def train_step(self, step):
+        if step == 2 and dist.get_rank() == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)  # only rank 0 is signalled: the ranks must agree anyway
+        return super().train_step(step)
+
+
+@case
+def signal_on_one_rank_stops_all_ranks_after_saving():
+    before = signal.getsignal(signal.SIGUSR1)
+    run_dir = Path(shared_tmpdir())
+    trainer = _SignalRank0(config(str(run_dir), "train.train_iters=50", "checkpoint.save_interval=100"))
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
+    assert (result.reason, result.iteration) == ("signal", 2), (result.reason, result.iteration)
+    assert (run_dir / ckpt.LATEST).read_text().strip() == ckpt.iter_name(2)
+    assert signal.getsignal(signal.SIGUSR1) == before, "the trainer did not restore the SIGUSR1 handler"
+
+
+if __name__ == "__main__":
+    worker_main()

@@ -1,0 +1,155 @@
+"""Config: YAML + key=value overrides, typed values, unknown keys with suggestions, cross-section validation, the
+model read from the base, the resolved config round trip, and both example configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmfusion.config import Config, ModelConfig
+from lmfusion.config_io import TEXT_FIELDS, config_from_dict, dump_config, load_config, parse_overrides, write_config
+from lmfusion.model.image_config import ImageIOConfig
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "examples" / "configs" / "tiny_cpu.yaml"
+LLAMA3_8B = REPO / "examples" / "configs" / "llama3_8b.yaml"
+
+
+@pytest.fixture
+def base(tmp_path) -> Path:
+    """A directory holding only a base's lmfusion_config.json (all the config reads)."""
+    cfg = ModelConfig(vocab_size=45, hidden_size=64, ffn_hidden_size=96, num_layers=2, num_attention_heads=4,
+                      num_query_groups=2, bos_token_id=1, eos_token_id=2, boi_token_id=3, eoi_token_id=4)
+    cfg.save(tmp_path / "base" / "lmfusion_config.json")
+    return tmp_path / "base"
+
+
+def tiny(base: Path, *overrides: str) -> Config:
+    return load_config(TINY, [f"init.base_checkpoint={base}", *overrides])
+
+
+def test_tiny_example_reads_text_model_from_base_and_the_rest_from_yaml(base):
+    cfg = tiny(base)
+    want = ModelConfig.load(base / "lmfusion_config.json")
+    for key in TEXT_FIELDS:
+        assert getattr(cfg.model, key) == getattr(want, key), key
+    raw = yaml.safe_load(TINY.read_text())
+    assert cfg.model.image == ImageIOConfig(**raw["model"]["image"])
+    assert cfg.model.attention_backend == raw["model"]["attention_backend"]
+    assert cfg.train.train_iters == raw["train"]["train_iters"]
+    assert cfg.optimizer.lr == float(raw["optimizer"]["lr"])
+    # the loader's batch sizes are the trainer's
+    assert (cfg.data.micro_batch_size, cfg.data.global_batch_size) == (cfg.train.micro_batch_size,
+                                                                       cfg.train.global_batch_size)
+
+
+def test_overrides_win_and_are_typed(base):
+    cfg = tiny(base, "train.train_iters=7", "optimizer.lr=3e-4", "parallel.sequence_parallel=true",
+               "parallel.tensor_model_parallel_size=2", "data.datasets=[a, b]", "checkpoint.keep_last=null",
+               "model.image.patch_size=4", "train.micro_batch_size=4")
+    assert cfg.train.train_iters == 7
+    assert cfg.optimizer.lr == 3e-4 and isinstance(cfg.optimizer.lr, float)  # YAML 1.1 reads "3e-4" as a string
+    assert cfg.parallel.sequence_parallel is True
+    assert cfg.data.datasets == ["a", "b"]
+    assert cfg.checkpoint.keep_last is None
+    assert cfg.model.image.patch_size == 4
+    assert cfg.data.micro_batch_size == 4
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.train_iter=3", "unknown config key 'train.train_iter' (did you mean 'train.train_iters'?)"),
+    ("paralel.tensor_model_parallel_size=2", "(did you mean 'parallel'?)"),
+    ("model.image.patch_sz=2", "(did you mean 'model.image.patch_size'?)"),
+    ("train.train_iters=ten", "config key 'train.train_iters': expected an integer, got 'ten'"),
+    ("train.train_iters=true", "config key 'train.train_iters': expected an integer, got True"),
+    ("train.train_iters=2.5", "expected an integer"),
+    ("parallel.sequence_parallel=1", "config key 'parallel.sequence_parallel': expected true or false"),
+    ("data.micro_batch_size=2", "config key 'data.micro_batch_size': set train.micro_batch_size instead"),
+    ("parallel.tensor_model_parallel_size=3", "tensor_model_parallel_size 3 does not divide model.num_attention_"),
+    ("parallel.pipeline_model_parallel_size=4", "pipeline_model_parallel_size 4 does not divide model.num_layers"),
+    ("parallel.sequence_parallel=true", "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size"),
+    ("train.global_batch_size=7", "train.global_batch_size 7 is not a multiple of train.micro_batch_size"),
+    ("optimizer.lr_warmup_iters=500", "optimizer.lr_warmup_iters 500 must be below the decay length"),
+    ("train.precision=fp16", "train.precision must be one of"),
+    ("checkpoint.exit_signals=[SIGFOO]", "checkpoint.exit_signals: ['SIGFOO'] are not signal names"),
+    ("model.hidden_size=128", "model.hidden_size=128 conflicts with the base"),
+    ("init.hf_dir=/somewhere", "init: set exactly one of init.base_checkpoint"),
+    ("parallel.overlap_grad_reduce=true", "checkpoint.optimizer_sharding=dp_reshardable"),
+])
+def test_errors_name_the_key(base, override, message):
+    with pytest.raises(ValueError) as info:
+        tiny(base, override)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_override_syntax_and_missing_files(base, tmp_path):
+    with pytest.raises(ValueError, match="is not key=value"):
+        parse_overrides(["train.train_iters"])
+    with pytest.raises(FileNotFoundError, match="no such config file"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(FileNotFoundError, match="init.base_checkpoint"):
+        load_config(TINY, [f"init.base_checkpoint={tmp_path / 'missing'}"])
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="expected a mapping of sections"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_parse_overrides_builds_nested_dict():
+    assert parse_overrides(["a.b.c=1", "a.b.d=[x, y]", "a.e=null", "f=some text"]) == \
+        {"a": {"b": {"c": 1, "d": ["x", "y"]}, "e": None}, "f": "some text"}
+
+
+def test_resolved_config_round_trips(base, tmp_path):
+    cfg = tiny(base, "parallel.tensor_model_parallel_size=2", "train.train_iters=11")
+    path = tmp_path / "run" / "config.yaml"
+    write_config(cfg, path)
+    text = path.read_text()
+    assert "micro_batch_size" not in yaml.safe_load(text)["data"]  # batch sizes live under train only
+    again = load_config(path)  # resolves against the base again: every text field must still match
+    assert again == cfg
+    assert config_from_dict(yaml.safe_load(dump_config(cfg)), resolve_base=False) == cfg
+
+
+def test_hf_dir_fields_come_from_config_json_and_tokenizer_ids_from_the_config(tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 45, "hidden_size": 64,
+        "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "bos_token_id": 1, "eos_token_id": 2, "rope_theta": 10000.0, "max_position_embeddings": 128}))
+    cfg = load_config(TINY, ["init.base_checkpoint=null", f"init.hf_dir={hf}", "model.boi_token_id=3",
+                             "model.eoi_token_id=4"])
+    assert (cfg.model.hidden_size, cfg.model.num_query_groups, cfg.model.rope_theta) == (64, 2, 10000.0)
+    assert (cfg.model.boi_token_id, cfg.model.eoi_token_id) == (3, 4)
+    with pytest.raises(ValueError, match="does not define <|reserved_special_token_0|>; set model.boi_token_id"):
+        load_config(TINY, ["init.base_checkpoint=null", f"init.hf_dir={hf}"])
+
+
+def test_llama3_8b_example_is_the_paper_recipe_and_fits_its_slurm_layout():
+    cfg = load_config(LLAMA3_8B, resolve_base=False)  # the base lives on the cluster
+    assert cfg.model == dataclasses.replace(ModelConfig(), image=cfg.model.image)  # Llama-3-8B's architecture
+    o = cfg.optimizer
+    assert (o.adam_beta1, o.adam_beta2, o.adam_eps, o.lr, o.min_lr, o.lr_warmup_iters, o.clip_grad) == \
+        (0.9, 0.95, 1e-8, 1e-4, 1.5e-5, 4000, 1.0)
+    assert o.lr_decay_style == "cosine"
+    assert cfg.data.seq_length == 4096 and cfg.train.diffusion_loss_weight == 5.0
+    assert cfg.data.caption_first_prob == 0.8
+    from lmfusion.model.image_io import tokens_per_image
+
+    assert cfg.model.image.latent_size * 8 == 256 and tokens_per_image(cfg.model.image) == 256  # 256 px, VAE /8
+    assert cfg.data_parallel_size(64) == 64 // cfg.parallel.tensor_model_parallel_size  # 8 nodes x 8 GPUs
+    assert cfg.checkpoint.optimizer_sharding == "dp_reshardable" and cfg.parallel.overlap_grad_reduce
+
+
+def test_world_size_checks(base):
+    cfg = tiny(base, "parallel.tensor_model_parallel_size=2")
+    assert cfg.data_parallel_size(4) == 2
+    with pytest.raises(ValueError, match="world size 3 is not a multiple"):
+        cfg.data_parallel_size(3)
+    with pytest.raises(ValueError, match="not a multiple of train.micro_batch_size 2 x data-parallel size 8"):
+        cfg.data_parallel_size(16)
