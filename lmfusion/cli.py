@@ -22,7 +22,7 @@ SUBCOMMANDS: list[Callable[["argparse._SubParsersAction"], None]] = [
     hf.add_subparser,  # convert-hf, export-hf
     inference.add_subparser,  # generate, caption, chat
     evaluation.add_subparser,  # eval generation|caption|text
-    training_cli.add_subparser,  # train, flops, plot
+    training_cli.add_subparser,  # train, flops, plot, export-ckpt
 ]
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 USER_ERROR_EXIT = 2  # argparse's status for usage errors

@@ -15,6 +15,7 @@ head (no embedding-gradient sync between stages is needed); at PP=1 the head rea
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -43,6 +44,7 @@ from lmfusion.model.weights import is_image_param
 from megatron_ext.linear import tag_partitioned
 from megatron_ext.norm import RoutedRMSNorm
 from megatron_ext.routing import IMAGE, RoutingPlan
+from megatron_ext.te_linear import fp8_pad_multiple
 from megatron_ext.spec import resolve_backend, routed_layer_submodules
 
 __all__ = ["ModelInputs", "LMFusionOutput", "LMFusionModel", "resolve_attention_backend"]
@@ -169,6 +171,11 @@ class LMFusionModel(MegatronModule):
         self.layer_offset = layer_offset
         self.attention_backend = resolve_attention_backend(model_config.attention_backend)
         linear_backend = resolve_backend(model_config.linear_backend)
+        if config.fp8 and linear_backend != "te":
+            raise ValueError(f"fp8={config.fp8!r} needs model.linear_backend 'te' (Transformer Engine linears); "
+                             f"it resolved to {linear_backend!r}")
+        # Under FP8 every routed GEMM's token count must be a multiple of 16: the plan pads each modality group.
+        self.routing_pad_multiple = fp8_pad_multiple(bool(config.fp8))
         self.input_tensor: Optional[Tensor] = None
 
         self.rotary = RotaryEmbedding(kv_channels=model_config.head_dim, rotary_percent=1.0,
@@ -229,7 +236,8 @@ class LMFusionModel(MegatronModule):
         """Routing plan, SP-local ids, RoPE table and mask for one micro-batch; also the image token indices,
         the step's image ids and positions (for the KV cache)."""
         modality, image_ids, flat = inputs.image_layout(self.image_tokens)
-        plan = RoutingPlan.build(modality.t().contiguous())  # (s, b): megatron's token order
+        # (s, b): megatron's token order
+        plan = RoutingPlan.build(modality.t().contiguous(), pad_multiple=self.routing_pad_multiple)
         local_ids = None
         tp_rank, tp_size = self._tp()
         if self.config.sequence_parallel and tp_size > 1:
@@ -275,6 +283,14 @@ class LMFusionModel(MegatronModule):
         ids = torch.arange(start, start + local, device=logits.device)
         return logits.masked_fill(ids >= vocab, torch.finfo(logits.dtype).min)
 
+    def _fp8_context(self):
+        """TE ``fp8_autocast`` with the config's recipe (megatron's own context) under FP8; a no-op otherwise."""
+        if not self.config.fp8:
+            return contextlib.nullcontext()
+        from megatron.core.fp8_utils import get_fp8_context  # imports megatron's optimizer stack: only when used
+
+        return get_fp8_context(self.config)
+
     def forward(self, inputs: ModelInputs, kv_cache: Optional[KVCache] = None):
         """First/middle stages return hidden states (s[/tp], b, h); the last returns :class:`LMFusionOutput`.
 
@@ -284,8 +300,9 @@ class LMFusionModel(MegatronModule):
         hidden = self.embed(inputs, flat) if self.pre_process else self.input_tensor
         if hidden is None:
             raise RuntimeError("LMFusionModel: a non-first pipeline stage needs set_input_tensor() before forward")
-        for layer in self.decoder.layers:
-            hidden = layer(hidden, ctx)
+        with self._fp8_context():
+            for layer in self.decoder.layers:
+                hidden = layer(hidden, ctx)
         if kv_cache is not None and kv_cache.commit:
             kv_cache.commit_ids(inputs.document_ids, image_ids, positions)
         if not self.post_process:

@@ -140,8 +140,21 @@ def _run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------- export-ckpt
+def _run_export(args: argparse.Namespace) -> int:
+    from lmfusion.training.checkpointing import export_self_contained, find_checkpoint
+
+    iter_dir = find_checkpoint(args.ckpt)
+    if iter_dir is None:
+        raise FileNotFoundError(f"{args.ckpt}: neither a training iteration directory nor a run directory with "
+                                f"'latest'")
+    out = export_self_contained(iter_dir, args.output)
+    print(f"lmfusion export-ckpt: wrote {out} ({iter_dir.name} + its base)")
+    return 0
+
+
 def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
-    """Register ``train``, ``flops`` and ``plot``."""
+    """Register ``train``, ``flops``, ``plot`` and ``export-ckpt``."""
     p = _train_parser(subparsers.add_parser(
         "train", help="train LMFusion (run under torchrun for several ranks)",
         description="Train LMFusion from a YAML config with key=value overrides. Resumes from checkpoint.save "
@@ -168,3 +181,11 @@ def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("run_dir", type=Path, help="training run directory (checkpoint.save)")
     p.add_argument("--output", type=Path, help="PNG to write (default RUN_DIR/loss.png)")
     p.set_defaults(run=_run_plot)
+
+    p = subparsers.add_parser("export-ckpt", help="a training checkpoint plus its frozen base in one directory",
+                              description="Copy a training iteration (RUN_DIR follows 'latest') and the base it "
+                                          "refers to into OUTPUT, which then loads on its own (generate, eval, "
+                                          "resume).")
+    p.add_argument("ckpt", type=Path, help="run directory or iter_XXXXXXX directory")
+    p.add_argument("--output", type=Path, required=True, help="new directory to write")
+    p.set_defaults(run=_run_export)

@@ -129,9 +129,6 @@ def build_train_model(cfg: Config, base, train_text: bool = False) -> TrainModel
 
         if not (HAVE_TE and torch.cuda.is_available()):
             raise ValueError(f"train.fp8={cfg.train.fp8!r} needs Transformer Engine and a GPU")
-        raise ValueError("train.fp8: LMFusionModel builds its RoutingPlan without FP8 padding (lmfusion/model/"
-                         "model.py build_context: RoutingPlan.build(ids) needs pad_multiple=16 under fp8_autocast); "
-                         "FP8 training is refused until the model pads")
     dtype = params_dtype(cfg)
     chunks = _build_chunks(cfg, base, dtype, train_text)
     for model in chunks:
