@@ -21,7 +21,8 @@ import torch
 from lmfusion.model.image_config import ImageIOConfig
 
 __all__ = ["ModelConfig", "RopeScaling", "to_transformer_config", "LLAMA3_BOI", "LLAMA3_EOI", "ParallelConfig",
-           "TrainConfig", "OptimConfig", "InitConfig", "CheckpointConfig", "LoggingConfig", "Config"]
+           "TrainConfig", "OptimConfig", "InitConfig", "CheckpointConfig", "LoggingConfig", "DeepSpeedConfig",
+           "ENGINES", "Config"]
 
 LLAMA3_BOI = 128002  # <|reserved_special_token_0|>
 LLAMA3_EOI = 128003  # <|reserved_special_token_1|>
@@ -359,6 +360,36 @@ class LoggingConfig:
         _check_positive("logging", self, "log_interval")
 
 
+ENGINES = ("megatron", "deepspeed")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine (``engine: deepspeed``): ZeRO data parallelism over the image set, TP = PP = 1. Read only
+    when ``engine`` is ``deepspeed``; the rest of the run (optimizer, schedule, clipping, batch sizes, precision,
+    checkpoint directory) comes from the other sections, as for the megatron engine."""
+
+    zero_stage: int = 1
+    """ZeRO stage: 1 (optimizer state sharded over data-parallel ranks), 2 (+ gradients), 3 (+ parameters, the
+    frozen text model included)."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: fp32 optimizer state and the Adam step on the CPU (DeepSpeedCPUAdam, compiled on first use)."""
+    offload_param: bool = False
+    """Parameters on the CPU between uses (ZeRO-3 only)."""
+    overlap_comm: bool = False
+    """Overlap gradient reduction with backward (stages 2 and 3)."""
+    reduce_bucket_size: int = 500_000_000
+    """Elements per gradient-reduction bucket."""
+    allgather_bucket_size: int = 500_000_000
+    """Elements per parameter all-gather bucket (stages 1 and 2)."""
+
+    def __post_init__(self) -> None:
+        _check(self.zero_stage in (1, 2, 3), f"deepspeed.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        _check(not self.offload_param or self.zero_stage == 3,
+               f"deepspeed.offload_param=true needs deepspeed.zero_stage=3, got {self.zero_stage}")
+        _check_positive("deepspeed", self, "reduce_bucket_size", "allgather_bucket_size")
+
+
 def _default_data():
     from lmfusion.data.config import DataConfig  # lazy: lmfusion.data imports this module
 
@@ -379,6 +410,10 @@ class Config:
     init: InitConfig = field(default_factory=lambda: InitConfig(base_checkpoint=""))
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(save=""))
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    engine: str = "megatron"
+    """Training engine: 'megatron' (megatron-core DDP + distributed optimizer; TP/PP/SP/DP) or 'deepspeed' (ZeRO
+    stage ``deepspeed.zero_stage`` over data-parallel ranks only; needs the ``deepspeed`` package)."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def __post_init__(self) -> None:
         # The loader's batch sizes are the trainer's (Megatron's train.* names are the ones users set).
@@ -399,10 +434,25 @@ class Config:
                "parallel.overlap_grad_reduce=true with checkpoint.optimizer_sharding=fully_reshardable: megatron-core "
                "0.16.1 writes a corrupt optimizer checkpoint with several grad buckets (Megatron-LM PR #5077); use "
                "checkpoint.optimizer_sharding=dp_reshardable or overlap_grad_reduce=false")
+        _check(self.engine in ENGINES, f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.engine == "deepspeed":
+            self._check_deepspeed()
         decay = self.optimizer.lr_decay_iters or self.train.train_iters
         _check(self.optimizer.lr_warmup_iters < decay,
                f"optimizer.lr_warmup_iters {self.optimizer.lr_warmup_iters} must be below the decay length {decay} "
                f"(optimizer.lr_decay_iters, default train.train_iters)")
+
+    def _check_deepspeed(self) -> None:
+        """What the DeepSpeed engine does not do, refused naming the key."""
+        par = self.parallel
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            _check(getattr(par, name) == 1, f"engine=deepspeed needs parallel.{name}=1 (ZeRO is data-parallel "
+                   f"only), got {getattr(par, name)}; use engine=megatron for tensor/pipeline parallelism")
+        _check(par.vpp == 1, "engine=deepspeed: parallel.virtual_pipeline_model_parallel_size must be null or 1")
+        _check(self.train.fp8 is None, f"engine=deepspeed: train.fp8={self.train.fp8!r} is megatron-only (Transformer "
+               f"Engine); set train.fp8=null")
+        _check(not self.checkpoint.async_save, "engine=deepspeed: checkpoint.async_save=true is megatron-only; set "
+               "checkpoint.async_save=false")
 
     def data_parallel_size(self, world_size: int) -> int:
         """DP for ``world_size`` ranks; raises naming the keys when the layout does not fit."""

@@ -10,6 +10,8 @@ Precedence: dataclass defaults < the base checkpoint's model config < the YAML f
 * **The model** comes from the base (``init.base_checkpoint``, or the Hugging Face ``config.json`` of
   ``init.hf_dir``): the fields that fix the frozen text model (:data:`TEXT_FIELDS`) are read from it, and a config
   that sets one to another value is refused. Image I/O and backends are the config's.
+* **The engine** is the one top-level value: ``engine: megatron`` (default) or ``engine: deepspeed`` (its settings in
+  the ``deepspeed`` section).
 * **Batch sizes** are set in ``train`` (Megatron's names); ``data.micro_batch_size``/``data.global_batch_size`` are
   refused (the loader takes them from ``train``).
 * The resolved config (:func:`dump_config`) is what a run writes to ``<run>/config.yaml``; loading it gives the
@@ -28,8 +30,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import yaml
 
-from lmfusion.config import (CheckpointConfig, Config, InitConfig, LoggingConfig, ModelConfig, OptimConfig,
-                             ParallelConfig, RopeScaling, TrainConfig)
+from lmfusion.config import (CheckpointConfig, Config, DeepSpeedConfig, InitConfig, LoggingConfig, ModelConfig,
+                             OptimConfig, ParallelConfig, RopeScaling, TrainConfig)
 from lmfusion.model.image_config import ImageIOConfig
 
 __all__ = ["TEXT_FIELDS", "load_config", "config_from_dict", "parse_overrides", "dump_config", "write_config",
@@ -41,7 +43,8 @@ TEXT_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "nu
                "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id", "boi_token_id",
                "eoi_token_id")
 _SECTIONS = {"parallel": ParallelConfig, "train": TrainConfig, "optimizer": OptimConfig, "init": InitConfig,
-             "checkpoint": CheckpointConfig, "logging": LoggingConfig}
+             "checkpoint": CheckpointConfig, "logging": LoggingConfig, "deepspeed": DeepSpeedConfig}
+_SCALARS = {"engine": str}  # top-level keys that are values, not sections
 _TRAIN_OWNED = ("micro_batch_size", "global_batch_size")
 
 
@@ -72,7 +75,7 @@ def _all_known_keys() -> list[str]:
     for name, cls in _section_classes().items():
         keys.append(name)
         keys += _known_keys(cls, f"{name}.")
-    return keys
+    return keys + list(_SCALARS)
 
 
 def _unknown(key: str) -> ValueError:
@@ -266,7 +269,7 @@ def config_from_dict(data: Mapping[str, Any], resolve_base: bool = True) -> Conf
         raise ValueError(f"config must be a mapping of sections, got {type(data).__name__}")
     classes = _section_classes()
     for key in data:
-        if key not in classes:
+        if key not in classes and key not in _SCALARS:
             raise _unknown(str(key))
     data_section = dict(data.get("data") or {})
     for key in _TRAIN_OWNED:
@@ -280,7 +283,8 @@ def config_from_dict(data: Mapping[str, Any], resolve_base: bool = True) -> Conf
         model = _build(ModelConfig, model_dict, "model.")
     data_cfg = _build(classes["data"], {**data_section, "micro_batch_size": sections["train"].micro_batch_size,
                                         "global_batch_size": sections["train"].global_batch_size}, "data.")
-    return Config(model=model, data=data_cfg, **sections)
+    scalars = {k: _coerce(data[k], tp, k) for k, tp in _SCALARS.items() if data.get(k) is not None}
+    return Config(model=model, data=data_cfg, **sections, **scalars)
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = (), resolve_base: bool = True) -> Config:

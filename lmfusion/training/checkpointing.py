@@ -47,7 +47,7 @@ from lmfusion.training.model_setup import unwrap
 from lmfusion.utils import atomic_write_text
 
 __all__ = ["CHECKPOINT_JSON", "TRAIN_STATE", "LATEST", "iter_name", "find_checkpoint", "base_sha256",
-           "Checkpointer", "export_self_contained"]
+           "Checkpointer", "export_self_contained", "prune"]
 
 CHECKPOINT_JSON = "lmfusion_checkpoint.json"  # same name as lmfusion.inference.load.CHECKPOINT_JSON
 TRAIN_STATE = "train_state.json"
@@ -213,12 +213,7 @@ class Checkpointer:
             self._queue = None
 
     def _prune(self, newest: Path) -> None:
-        if self.keep_last is None:
-            return
-        done = sorted(p for p in self.run_dir.glob("iter_*") if p.is_dir() and (p / TRAIN_STATE).is_file())
-        for old in done[:-self.keep_last]:
-            if old != newest:
-                shutil.rmtree(old, ignore_errors=True)
+        prune(self.run_dir, newest, self.keep_last)
 
     # ------------------------------------------------------------------ load
     def load(self, iter_dir: Path, load_optimizer: bool, check_model: Callable[[dict[str, Any], Path], None]
@@ -230,6 +225,10 @@ class Checkpointer:
             raise ValueError(f"{iter_dir / TRAIN_STATE}: not a {STATE_FORMAT} v{STATE_VERSION} file")
         check_model(_read_json(iter_dir / CHECKPOINT_JSON), iter_dir / CHECKPOINT_JSON)
         same_layout = state.get("parallel") == _layout()
+        if load_optimizer and state.get("parallel", {}).get("engine", "megatron") != "megatron":
+            raise ValueError(f"{iter_dir}: written by the {state['parallel']['engine']} engine, whose optimizer state "
+                             f"the megatron engine cannot read; set checkpoint.load_optimizer=false to start from its "
+                             f"weights")
         if load_optimizer and state.get("optimizer_sharding") != self.metadata["distrib_optim_sharding_type"]:
             raise ValueError(f"{iter_dir}: optimizer state saved as {state.get('optimizer_sharding')!r}, this run uses "
                              f"checkpoint.optimizer_sharding={self.metadata['distrib_optim_sharding_type']!r}")
@@ -260,6 +259,16 @@ class Checkpointer:
             _set_rng_state(loaded["rng_state"])
         self.loader.load_state_dict(state["loader"])
         return state
+
+
+def prune(run_dir: Path, newest: Path, keep_last: Optional[int]) -> None:
+    """Remove complete iteration directories beyond the newest ``keep_last`` (never ``newest``)."""
+    if keep_last is None:
+        return
+    done = sorted(p for p in run_dir.glob("iter_*") if p.is_dir() and (p / TRAIN_STATE).is_file())
+    for old in done[:-keep_last]:
+        if old != newest:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _torch_optimizers(optimizer) -> list:

@@ -35,12 +35,12 @@ def run_training(config: Optional[str], overrides: Sequence[str]) -> int:
     # megatron warns once per module that it falls back to torch kernels without TE/apex (always so on CPU).
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
     from lmfusion.config_io import load_config
-    from lmfusion.training.trainer import Trainer, TrainingDiverged
+    from lmfusion.training.trainer import TrainingDiverged, build_trainer
 
     trainer = None
     try:
         cfg = load_config(config, overrides)
-        trainer = Trainer(cfg)
+        trainer = build_trainer(cfg)
         result = trainer.run()
         if trainer.rt.rank == 0:
             print(f"lmfusion train: {result.reason} at step {result.iteration}; checkpoints in {trainer.run_dir}",

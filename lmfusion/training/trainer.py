@@ -35,7 +35,7 @@ from lmfusion.training.signals import SignalWatcher
 from lmfusion.training.step import MicroBatch, StepLoss, prepare_micro_batch
 from lmfusion.utils import atomic_write_text
 
-__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "EXIT_STATUS"]
+__all__ = ["Trainer", "build_trainer", "TrainResult", "TrainingDiverged", "EXIT_STATUS"]
 
 EXIT_STATUS = "exit_status.json"
 
@@ -55,7 +55,8 @@ class TrainResult:
 class Trainer:
     """``Trainer(cfg).run()``. ``loader``: any iterator of :class:`lmfusion.data.Batch` with JSON
     ``state_dict()/load_state_dict()`` for this data-parallel rank (default: ``MultimodalLoader`` over
-    ``cfg.data``)."""
+    ``cfg.data``). Engine hooks (the DeepSpeed engine overrides them): ``build_train_model``, ``make_checkpointer``,
+    ``zero_grad``, ``forward_backward_step``, ``optimizer_step``."""
 
     def __init__(self, cfg: Config, loader: Optional[Any] = None):
         self.cfg = cfg
@@ -79,7 +80,7 @@ class Trainer:
         base_cfg, weights = load_base_state(self.base_dir)
         self._check_text_fields(dataclasses.asdict(base_cfg), f"base {self.base_dir}")
         with weights:
-            self.tm: TrainModel = build_train_model(cfg, weights)
+            self.tm: TrainModel = self.build_train_model(weights)
         self.loader = self._loader if self._loader is not None else self._make_loader()
         self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.rt.dp_size)
         self.dtype = params_dtype(cfg)
@@ -87,9 +88,7 @@ class Trainer:
                   "base_conversion_sha256": ckpt.base_sha256(self.base_dir), "model": cfg.model.to_dict(),
                   "vae": self._vae_block()}
         c = cfg.checkpoint
-        self.checkpointer = ckpt.Checkpointer(self.run_dir, self.tm.chunks, self.tm.optimizer, self.tm.scheduler,
-                                              self.loader, record, dump_config(cfg), c.optimizer_sharding,
-                                              c.keep_last, c.async_save)
+        self.checkpointer = self.make_checkpointer(record)
         self._resume()
         log = cfg.logging
         self.metrics = MetricsWriter(self.run_dir, self.rt.rank == 0, log.tensorboard_dir, log.tensorboard,
@@ -98,6 +97,16 @@ class Trainer:
         self.peak = peak_tflops(log.peak_tflops)
         self.signals = SignalWatcher(c.exit_signals)
         return self
+
+    def build_train_model(self, weights) -> TrainModel:
+        """The model, its data-parallel wrapping, optimizer and scheduler (an engine overrides it)."""
+        return build_train_model(self.cfg, weights)
+
+    def make_checkpointer(self, record: dict[str, Any]):
+        """The run's checkpointer (an engine overrides it): ``save``, ``poll``, ``wait``, ``close``, ``load``."""
+        c = self.cfg.checkpoint
+        return ckpt.Checkpointer(self.run_dir, self.tm.chunks, self.tm.optimizer, self.tm.scheduler, self.loader,
+                                 record, dump_config(self.cfg), c.optimizer_sharding, c.keep_last, c.async_save)
 
     def _prepare_base(self) -> Path:
         init = self.cfg.init
@@ -188,6 +197,16 @@ class Trainer:
             num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=self.cfg.train.micro_batch_size,
             decoder_seq_length=s, forward_only=False)
 
+    def zero_grad(self) -> None:
+        for chunk in self.tm.chunks:
+            chunk.zero_grad_buffer()
+        self.tm.optimizer.zero_grad()
+
+    def optimizer_step(self) -> tuple[bool, Optional[float]]:
+        """Clip, update; (update applied, gradient norm before clipping)."""
+        ok, grad_norm, _ = self.tm.optimizer.step()
+        return ok, grad_norm
+
     def _next_micro_batches(self, step: int) -> tuple[list[MicroBatch], float]:
         wait, out = 0.0, []
         for i in range(self.num_microbatches):
@@ -211,9 +230,7 @@ class Trainer:
         self._loss = self.step_loss(totals[0], totals[1])
         step_counts = TokenCounts(*totals[2:])
 
-        for chunk in self.tm.chunks:
-            chunk.zero_grad_buffer()
-        self.tm.optimizer.zero_grad()
+        self.zero_grad()
         losses = self.forward_backward_step(mbs)
 
         # Losses live on the last stage; one world all-reduce shares them (TP rank 0 of each DP replica counts) with
@@ -231,7 +248,7 @@ class Trainer:
             raise TrainingDiverged(f"step {step}: loss is {loss} (lm {lm}, diffusion {diff}); stopped before the "
                                    f"optimizer step, no checkpoint written ({self._last_good()})")
         lr = max(g["lr"] for g in self.tm.optimizer.param_groups)
-        ok, grad_norm, _ = self.tm.optimizer.step()
+        ok, grad_norm = self.optimizer_step()
         self.optimizer_steps += int(bool(ok))
         if grad_norm is None or not math.isfinite(float(grad_norm)):
             raise TrainingDiverged(f"step {step}: gradient norm is {grad_norm} (loss {loss}); no checkpoint written "
@@ -302,3 +319,13 @@ class Trainer:
             close()
         if hasattr(self, "rt"):
             self.rt.close()
+
+
+def build_trainer(cfg: Config, loader: Optional[Any] = None) -> Trainer:
+    """The trainer of ``cfg.engine``: :class:`Trainer` (megatron) or
+    :class:`lmfusion.training.deepspeed_engine.DeepSpeedTrainer`, which overrides its engine hooks."""
+    if cfg.engine == "deepspeed":
+        from lmfusion.training.deepspeed_engine import DeepSpeedTrainer
+
+        return DeepSpeedTrainer(cfg, loader)
+    return Trainer(cfg, loader)

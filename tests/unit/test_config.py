@@ -153,3 +153,45 @@ def test_world_size_checks(base):
         cfg.data_parallel_size(3)
     with pytest.raises(ValueError, match="not a multiple of train.micro_batch_size 2 x data-parallel size 8"):
         cfg.data_parallel_size(16)
+
+
+# ---------------------------------------------------------------------------------------------------- engine: deepspeed
+def test_engine_defaults_to_megatron_and_deepspeed_section_is_typed(base, tmp_path):
+    assert tiny(base).engine == "megatron"
+    cfg = tiny(base, "engine=deepspeed", "deepspeed.zero_stage=3", "deepspeed.offload_param=true",
+               "deepspeed.reduce_bucket_size=1e6")
+    assert (cfg.engine, cfg.deepspeed.zero_stage, cfg.deepspeed.offload_param) == ("deepspeed", 3, True)
+    assert cfg.deepspeed.reduce_bucket_size == 1_000_000 and isinstance(cfg.deepspeed.reduce_bucket_size, int)
+    path = tmp_path / "config.yaml"
+    write_config(cfg, path)
+    assert yaml.safe_load(path.read_text())["engine"] == "deepspeed"
+    assert load_config(path) == cfg
+    assert config_from_dict(yaml.safe_load(dump_config(cfg)), resolve_base=False) == cfg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["engine=fsdp"], "engine must be one of ('megatron', 'deepspeed'), got 'fsdp'"),
+    (["engin=deepspeed"], "unknown config key 'engin' (did you mean 'engine'?)"),
+    (["engine=deepspeed", "deepspeed.zero_stage=0"], "deepspeed.zero_stage must be 1, 2 or 3, got 0"),
+    (["engine=deepspeed", "deepspeed.zero_stage=4"], "deepspeed.zero_stage must be 1, 2 or 3, got 4"),
+    (["engine=deepspeed", "deepspeed.offload_param=true"], "deepspeed.offload_param=true needs deepspeed.zero_stage=3"),
+    (["deepspeed.zero_stg=2"], "(did you mean 'deepspeed.zero_stage'?)"),
+    (["engine=deepspeed", "parallel.tensor_model_parallel_size=2"],
+     "engine=deepspeed needs parallel.tensor_model_parallel_size=1 (ZeRO is data-parallel only), got 2"),
+    (["engine=deepspeed", "parallel.pipeline_model_parallel_size=2"],
+     "engine=deepspeed needs parallel.pipeline_model_parallel_size=1"),
+    (["engine=deepspeed", "checkpoint.async_save=true"],
+     "engine=deepspeed: checkpoint.async_save=true is megatron-only"),
+    (["engine=deepspeed", "train.fp8=hybrid"], "engine=deepspeed: train.fp8='hybrid' is megatron-only"),
+])
+def test_deepspeed_errors_name_the_key(base, overrides, message):
+    with pytest.raises(ValueError) as info:
+        tiny(base, *overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_deepspeed_section_is_ignored_by_the_megatron_engine(base):
+    """TP/PP layouts stay valid under engine=megatron whatever the deepspeed section says."""
+    cfg = tiny(base, "parallel.tensor_model_parallel_size=2", "deepspeed.zero_stage=3")
+    assert cfg.engine == "megatron" and cfg.parallel.tensor_model_parallel_size == 2
