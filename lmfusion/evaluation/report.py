@@ -10,6 +10,7 @@ from pathlib import Path
 __all__ = ["TEXT_TASKS", "merge_results", "table1"]
 
 TEXT_TASKS = ("hellaswag", "piqa", "siqa", "winogrande")
+_TITLES = {"hellaswag": "HellaSwag", "piqa": "PIQA", "siqa": "SIQA", "winogrande": "WinoGrande"}
 
 
 def _fmt(v, digits: int = 1) -> str:
@@ -19,7 +20,8 @@ def _fmt(v, digits: int = 1) -> str:
 def table1(results: dict) -> str:
     text, cap, gen = results.get("text", {}), results.get("caption", {}), results.get("generation", {})
     scales = sorted(gen.get("per_cfg", {}), key=float)
-    head = ["Model", *(t.capitalize() if t != "siqa" else "SIQA" for t in TEXT_TASKS), "Avg", "CIDEr ↑",
+    extra = sorted({t for s in (text.get("ours") or {}, text.get("base") or {}) for t in s} - set(TEXT_TASKS))
+    head = ["Model", *(_TITLES[t] for t in TEXT_TASKS), "Avg", *extra, "CIDEr ↑",
             *(h for s in scales for h in (f"FID ↓ (cfg {s})", f"CLIP ↑ (cfg {s})"))]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -27,7 +29,8 @@ def table1(results: dict) -> str:
         acc = [scores.get(t) for t in TEXT_TASKS]
         known = [a for a in acc if a is not None]
         avg = sum(known) / len(known) if len(known) == len(TEXT_TASKS) else None
-        cells = [name, *(_fmt(None if a is None else 100 * a) for a in acc), _fmt(None if avg is None else 100 * avg)]
+        cells = [name, *(_fmt(None if a is None else 100 * a) for a in acc), _fmt(None if avg is None else 100 * avg),
+                 *(_fmt(None if scores.get(t) is None else 100 * scores[t]) for t in extra)]
         cells.append(_fmt(cap.get("cider") and 100 * cap["cider"]) if with_images else "-")
         for s in scales:
             r = gen["per_cfg"][s] if with_images else {}
@@ -37,8 +40,8 @@ def table1(results: dict) -> str:
     if text.get("base"):
         lines.append(row("Base (frozen text)", text["base"], with_images=False))
     lines.append(row(results.get("name", "LMFusion"), text.get("ours", {}), with_images=True))
-    notes = ["", "Text: accuracy (acc_norm where the task reports it) in %. CIDEr x 100 (COCO convention). "
-                 "FID on Inception pool features; CLIP score 100 * cos."]
+    notes = ["", "Text: accuracy (acc_norm where the task reports it) in %; Avg over the paper's four tasks. "
+                 "CIDEr x 100 (COCO convention). FID on Inception pool features; CLIP score 100 * cos."]
     if text.get("differences"):
         notes.append("**Text scores differ from the base model's:** " + ", ".join(text["differences"]))
     return "\n".join(lines + notes) + "\n"
@@ -46,7 +49,7 @@ def table1(results: dict) -> str:
 
 def merge_results(out_dir: Path, section: str, values: dict, name: str | None = None) -> dict:
     """Merge ``values`` under ``section`` of ``out_dir/results.json``; rewrite ``table1.md``; return all results."""
-    from lmfusion.evaluation.runtime import atomic_write_text
+    from lmfusion.utils import atomic_write_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -8,11 +8,12 @@ parallel state here, before :func:`lmfusion.inference.load.load_for_inference`, 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional, Sequence, TypeVar
 
 import torch
+
+from lmfusion.utils import atomic_write_text  # noqa: F401  (re-exported for callers here)
 
 __all__ = ["shard", "init_data_parallel", "rank_world", "barrier", "load_data_parallel", "atomic_write_text"]
 
@@ -54,10 +55,3 @@ def load_data_parallel(ckpt: str | Path, device: Optional[str] = None, dtype: to
 
     init_data_parallel(resolve_device(device))
     return load_for_inference(ckpt, device=device, dtype=dtype)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a killed run never leaves a half-written result behind."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

