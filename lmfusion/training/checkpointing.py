@@ -47,7 +47,8 @@ from lmfusion.training.model_setup import unwrap
 from lmfusion.utils import atomic_write_text
 
 __all__ = ["CHECKPOINT_JSON", "TRAIN_STATE", "LATEST", "iter_name", "find_checkpoint", "base_sha256",
-           "Checkpointer", "export_self_contained", "prune"]
+           "Checkpointer", "export_self_contained", "begin_save", "publish",
+           "prune"]
 
 CHECKPOINT_JSON = "lmfusion_checkpoint.json"  # same name as lmfusion.inference.load.CHECKPOINT_JSON
 TRAIN_STATE = "train_state.json"
@@ -159,15 +160,10 @@ class Checkpointer:
     def save(self, iteration: int, extra: dict[str, Any]) -> None:
         """Collective: every rank calls it at the same step boundary."""
         self.wait()  # one checkpoint in flight at a time
-        final = self.run_dir / iter_name(iteration)
-        if final.is_dir() and (final / TRAIN_STATE).is_file():
-            return  # this iteration is saved already (e.g. a signal right after an interval save)
-        tmp = self.run_dir / f".tmp_{iter_name(iteration)}"
-        if dist.get_rank() == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left by a crashed save
-            tmp.mkdir(parents=True)
-        dist.barrier()
+        dirs = begin_save(self.run_dir, iteration)
+        if dirs is None:
+            return
+        tmp, final = dirs
         state = self._sharded(is_loading=False, with_optimizer=True, with_rng=True)
         train_state = {"format": STATE_FORMAT, "version": STATE_VERSION, "iteration": iteration,
                        "scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
@@ -177,12 +173,7 @@ class Checkpointer:
 
         def finalize() -> None:
             if dist.get_rank() == 0:
-                atomic_write_text(tmp / TRAIN_STATE, _json_text(train_state))
-                atomic_write_text(tmp / CHECKPOINT_JSON, _json_text(record))
-                atomic_write_text(tmp / "config.yaml", self.config_text)
-                os.replace(tmp, final)
-                atomic_write_text(self.run_dir / LATEST, final.name + "\n")
-                self._prune(final)
+                publish(tmp, final, train_state, record, self.config_text, self.keep_last)
             self.last_saved = iteration
 
         if self._queue is None:
@@ -211,9 +202,6 @@ class Checkpointer:
         if self._queue is not None:
             self._queue.close()
             self._queue = None
-
-    def _prune(self, newest: Path) -> None:
-        prune(self.run_dir, newest, self.keep_last)
 
     # ------------------------------------------------------------------ load
     def load(self, iter_dir: Path, load_optimizer: bool, check_model: Callable[[dict[str, Any], Path], None]
@@ -259,6 +247,33 @@ class Checkpointer:
             _set_rng_state(loaded["rng_state"])
         self.loader.load_state_dict(state["loader"])
         return state
+
+
+def begin_save(run_dir: Path, iteration: int) -> Optional[tuple[Path, Path]]:
+    """Collective start of a save: ``(tmp, final)`` directories, ``tmp`` empty on every rank after the barrier; None
+    when ``final`` is already a complete checkpoint (e.g. a signal right after an interval save)."""
+    final = run_dir / iter_name(iteration)
+    if final.is_dir() and (final / TRAIN_STATE).is_file():
+        return None
+    tmp = run_dir / f".tmp_{iter_name(iteration)}"
+    if dist.get_rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a crashed save
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    return tmp, final
+
+
+def publish(tmp: Path, final: Path, train_state: dict[str, Any], record: dict[str, Any], config_text: str,
+            keep_last: Optional[int]) -> None:
+    """Rank 0, once every rank's files are in ``tmp``: add the JSON files and the config, rename ``tmp`` to
+    ``final``, then point ``latest`` at it and prune older iterations."""
+    atomic_write_text(tmp / TRAIN_STATE, _json_text(train_state))
+    atomic_write_text(tmp / CHECKPOINT_JSON, _json_text(record))
+    atomic_write_text(tmp / "config.yaml", config_text)
+    os.replace(tmp, final)
+    atomic_write_text(final.parent / LATEST, final.name + "\n")
+    prune(final.parent, final, keep_last)
 
 
 def prune(run_dir: Path, newest: Path, keep_last: Optional[int]) -> None:

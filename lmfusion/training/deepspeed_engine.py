@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -67,7 +65,6 @@ from lmfusion.training import checkpointing as ckpt
 from lmfusion.training.model_setup import TrainModel, params_dtype
 from lmfusion.training.step import MicroBatch
 from lmfusion.training.trainer import Trainer
-from lmfusion.utils import atomic_write_text
 
 __all__ = ["DeepSpeedTrainer", "DeepSpeedCheckpointer", "deepspeed_config", "image_param_groups", "ENGINE"]
 
@@ -242,15 +239,10 @@ class DeepSpeedCheckpointer:
 
     def save(self, iteration: int, extra: dict[str, Any]) -> None:
         """Collective: every rank calls it at the same step boundary."""
-        final = self.run_dir / ckpt.iter_name(iteration)
-        if final.is_dir() and (final / ckpt.TRAIN_STATE).is_file():
+        dirs = ckpt.begin_save(self.run_dir, iteration)
+        if dirs is None:
             return
-        tmp = self.run_dir / f".tmp_{ckpt.iter_name(iteration)}"
-        if dist.get_rank() == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left by a crashed save
-            tmp.mkdir(parents=True)
-        dist.barrier()
+        tmp, final = dirs
         self._save_image_set(tmp)  # first: megatron's save wants an empty directory
         scheduler, loader = self.scheduler.state_dict(), self.loader.state_dict()
         client = {"iteration": iteration, "scheduler": scheduler, "loader": loader, "rng": _rank_rng_states(),
@@ -262,12 +254,7 @@ class DeepSpeedCheckpointer:
             train_state = {"format": ckpt.STATE_FORMAT, "version": ckpt.STATE_VERSION, "iteration": iteration,
                            "scheduler": scheduler, "loader": loader, "parallel": self._layout(), **extra}
             record = {**self.record, "iteration": iteration, "model_key_prefix": ""}
-            atomic_write_text(tmp / ckpt.TRAIN_STATE, ckpt._json_text(train_state))
-            atomic_write_text(tmp / ckpt.CHECKPOINT_JSON, ckpt._json_text(record))
-            atomic_write_text(tmp / "config.yaml", self.config_text)
-            os.replace(tmp, final)
-            atomic_write_text(self.run_dir / ckpt.LATEST, final.name + "\n")
-            ckpt.prune(self.run_dir, final, self.keep_last)
+            ckpt.publish(tmp, final, train_state, record, self.config_text, self.keep_last)
         self.last_saved = iteration
         dist.barrier()
 
