@@ -36,6 +36,7 @@ def _codec(args):
 def _run_generation(args: argparse.Namespace) -> int:
     from lmfusion.evaluation import fid, generation, runtime
     from lmfusion.evaluation.report import merge_results
+    from lmfusion.inference import clip_x0_arg
     from lmfusion.inference.image import check_vae
 
     scales = [float(s) for s in args.cfg.split(",") if s.strip()]
@@ -52,7 +53,8 @@ def _run_generation(args: argparse.Namespace) -> int:
     rank, world = runtime.rank_world()
     drawn = generation.generate_images(bundle, codec, prompts, args.out, cfg_scales=scales, n=args.n,
                                        steps=args.steps, sampler=args.sampler, batch_size=args.batch_size,
-                                       seed=args.seed, rank=rank, world=world)
+                                       seed=args.seed, rank=rank, world=world,
+                                       clip_x0=clip_x0_arg(args.clip_x0, codec))
     mine = len(runtime.shard(prompts, rank, world)) * len(scales)
     print(f"lmfusion eval generation: rank {rank}/{world}: drew {drawn} of its {mine} (prompt, cfg) pairs, "
           f"{mine - drawn} already on disk", flush=True)
@@ -134,6 +136,7 @@ def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
     g.add_argument("--n", type=int, default=1, help="images per prompt")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the sampler's)")
     g.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    g.add_argument("--clip-x0", default="auto", metavar="auto|none|RANGE", help="as in lmfusion generate")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--limit", type=int, default=None, help="first N prompts only")
     g.add_argument("--vae", default=None, help="override the checkpoint's VAE (as in lmfusion generate)")

@@ -45,6 +45,27 @@ def _diffusion(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", type=float, default=1.6, help="classifier-free guidance scale (1 = conditional only)")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 250 ddpm, 50 ddim)")
+    p.add_argument("--clip-x0", default="auto", metavar="auto|none|RANGE",
+                   help="clip each step's x0 estimate to [-RANGE, RANGE]; auto: the latents' range (1 for pixels; "
+                        "a VAE's latent_range.json), none: never")
+
+
+def clip_x0_arg(value: str, codec) -> "float | None":
+    """``--clip-x0``: 'auto' -> :func:`lmfusion.inference.image.latent_range`, 'none' -> None, else a positive
+    number."""
+    from lmfusion.inference.image import latent_range
+
+    if value == "auto":
+        return latent_range(codec)
+    if value == "none":
+        return None
+    try:
+        out = float(value)
+    except ValueError:
+        out = float("nan")
+    if not out > 0:
+        raise ValueError(f"--clip-x0 must be 'auto', 'none' or a positive number, got {value!r}")
+    return out
 
 
 def _load(args: argparse.Namespace):
@@ -115,7 +136,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     check_vae(codec, cfg)
     latents = text_to_image(bundle.model, encoded, n_per_caption=args.n, sampler=args.sampler, steps=args.steps,
-                            cfg_scale=args.cfg, seed=args.seed)
+                            cfg_scale=args.cfg, seed=args.seed, clip_x0=clip_x0_arg(args.clip_x0, codec))
     if _is_main():
         paths = save_images(to_pil(codec, latents), args.out, cols=args.n if len(encoded) > 1 else None)
         print(f"lmfusion generate: wrote {paths[0]} and {len(paths) - 1} image(s) beside it")
@@ -151,7 +172,7 @@ def _run_chat(args: argparse.Namespace) -> int:
     check_vae(codec, bundle.config)
     conv = Conversation(bundle.model, _params(args, bundle.meta.stop_token_ids),
                         ImageOptions(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg,
-                                     max_images=args.max_images),
+                                     max_images=args.max_images, clip_x0=clip_x0_arg(args.clip_x0, codec)),
                         generator=torch.Generator().manual_seed(args.seed))
     return run_chat(conv, tok, codec, args.out_dir, sys.stdin, sys.stdout)
 

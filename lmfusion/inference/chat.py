@@ -31,6 +31,7 @@ class ImageOptions:
     cfg_scale: Optional[float] = DEFAULT_CFG_SCALE  # None: conditional branch only
     max_images: int = 4
     """Images per response; a further ``<boi>`` ends the response."""
+    clip_x0: Optional[float] = None  # the latents' range (lmfusion.inference.image.latent_range); None: unclipped
 
 
 class Conversation:
@@ -71,7 +72,8 @@ class Conversation:
             scale = self.image.cfg_scale
             uncond = None if scale is None else unconditional_session(self.model, 1)
             latent = denoise(self.session, uncond, sampler=self.image.sampler, steps=self.image.steps,
-                             cfg_scale=1.0 if scale is None else scale, generator=self.generator)
+                             cfg_scale=1.0 if scale is None else scale, generator=self.generator,
+                             clip_x0=self.image.clip_x0)
             segments.append(latent[0])
             images += 1
             logits = commit_image(self.session, latent)  # clean image at t=0, then <eoi>

@@ -14,6 +14,10 @@ does not depend on whether guidance runs (scale 1 equals the conditional-only sa
 After sampling, :func:`commit_image` appends the clean latent at t=0 and ``<eoi>``, as training lays a clean image
 out, so text can continue after it.
 
+Each step's x0 estimate is clipped to the data's range (:func:`latent_range`: [-1, 1] for pixels, the training
+latents' largest magnitude for a VAE that records it); without it the cosine schedule's first step amplifies the
+noise prediction's error ~2e4-fold (:mod:`lmfusion.diffusion`).
+
 Latents are the shard set's: scaled VAE latents (``data_tools.shard_format``), decoded by the VAE named in the shard
 manifest, or pixels in [-1, 1] for the identity VAE. Images for captioning get the shard builder's preprocessing
 (RGB on white, centre crop, bicubic resize) and the VAE mean (no sampling).
@@ -33,12 +37,33 @@ from torch import Tensor
 from lmfusion.diffusion import cfg_combine, make_sampler
 from lmfusion.inference.text import Image, SamplingParams, Session, generate_text
 
-__all__ = ["DEFAULT_CFG_SCALE", "DEFAULT_STEPS", "denoise", "commit_image", "unconditional_session", "text_to_image",
+__all__ = ["DEFAULT_CFG_SCALE", "DEFAULT_STEPS", "LATENT_RANGE_FILE", "latent_range", "denoise", "commit_image", "unconditional_session", "text_to_image",
            "check_vae", "vae_scale_factor", "check_image_file", "load_image", "encode_image", "caption_image",
            "to_pil", "make_grid", "save_images"]
 
 DEFAULT_CFG_SCALE = 1.6
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50}
+#: Optional file in a VAE directory: ``{"abs_max": float}``, the largest |scaled latent| of its training data.
+LATENT_RANGE_FILE = "latent_range.json"
+
+
+def latent_range(codec) -> Optional[float]:
+    """The range samplers clip x0 estimates to: 1.0 for pixels (identity), the VAE directory's
+    :data:`LATENT_RANGE_FILE` value when it has one, else None (no clipping)."""
+    import json
+
+    if codec.model is None:
+        return 1.0
+    path = Path(codec.path) / LATENT_RANGE_FILE
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))["abs_max"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: expected a JSON object with a positive number under 'abs_max' ({e})") from e
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{path}: 'abs_max' must be a positive number, got {value!r}")
+    return float(value)
 
 
 def _predict(session: Session, x: Tensor, t: Tensor) -> Tensor:
@@ -49,15 +74,17 @@ def _predict(session: Session, x: Tensor, t: Tensor) -> Tensor:
 
 @torch.no_grad()
 def denoise(cond: Session, uncond: Optional[Session], *, sampler: str = "ddpm", steps: Optional[int] = None,
-            cfg_scale: float = DEFAULT_CFG_SCALE, generator: Optional[torch.Generator] = None) -> Tensor:
+            cfg_scale: float = DEFAULT_CFG_SCALE, generator: Optional[torch.Generator] = None,
+            clip_x0: Optional[float] = None) -> Tensor:
     """Sample one clean latent per row of ``cond`` (its cache ends with ``<boi>``); ``uncond`` (same rows, ending
-    with ``<boi>`` too) adds classifier-free guidance at ``cfg_scale``. Returns (n, C, H, W) float32."""
+    with ``<boi>`` too) adds classifier-free guidance at ``cfg_scale``; x0 estimates are clipped to
+    ``[-clip_x0, clip_x0]`` (:func:`latent_range`; None: unclipped). Returns (n, C, H, W) float32."""
     n = cond.batch_size
     if sampler not in DEFAULT_STEPS:
         raise ValueError(f"sampler must be one of {sorted(DEFAULT_STEPS)}, got {sampler!r}")
     if uncond is not None and uncond.batch_size != n:
         raise ValueError(f"unconditional branch has {uncond.batch_size} rows, conditional {n}")
-    scheduler = make_sampler(sampler, steps if steps is not None else DEFAULT_STEPS[sampler])
+    scheduler = make_sampler(sampler, steps if steps is not None else DEFAULT_STEPS[sampler], clip_x0=clip_x0)
     # Initial noise from the CPU generator: the same seed gives the same images on any device.
     x = torch.randn((n, *cond.latent_shape), generator=generator, dtype=torch.float32).to(cond.device)
     x = x * scheduler.init_noise_sigma
@@ -86,9 +113,10 @@ def unconditional_session(model: torch.nn.Module, n: int) -> Session:
 @torch.no_grad()
 def text_to_image(model: torch.nn.Module, captions: Sequence[Sequence[int]], *, n_per_caption: int = 1,
                   sampler: str = "ddpm", steps: Optional[int] = None, cfg_scale: Optional[float] = DEFAULT_CFG_SCALE,
-                  seed: int = 0) -> Tensor:
+                  seed: int = 0, clip_x0: Optional[float] = None) -> Tensor:
     """Latents (len(captions) * n_per_caption, C, H, W), caption-major. ``captions``: token ids without
-    ``<bos>``/``<boi>``. ``cfg_scale=None`` samples from the conditional branch only."""
+    ``<bos>``/``<boi>``. ``cfg_scale=None`` samples from the conditional branch only; ``clip_x0``: see
+    :func:`denoise`."""
     if n_per_caption < 1 or not captions:
         raise ValueError(f"need at least one caption and n_per_caption >= 1, got {len(captions)} and {n_per_caption}")
     cfg = model.model_config
@@ -98,7 +126,7 @@ def text_to_image(model: torch.nn.Module, captions: Sequence[Sequence[int]], *, 
     uncond = None if cfg_scale is None else unconditional_session(model, len(rows))
     generator = torch.Generator().manual_seed(seed)
     return denoise(cond, uncond, sampler=sampler, steps=steps, cfg_scale=1.0 if cfg_scale is None else cfg_scale,
-                   generator=generator)
+                   generator=generator, clip_x0=clip_x0)
 
 
 # ---------------------------------------------------------------------------------------------------- VAE side

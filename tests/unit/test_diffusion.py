@@ -129,3 +129,34 @@ def test_ddim_with_an_oracle_denoiser_recovers_unbounded_latents():
         x = s.step(eps, t, x).prev_sample
     # The last step leaves a sqrt(1 - abar_0)-weighted noise term in float32; observed ~1e-5, 1e-3 is margin.
     torch.testing.assert_close(x, x0, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_sampler_x0_clipping_option(kind: str):
+    s = make_sampler(kind, 10, clip_x0=2.5)
+    assert s.config.clip_sample and s.config.clip_sample_range == 2.5
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="clip_x0"):
+            make_sampler(kind, 10, clip_x0=bad)
+
+
+def test_x0_clipping_keeps_the_first_step_in_distribution():
+    # The cosine schedule's sqrt(abar) at t = T-1 is ~5e-5: a noise prediction off by 0.01 there (a good network)
+    # becomes an x0 estimate off by ~200, and the next x_t is ~15 standard deviations out: an input no denoiser was
+    # trained on (the quickstart's samples were saturated noise). Clipped to the data's range, x0 stays in it and
+    # x_t keeps the training distribution's scale.
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1  # data in [-1, 1]
+    noise = torch.randn(x0.shape, generator=g)
+    for clip in (None, 1.0):
+        s = make_sampler("ddim", 20, clip_x0=clip)
+        t = s.timesteps[0]
+        abar = s.alphas_cumprod[t]
+        x = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        out = s.step(noise + 0.01, t, x)
+        if clip is None:
+            assert out.pred_original_sample.abs().min() > 100
+            assert out.prev_sample.abs().mean() > 10
+        else:
+            assert out.pred_original_sample.abs().max() <= 1.0
+            assert out.prev_sample.std() < 1.5  # ~ N(0, 1): what the denoiser saw in training at this t
