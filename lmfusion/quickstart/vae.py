@@ -1,10 +1,11 @@
 """The quickstart's latent space: a small diffusers ``AutoencoderKL`` trained once on the real training images and
 cached, so shards hold VAE latents (as in the paper) instead of pixels.
 
-Why a VAE and not pixels (measured, see examples/README.md): in ~170 optimizer steps on 2 cores the diffusion model
-sees ~2,500 images. In pixel space (3 x 32 x 32) that is far too little to learn even the unconditional prior; in a
-4 x 8 x 8 latent the denoiser has 12x fewer numbers to predict and the VAE decoder renders every latent near the
-data manifold as a plausible garment. Training costs ~1-2 minutes once per machine (cached like the judge).
+Why a VAE and not pixels (measured, see examples/README.md): in the quickstart's 160 optimizer steps the diffusion
+model sees ~2,400 images. In pixel space (3 x 32 x 32) that did not even learn the unconditional prior (feature FID
+439, real images 9.3); on 4 x 8 x 8 latents (12x fewer numbers to predict, and a decoder that renders every latent
+near its training set as a smooth garment) the same run reaches 186. Training the VAE costs ~100 s once per machine
+(cached like the judge); the judge classifies its reconstructions of test images at 0.84 (originals 0.89).
 
 The latent is scaled to unit standard deviation (``scaling_factor`` = 1 / std of the training latents, the Stable
 Diffusion convention), and the largest absolute scaled value seen on the training set is recorded next to the
