@@ -62,8 +62,8 @@ def clip_x0_arg(value: str, codec) -> "float | None":
     try:
         out = float(value)
     except ValueError:
-        out = float("nan")
-    if not out > 0:
+        out = None
+    if out is None or not out > 0:  # not a number, <= 0 or NaN
         raise ValueError(f"--clip-x0 must be 'auto', 'none' or a positive number, got {value!r}")
     return out
 

@@ -37,8 +37,8 @@ from torch import Tensor
 from lmfusion.diffusion import cfg_combine, make_sampler
 from lmfusion.inference.text import Image, SamplingParams, Session, generate_text
 
-__all__ = ["DEFAULT_CFG_SCALE", "DEFAULT_STEPS", "LATENT_RANGE_FILE", "latent_range", "denoise", "commit_image", "unconditional_session", "text_to_image",
-           "check_vae", "vae_scale_factor", "check_image_file", "load_image", "encode_image", "caption_image",
+__all__ = ["DEFAULT_CFG_SCALE", "DEFAULT_STEPS", "LATENT_RANGE_FILE", "latent_range", "denoise", "commit_image",
+           "unconditional_session", "text_to_image", "check_vae", "vae_scale_factor", "check_image_file", "load_image", "encode_image", "caption_image",
            "to_pil", "make_grid", "save_images"]
 
 DEFAULT_CFG_SCALE = 1.6

@@ -64,12 +64,13 @@ def generate_per_class(bundle, codec, classes: Sequence[str], per_class: int, st
     from lmfusion.inference.image import latent_range, text_to_image, to_pil
 
     tok = bundle.tokenizer
+    clip_x0 = latent_range(codec)
     out: list[list] = []
     for start in tqdm(range(0, len(classes), batch_classes), desc="generating", unit="batch"):
         labels = range(start, min(start + batch_classes, len(classes)))
         captions = [tok.encode(prompt(classes, c), add_special_tokens=False) for c in labels]
         latents = text_to_image(bundle.model, captions, n_per_caption=per_class, sampler="ddim", steps=steps,
-                                cfg_scale=cfg_scale, seed=seed + start, clip_x0=latent_range(codec))
+                                cfg_scale=cfg_scale, seed=seed + start, clip_x0=clip_x0)
         images = to_pil(codec, latents)  # caption-major
         out.extend(images[i * per_class:(i + 1) * per_class] for i in range(len(labels)))
     return out

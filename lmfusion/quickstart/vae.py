@@ -36,19 +36,21 @@ KL_WEIGHT = 1e-4  # per latent element, relative to the per-pixel MSE: a smooth 
 
 
 def to_pixels(images: np.ndarray, resolution: int = 32) -> torch.Tensor:
-    """uint8 (n, 28, 28) grey -> (n, 3, resolution, resolution) float32 in [-1, 1], resized as build_shards does
-    (bicubic via Pillow on the RGB image)."""
+    """uint8 (n, H, W) grey -> (n, 3, resolution, resolution) float32 in [-1, 1], with the shard builder's
+    preprocessing (RGB, centre crop, bicubic resize: ``data_tools._sources``), so the VAE trains on what it encodes."""
     from PIL import Image
+
+    from data_tools._sources import _to_rgb, center_crop_box
 
     out = np.empty((len(images), resolution, resolution, 3), dtype=np.uint8)
     for i, im in enumerate(images):
-        out[i] = np.asarray(Image.fromarray(im).convert("RGB").resize((resolution, resolution),
-                                                                          Image.Resampling.BICUBIC))
+        img = Image.fromarray(im)
+        out[i] = np.asarray(_to_rgb(img).resize((resolution, resolution), Image.Resampling.BICUBIC,
+                                                box=center_crop_box(*img.size)))
     return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def train_vae(pixels: torch.Tensor, *, epochs: int = 2, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
-              log: Callable[[str], None] = print):
+def train_vae(pixels: torch.Tensor, *, epochs: int = 2, batch_size: int = 64, lr: float = 2e-3, seed: int = 0):
     """A fresh AutoencoderKL (:data:`VAE_CONFIG`) fitted to ``pixels`` (n, 3, H, W) in [-1, 1]: MSE + KL."""
     from diffusers import AutoencoderKL
     from tqdm import tqdm
@@ -104,7 +106,7 @@ def load_or_train(ds, cache_dir: Path, log: Callable[[str], None] = print, *, tr
     log(f"VAE: training a small AutoencoderKL on {len(idx)} real {ds.name} images ({epochs} epochs, once)")
     t0 = time.perf_counter()
     pixels = to_pixels(ds.train_images[idx], resolution)
-    vae = train_vae(pixels, epochs=epochs, log=log)
+    vae = train_vae(pixels, epochs=epochs)
     means = _latent_means(vae, pixels)
     scaling = float(1.0 / means.std())
     test = to_pixels(ds.test_images[:2000], resolution)

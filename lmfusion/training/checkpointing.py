@@ -47,8 +47,7 @@ from lmfusion.training.model_setup import unwrap
 from lmfusion.utils import atomic_write_text
 
 __all__ = ["CHECKPOINT_JSON", "TRAIN_STATE", "LATEST", "iter_name", "find_checkpoint", "base_sha256",
-           "Checkpointer", "export_self_contained", "begin_save", "publish",
-           "prune"]
+           "Checkpointer", "export_self_contained", "begin_save", "publish", "prune"]
 
 CHECKPOINT_JSON = "lmfusion_checkpoint.json"  # same name as lmfusion.inference.load.CHECKPOINT_JSON
 TRAIN_STATE = "train_state.json"
