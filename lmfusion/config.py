@@ -238,6 +238,11 @@ class TrainConfig:
     """lambda: loss = LM cross-entropy + lambda x diffusion MSE (paper: 5)."""
     image_first_max_timestep: int = 500
     """Noise-level cap for images that come before their caption (paper: 500 of 1000)."""
+    timestep_density: str = "uniform"
+    """Noise levels of caption-first images: 'uniform' (paper) or 'logit_normal' (t/T = sigmoid(N(mean, std)),
+    Stable Diffusion 3's; a positive mean weights the loss toward high noise, where the caption matters)."""
+    timestep_logit_mean: float = 0.0
+    timestep_logit_std: float = 1.0
 
     def __post_init__(self) -> None:
         _check_positive("train", self, "train_iters", "micro_batch_size", "global_batch_size")
@@ -253,6 +258,15 @@ class TrainConfig:
                f"{self.diffusion_loss_weight}")
         _check(0 <= self.image_first_max_timestep < 1000,
                f"train.image_first_max_timestep must be in [0, 999], got {self.image_first_max_timestep}")
+        _check(self.timestep_density in ("uniform", "logit_normal"),
+               f"train.timestep_density must be one of ('uniform', 'logit_normal'), got {self.timestep_density!r}")
+        _check(self.timestep_logit_std > 0, f"train.timestep_logit_std must be > 0, got {self.timestep_logit_std}")
+
+    @property
+    def timesteps(self):
+        """The caption-first noise-level density (``lmfusion.diffusion.TimestepDensity``)."""
+        from lmfusion.diffusion import TimestepDensity
+        return TimestepDensity(self.timestep_density, self.timestep_logit_mean, self.timestep_logit_std)
 
 
 @dataclass

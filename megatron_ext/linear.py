@@ -116,7 +116,10 @@ class _RoutedLinear(torch.autograd.Function):
         dx_handle = None
         if ctx.needs_input_grad[0]:
             dxg = dyg.new_empty((dyg.shape[0], w_text.shape[1]))  # (rows, in); pad rows get 0 @ W = 0
-            for m, rows in plan.group_slices():
+            if plan.text_no_dgrad:  # text nobody needs a gradient for (RoutingPlan.build): zeros, no GEMM
+                start = plan.offsets[TEXT]
+                dxg[start:start + plan.text_no_dgrad].zero_()
+            for m, rows in plan.dgrad_slices():
                 torch.matmul(dyg[rows], weights[m], out=dxg[rows])
             dx_total = dxg if ctx.input_grouped else plan.ungroup(dxg)  # (n, in)
             if ctx.sequence_parallel:

@@ -40,6 +40,8 @@ class RoutingPlan:
         pad_rows: (num_pad,) int64 rows of the grouped buffer that are padding, or None.
         pad_multiple: the multiple each group is padded to.
         seq_shape: the (s, b) shape the ids came in, or None for flat ids.
+        text_no_dgrad: the first ``text_no_dgrad`` rows of the text group are tokens whose input gradient nobody
+            needs (see :meth:`build`); routed GEMMs skip their data-gradient rows and return zeros there.
     """
 
     modality_ids: torch.Tensor
@@ -50,10 +52,19 @@ class RoutingPlan:
     pad_rows: torch.Tensor | None
     pad_multiple: int
     seq_shape: tuple[int, ...] | None
+    text_no_dgrad: int = 0
 
     @classmethod
-    def build(cls, modality_ids: torch.Tensor, pad_multiple: int = 1) -> "RoutingPlan":
+    def build(cls, modality_ids: torch.Tensor, pad_multiple: int = 1,
+              no_dgrad: torch.Tensor | None = None) -> "RoutingPlan":
         """Plan the grouping for ``modality_ids`` of shape (s, b) (megatron layout) or (n,).
+
+        ``no_dgrad`` (bool, shaped like the ids) marks text tokens whose input gradient is never needed: with the
+        text weights frozen, text that comes before every image of its document depends on no trainable
+        parameter, so the gradient reaching it would flow on to frozen weights only. They are grouped first
+        within the text group (the others keep their sequence order after them) and routed GEMMs skip their
+        data-gradient rows: a caption-first document's caption then costs a forward only, DESIGN.md's 2n.
+        Marks on image tokens are ignored.
 
         Raises ValueError naming the offending value for ids outside {0, 1}, a non-integer tensor or a bad
         ``pad_multiple``.
@@ -74,8 +85,16 @@ class RoutingPlan:
 
         counts = tuple(int(c) for c in torch.bincount(ids, minlength=NUM_MODALITIES).tolist())
         padded = tuple(-(-c // pad_multiple) * pad_multiple for c in counts)
-        # Stable: tokens of one modality keep their sequence order inside their group.
-        order = torch.argsort(ids, stable=True)
+        key, text_no_dgrad = ids, 0
+        if no_dgrad is not None:
+            if no_dgrad.shape != modality_ids.shape or no_dgrad.dtype != torch.bool:
+                raise ValueError(f"no_dgrad must be a bool tensor shaped like modality_ids "
+                                 f"{tuple(modality_ids.shape)}, got {no_dgrad.dtype} {tuple(no_dgrad.shape)}")
+            skip = no_dgrad.reshape(-1).to(ids.device) & (ids == TEXT)
+            text_no_dgrad = int(skip.sum())
+            key = 2 * ids + (~skip).long()  # 0: text without dgrad, 1: other text, 3: image
+        # Stable: tokens of one modality (or no-dgrad class) keep their sequence order inside their group.
+        order = torch.argsort(key, stable=True)
         device = ids.device
         if padded == counts:
             gather_index = order
@@ -96,7 +115,8 @@ class RoutingPlan:
                 src += count
                 dst += padded_count
             pad_rows = torch.nonzero(is_pad).flatten()
-        return cls(ids, counts, padded, gather_index, scatter_index, pad_rows, pad_multiple, seq_shape)
+        return cls(ids, counts, padded, gather_index, scatter_index, pad_rows, pad_multiple, seq_shape,
+                   text_no_dgrad)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -119,6 +139,16 @@ class RoutingPlan:
         """``(modality, rows)`` for every modality with tokens; rows include that group's padding."""
         off = self.offsets
         return [(m, slice(off[m], off[m + 1])) for m in range(NUM_MODALITIES) if self.counts[m] > 0]
+
+    def dgrad_slices(self) -> list[tuple[int, slice]]:
+        """:meth:`group_slices` without the leading text rows that need no input gradient."""
+        out = []
+        for m, rows in self.group_slices():
+            if m == TEXT and self.text_no_dgrad:
+                rows = slice(rows.start + self.text_no_dgrad, rows.stop)
+            if rows.stop > rows.start:
+                out.append((m, rows))
+        return out
 
     @property
     def single_modality(self) -> int | None:

@@ -47,7 +47,7 @@ from megatron_ext.routing import IMAGE, RoutingPlan
 from megatron_ext.te_linear import fp8_pad_multiple
 from megatron_ext.spec import resolve_backend, routed_layer_submodules
 
-__all__ = ["ModelInputs", "LMFusionOutput", "LMFusionModel", "resolve_attention_backend"]
+__all__ = ["ModelInputs", "LMFusionOutput", "LMFusionModel", "resolve_attention_backend", "text_before_images"]
 
 
 def resolve_attention_backend(name: str) -> str:
@@ -104,6 +104,23 @@ class ModelInputs:
         image_ids[rows, pos] = torch.arange(self.num_images, device=device)[:, None].expand_as(pos)
         flat = (pos * b + rows).reshape(-1)  # token index in the (s, b) flattening
         return modality, image_ids, flat
+
+
+def text_before_images(modality: Tensor, document_ids: Tensor) -> Tensor:
+    """(b, s) bool: text tokens with no image token earlier in their document (padding, id -1, included).
+
+    Such a token attends only to earlier text of its document (the attention rule), so with the text weights
+    frozen its hidden states at every layer are fixed by its tokens: nothing trainable reaches it.
+    """
+    b, s = modality.shape
+    pos = torch.arange(s, device=modality.device).expand(b, s)
+    docs = document_ids.long() + 1  # padding -1 -> 0
+    width = int(docs.max()) + 1 if docs.numel() else 1
+    slot = docs + width * torch.arange(b, device=modality.device)[:, None]  # (row, document) -> one index
+    is_image = modality == IMAGE
+    first_image = torch.full((b * width,), s, dtype=torch.long, device=modality.device)
+    first_image.scatter_reduce_(0, slot[is_image], pos[is_image], reduce="amin")
+    return ~is_image & (pos < first_image[slot])
 
 
 @dataclass
@@ -231,13 +248,22 @@ class LMFusionModel(MegatronModule):
         group = parallel_state.get_tensor_model_parallel_group()
         return group.rank(), group.size()
 
+    def _text_frozen(self) -> bool:
+        """No text-side parameter trains (LMFusion's setting): text before every image of its document is then a
+        constant of the step, and the routed GEMMs skip its data gradient (``RoutingPlan.build``'s ``no_dgrad``)."""
+        return not any(p.requires_grad for n, p in self.named_parameters() if not is_image_param(n))
+
     def build_context(self, inputs: ModelInputs, kv_cache: Optional[KVCache] = None
                       ) -> tuple[LayerContext, Tensor, Tensor, Tensor]:
         """Routing plan, SP-local ids, RoPE table and mask for one micro-batch; also the image token indices,
         the step's image ids and positions (for the KV cache)."""
         modality, image_ids, flat = inputs.image_layout(self.image_tokens)
+        no_dgrad = None
+        if kv_cache is None and torch.is_grad_enabled() and self._text_frozen():
+            no_dgrad = text_before_images(modality, inputs.document_ids).t().contiguous()
         # (s, b): megatron's token order
-        plan = RoutingPlan.build(modality.t().contiguous(), pad_multiple=self.routing_pad_multiple)
+        plan = RoutingPlan.build(modality.t().contiguous(), pad_multiple=self.routing_pad_multiple,
+                                 no_dgrad=no_dgrad)
         local_ids = None
         tp_rank, tp_size = self._tp()
         if self.config.sequence_parallel and tp_size > 1:

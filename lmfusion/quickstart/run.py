@@ -40,7 +40,7 @@ def _defaults(smoke: bool) -> dict[str, Any]:
                     classifier_images=2000, classifier_epochs=1, images_per_class=1, ddim_steps=2, cfg_scale=3.0,
                     caption_images=10, caption_tokens=4, text_tokens=8)
     return dict(train_per_class=1500, steps=None, overrides=[], vae_images=10000, classifier_images=None,
-                classifier_epochs=2, images_per_class=10, ddim_steps=20, cfg_scale=3.0, caption_images=50,
+                classifier_epochs=2, images_per_class=10, ddim_steps=20, cfg_scale=6.0, caption_images=50,
                 caption_tokens=12, text_tokens=24)
 
 

@@ -8,9 +8,10 @@ gradient path 4n, a frozen one off it 2n. In LMFusion:
 * **text tokens after an image of their document** (their hidden states depend on image weights through attention)
   run through the frozen text set but are on the gradient path: 4n.
 * **text tokens before the first image of their document** (captions of caption-first samples, padding): nothing
-  trainable is upstream, so no backward is needed: 2n. (Ideal accounting: autograd in our implementation still
-  back-propagates through them, because they share tensors with image tokens; :func:`step_flops` with
-  ``as_implemented=True`` counts that.)
+  trainable is upstream, so no backward is needed: 2n. The routed GEMMs skip their data gradient
+  (``RoutingPlan.build``'s ``no_dgrad``); autograd still runs the weight-free parts of their backward (attention
+  dQ/dK/dV) and the frozen LM head's data gradient at every position, which :func:`step_flops` with
+  ``as_implemented=True`` counts.
 * **LM head** (frozen) at every position: 4n at on-path text positions, 2n elsewhere (image positions carry no loss).
 * **attention** (no weights): 4 x heads x head_dim FLOPs per (query, key) pair the mask allows and layer, forward;
   x3 for on-path queries (backward computes dQ and dK/dV).
@@ -166,9 +167,9 @@ def step_flops(cfg: ModelConfig, counts: TokenCounts, mode: str = "lmfusion", as
     c = counts
     text_tokens = c.text_off + c.text_on
     if mode == "lmfusion":
-        off_mult = 4 if as_implemented else 2
-        layers = f.layer_linear * L * (3 * c.image + 2 * c.text_on + off_mult // 2 * c.text_off)
-        head = f.lm_head * (2 * c.text_on + off_mult // 2 * c.text_off + (off_mult // 2) * c.image)
+        off_mult = 2 if as_implemented else 1  # the LM head's data gradient runs at every position
+        layers = f.layer_linear * L * (3 * c.image + 2 * c.text_on + c.text_off)
+        head = f.lm_head * (2 * c.text_on + off_mult * c.text_off + off_mult * c.image)
         attn = f.attn_pair * L * (3 * c.attn_on + (3 if as_implemented else 1) * c.attn_off)
     elif mode in ("all_trainable", "transfusion"):
         layers = f.layer_linear * L * 3 * c.tokens

@@ -29,6 +29,7 @@ from lmfusion.config import Config, to_transformer_config
 from lmfusion.model.builder import build_model
 from lmfusion.model.model import LMFusionModel
 from lmfusion.model.weights import freeze_text, init_image_twins_from_text, load_base_weights
+from megatron_ext import cpu
 
 __all__ = ["TrainModel", "params_dtype", "build_train_model", "check_buckets", "unwrap", "text_parameters"]
 
@@ -159,6 +160,8 @@ def build_train_model(cfg: Config, base, train_text: bool = False) -> TrainModel
         adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16,
         params_dtype=dtype, use_distributed_optimizer=par.use_distributed_optimizer)
     optimizer = get_megatron_optimizer(opt_config, ddp)
+    if cpu.is_enabled():
+        cpu.fuse_adam(optimizer)  # torch's fused CPU AdamW: ~6x faster than the per-tensor loop megatron gets
     decay = o.lr_decay_iters or cfg.train.train_iters
     # Megatron's default parameter groups exempt biases and 1-D weights (norms) from weight decay through a
     # wd_mult of 0 that only the scheduler applies: it is always used.

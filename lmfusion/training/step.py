@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from lmfusion.diffusion import add_noise, sample_timesteps
+from lmfusion.diffusion import TimestepDensity, add_noise, sample_timesteps
 from lmfusion.losses import diffusion_loss, lm_loss, total_loss
 from lmfusion.model.image_io import patchify
 from lmfusion.model.model import LMFusionOutput, ModelInputs
@@ -53,7 +53,8 @@ def _seed_of(*parts: Any) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def image_noise(batch, seed: int, fallback_key: tuple, cap: int) -> tuple[Tensor, Tensor]:
+def image_noise(batch, seed: int, fallback_key: tuple, cap: int,
+                density: TimestepDensity = TimestepDensity()) -> tuple[Tensor, Tensor]:
     """(timesteps (n,), noise (n, C, H, W) fp32) for the batch's images; see the module docstring."""
     n = batch.num_images
     ids = [s for row in (batch.sample_ids or []) for s in row]
@@ -64,20 +65,20 @@ def image_noise(batch, seed: int, fallback_key: tuple, cap: int) -> tuple[Tensor
     t, noise = torch.empty(n, dtype=torch.long), torch.empty((n, *shape), dtype=torch.float32)
     for j, sample in enumerate(ids):
         gen = torch.Generator().manual_seed(_seed_of(seed, sample))
-        t[j] = sample_timesteps(1, first[j:j + 1], cap=cap, generator=gen)[0]
+        t[j] = sample_timesteps(1, first[j:j + 1], cap=cap, generator=gen, density=density)[0]
         noise[j] = torch.randn(shape, generator=gen)
     return t, noise
 
 
 def prepare_micro_batch(batch, *, seed: int, step: int, dp_rank: int, index: int, device: torch.device,
-                        dtype: torch.dtype, cap: int) -> MicroBatch:
+                        dtype: torch.dtype, cap: int, density: TimestepDensity = TimestepDensity()) -> MicroBatch:
     """Noise the batch's latents (x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps) and move everything to ``device``."""
     counts = count_tokens(batch.modality_ids, batch.document_ids)
     lm_tokens = int(batch.text_loss_mask.sum())
     image_tokens = int(batch.image_loss_mask.sum())
     noise = None
     if batch.num_images:
-        t, noise = image_noise(batch, seed, (seed, step, dp_rank, index), cap)
+        t, noise = image_noise(batch, seed, (seed, step, dp_rank, index), cap, density)
         x_t = add_noise(batch.image_latents.float(), noise, t)  # fp32 on CPU: layout-independent values
         batch = batch.to(device)
         inputs = batch.to_model_inputs(x_t.to(device=device, dtype=dtype), t.to(device))

@@ -215,7 +215,8 @@ class Trainer:
             wait += time.perf_counter() - t0
             out.append(prepare_micro_batch(batch, seed=self.cfg.train.seed, step=step, dp_rank=self.rt.dp_rank,
                                            index=i, device=self.rt.device, dtype=self.dtype,
-                                           cap=self.cfg.train.image_first_max_timestep))
+                                           cap=self.cfg.train.image_first_max_timestep,
+                                           density=self.cfg.train.timesteps))
         return out, wait
 
     def train_step(self, step: int) -> dict[str, Any]:

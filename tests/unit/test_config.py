@@ -75,6 +75,8 @@ def test_overrides_win_and_are_typed(base):
     ("train.global_batch_size=7", "train.global_batch_size 7 is not a multiple of train.micro_batch_size"),
     ("optimizer.lr_warmup_iters=500", "optimizer.lr_warmup_iters 500 must be below the decay length"),
     ("train.precision=fp16", "train.precision must be one of"),
+    ("train.timestep_density=lognormal", "train.timestep_density must be one of ('uniform', 'logit_normal'), got"),
+    ("train.timestep_logit_std=0", "train.timestep_logit_std must be > 0, got 0"),
     ("checkpoint.exit_signals=[SIGFOO]", "checkpoint.exit_signals: ['SIGFOO'] are not signal names"),
     ("model.hidden_size=128", "model.hidden_size=128 conflicts with the base"),
     ("init.hf_dir=/somewhere", "init: set exactly one of init.base_checkpoint"),

@@ -234,3 +234,30 @@ def test_split_shared_adam_steps():
         p.grad = torch.ones(2)
     opt.step()
     assert [opt.state[p]["step"].item() for p in ps] == [6.0, 6.0, 6.0]
+
+
+def test_fuse_adam_matches_the_per_tensor_loop():
+    """The fused CPU kernel computes AdamW's update: same params after several steps (fp32 rounding), with weight
+    decay, a wrapped optimizer (``.optimizer``, as megatron's) and state created by init_adam_state_for_load."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(37, 5)), torch.nn.Parameter(torch.randn(11))]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    start = [p.detach().clone() for p in ps]
+    loop, fused = _adam(ps), _adam(qs)
+
+    class Wrapped:  # megatron's optimizers hold the torch one as .optimizer
+        optimizer = fused
+
+    assert cpu.fuse_adam(Wrapped()) == 1
+    assert fused.param_groups[0]["fused"] and not fused.param_groups[0]["foreach"]
+    assert cpu.fuse_adam(Wrapped()) == 0  # already fused
+    cpu.init_adam_state_for_load(fused)
+    for step in range(5):
+        grads = [torch.randn_like(p) for p in ps]
+        for p, q, g in zip(ps, qs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        loop.step(), fused.step()
+    for p, q, p0 in zip(ps, qs, start):
+        assert float((p - p0).abs().max()) > 0.1  # lr 0.1 x 5 steps moved them
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6)
+    assert [fused.state[q]["step"].item() for q in qs] == [5.0, 5.0]

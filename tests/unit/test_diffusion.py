@@ -10,6 +10,7 @@ import torch
 from lmfusion.diffusion import (
     IMAGE_FIRST_CAP,
     NUM_TRAIN_TIMESTEPS,
+    TimestepDensity,
     add_noise,
     cfg_combine,
     make_sampler,
@@ -83,6 +84,37 @@ def test_sample_timesteps_is_deterministic_with_a_seeded_generator():
     c = sample_timesteps(n, image_first, generator=torch.Generator().manual_seed(124))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+def test_logit_normal_density_moves_caption_first_draws_only():
+    n = 20000
+    image_first = torch.rand(n, generator=torch.Generator().manual_seed(1)) < 0.3
+    mean, std = 1.0, 1.0
+    t = sample_timesteps(n, image_first, generator=torch.Generator().manual_seed(2),
+                         density=TimestepDensity("logit_normal", mean, std))
+    later = t[~image_first].double()
+    # t/T = sigmoid(N(mean, std)): its quantiles are sigmoid of the normal's, computed here independently.
+    for q in (0.1, 0.5, 0.9):
+        z = mean + std * math.sqrt(2) * torch.erfinv(torch.tensor(2 * q - 1, dtype=torch.float64))
+        expected = T * torch.sigmoid(z)
+        assert abs(float(torch.quantile(later, q)) - float(expected)) < 12, q
+    # Image-first draws stay uniform in [0, cap]: mean cap / 2, both ends reached.
+    first = t[image_first].double()
+    assert int(first.max()) == IMAGE_FIRST_CAP and int(first.min()) == 0
+    assert abs(float(first.mean()) - IMAGE_FIRST_CAP / 2) < 8
+    # The default density is the paper's uniform draw, unchanged.
+    uniform = sample_timesteps(n, image_first, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(uniform, sample_timesteps(n, image_first, generator=torch.Generator().manual_seed(2),
+                                                 density=TimestepDensity("uniform", 5.0, 2.0)))
+    assert abs(float(uniform[~image_first].double().mean()) - (T - 1) / 2) < 10
+    assert torch.equal(uniform[image_first], t[image_first])  # same first draw; the density's is a second one
+
+
+def test_timestep_density_errors():
+    with pytest.raises(ValueError, match="one of \\('uniform', 'logit_normal'\\), got 'mode'"):
+        TimestepDensity("mode")
+    with pytest.raises(ValueError, match="logit_std must be > 0, got -1"):
+        TimestepDensity("logit_normal", 0.0, -1.0)
 
 
 def test_sample_timesteps_errors():

@@ -70,3 +70,37 @@ def test_bad_pad_and_shapes():
     plan = RoutingPlan.build(torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="covers 3 tokens"):
         plan.group(torch.zeros(4, 2))
+
+
+@pytest.mark.parametrize("pad", [1, 16])
+def test_no_dgrad_text_leads_its_group_and_routed_linear_skips_only_its_data_gradient(pad):
+    from megatron_ext.linear import routed_linear
+
+    ids = _ids("mixed")
+    gen = torch.Generator().manual_seed(1)
+    skip = torch.rand(ids.shape, generator=gen) < 0.5
+    plan = RoutingPlan.build(ids, pad_multiple=pad, no_dgrad=skip)
+    flat, marked = ids.reshape(-1), skip.reshape(-1) & (ids.reshape(-1) == TEXT)
+    assert plan.text_no_dgrad == int(marked.sum()) > 0
+    x = torch.randn(flat.numel(), 5, generator=gen)
+    xg, off = plan.group(x), plan.offsets
+    # Marked text first, then the other text, each in sequence order; image group unchanged; inverse exact.
+    assert torch.equal(xg[off[TEXT]: off[TEXT] + plan.text_no_dgrad], x[marked])
+    assert torch.equal(xg[off[TEXT] + plan.text_no_dgrad: off[TEXT] + plan.counts[TEXT]], x[(flat == TEXT) & ~marked])
+    assert torch.equal(xg[off[IMAGE]: off[IMAGE] + plan.counts[IMAGE]], x[flat == IMAGE])
+    assert torch.equal(plan.ungroup(xg), x)
+
+    w_text, w_image = torch.randn(7, 5, generator=gen), torch.randn(7, 5, generator=gen, requires_grad=True)
+    xr = x.clone().requires_grad_(True)
+    dy = torch.randn(flat.numel(), 7, generator=gen)
+    routed_linear(xr, plan, (w_text, w_image)).backward(dy)
+    w = torch.where((flat == TEXT)[:, None, None], w_text, w_image.detach())  # (n, 7, 5) per-token weight
+    dx_ref = torch.einsum("no,noi->ni", dy, w)
+    torch.testing.assert_close(xr.grad[~marked], dx_ref[~marked])
+    assert torch.count_nonzero(xr.grad[marked]) == 0  # skipped: zeros, not computed
+    torch.testing.assert_close(w_image.grad, dy[flat == IMAGE].t() @ x[flat == IMAGE])
+
+
+def test_no_dgrad_must_match_the_ids():
+    with pytest.raises(ValueError, match=r"no_dgrad must be a bool tensor shaped like modality_ids \(13, 3\)"):
+        RoutingPlan.build(_ids("mixed"), no_dgrad=torch.zeros(13, dtype=torch.bool))

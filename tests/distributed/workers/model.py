@@ -193,6 +193,52 @@ def _global_name(name: str, offset: int) -> str:
 
 
 @case
+def frozen_prefix_dgrad_skip_changes_no_gradient():
+    """With text frozen the routed GEMMs skip the data gradient of text before every image of its document: the
+    plan marks exactly those tokens (counted here by a loop over the batch) and every image gradient equals the
+    one computed with the skip off; with trainable text nothing is skipped."""
+    hf_dir, cfg, base = converted("gqa_untied")
+    inputs, extra = mixed_inputs(cfg)
+    ref_loss, ref_grads, model = _reference_grads(cfg, base, inputs, extra)
+    modality, _, _ = inputs.image_layout(tokens_per_image(cfg.image))
+    expected = 0
+    for r in range(modality.shape[0]):
+        seen_image = set()
+        for i in range(modality.shape[1]):
+            doc = int(inputs.document_ids[r, i])
+            if int(modality[r, i]) == 1:
+                seen_image.add(doc)
+            elif doc not in seen_image:
+                expected += 1
+    plan = model.build_context(inputs)[0].plan
+    if plan.text_no_dgrad != expected or expected == 0:
+        raise AssertionError(f"plan skips {plan.text_no_dgrad} text rows, expected {expected}")
+    with torch.no_grad():
+        if model.build_context(inputs)[0].plan.text_no_dgrad:
+            raise AssertionError("a no-grad forward (generation) marked rows to skip")
+
+    model.zero_grad(set_to_none=True)
+    model._text_frozen = lambda: False  # the same model and batch, every text row through its data gradient
+    if model.build_context(inputs)[0].plan.text_no_dgrad:
+        raise AssertionError("rows skipped with the skip switched off")
+    loss = loss_of(model(inputs), extra)
+    loss.backward()
+    if not torch.equal(loss.detach(), ref_loss):
+        raise AssertionError(f"loss {loss.item()} != {ref_loss.item()}")
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    if grads.keys() != ref_grads.keys() or not grads:
+        raise AssertionError(f"gradient sets differ: {sorted(grads.keys() ^ ref_grads.keys())}")
+    for name, grad in grads.items():
+        torch.testing.assert_close(ref_grads[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+    trainable = build_model(cfg, base=base)
+    for param in trainable.parameters():
+        param.requires_grad_(True)
+    if trainable.build_context(inputs)[0].plan.text_no_dgrad:
+        raise AssertionError("text rows skipped although the text weights train")
+
+
+@case
 def mixed_batch_parity_tp_sp_pp():
     """Loss and every image-parameter gradient at TP=world, TP=world+SP, PP=world equal the TP=PP=1 model's."""
     world = dist.get_world_size()
