@@ -54,7 +54,7 @@ def main(argv=None) -> float:
     if fuse_adam(fused) != 1:
         raise SystemExit("fuse_adam did not switch the optimizer")
     times = time_interleaved({"loop": loop.step, "fused": fused.step}, reps=args.reps)
-    worst = max(float((a - b).abs().max()) for a, b in zip(loop_params, fused_params))
+    worst = max(float((a - b).detach().abs().max()) for a, b in zip(loop_params, fused_params))
     n = sum(x.numel() for x in init)
     print(f"params: {n / 1e6:.1f}M in {len(shapes)} tensors, {args.threads} thread(s), "
           f"{args.reps + 1} steps each")

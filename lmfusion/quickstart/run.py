@@ -33,7 +33,7 @@ RESOLUTION = 32  # pixels the VAE sees (28 px resized); its latents are 4 x 8 x 
 
 
 def _defaults(smoke: bool) -> dict[str, Any]:
-    """Run sizes. The full run: ~8.5 min of training on 2 idle cores (examples/README.md has the measurements)."""
+    """Run sizes. The full run: ~12.5 min of training on 2 idle cores (examples/README.md has the measurements)."""
     if smoke:  # CI: every step and artefact, minimal sizes
         return dict(train_per_class=20, steps=None, overrides=["train.train_iters=2", "optimizer.lr_warmup_iters=1",
                                                                "data.num_workers=0"], vae_images=200,
@@ -272,7 +272,7 @@ def _run(args: argparse.Namespace) -> int:
 def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
     """Register ``quickstart``."""
     p = subparsers.add_parser(
-        "quickstart", help="end-to-end demo: SmolLM2-135M learns Fashion-MNIST on 2 CPU cores (~11-15 min)",
+        "quickstart", help="end-to-end demo: SmolLM2-135M learns Fashion-MNIST on 2 CPU cores (~15-19 min)",
         description="Build data, convert the pretrained base, train with torchrun on 2 ranks (text frozen), then "
                     "generate, caption and evaluate. Results in OUT/results.json. See examples/README.md.")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"run directory (default {DEFAULT_OUT})")

@@ -1,7 +1,7 @@
 """The quickstart's latent space: a small diffusers ``AutoencoderKL`` trained once on the real training images and
 cached, so shards hold VAE latents (as in the paper) instead of pixels.
 
-Why a VAE and not pixels (measured, see examples/README.md): in the quickstart's 160 optimizer steps the diffusion
+Why a VAE and not pixels (measured, see examples/README.md): in a 160-step quickstart run the diffusion
 model sees ~2,400 images. In pixel space (3 x 32 x 32) that did not even learn the unconditional prior (feature FID
 439, real images 9.3); on 4 x 8 x 8 latents (12x fewer numbers to predict, and a decoder that renders every latent
 near its training set as a smooth garment) the same run reaches 186. Training the VAE costs ~100 s once per machine
