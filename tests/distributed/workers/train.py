@@ -217,8 +217,11 @@ def resume_is_bit_exact_and_reshards_to_tp1_and_pp1():
 def recompute_async_and_bucketed_optimizer_resume_like_plain_runs():
     """Resume stays bit-exact with activation recompute and background (async) checkpoint writes (TP=2), and with
     overlapped gradient reduction over several buckets + 'dp_reshardable' optimizer state (DP=2): 2 + 2 steps give
-    the loss sequence of 4 straight plain steps. (megatron-core 0.16.1's dp_reshardable load leaves torch AdamW's step
-    counts at 0; the checkpointer restores them: without that, step 4 differs.)"""
+    the loss sequence of 4 straight steps with the same settings, and that of 4 plain steps (default buckets) to
+    1e-7 relative: torch's fused CPU AdamW (megatron_ext.cpu.fuse_adam) rounds differently when the bucket layout
+    shards the params differently (measured 9e-9 relative at step 4; the per-tensor loop was bit-identical).
+    (megatron-core 0.16.1's dp_reshardable load leaves torch AdamW's step counts at 0; the checkpointer restores
+    them: without that, step 4 differs by far more.)"""
     variants = {
         "recompute+async": (["parallel.tensor_model_parallel_size=2"],
                             ["train.recompute=full", "checkpoint.async_save=true"]),
@@ -227,8 +230,11 @@ def recompute_async_and_bucketed_optimizer_resume_like_plain_runs():
     }
     for name, (layout, extra) in variants.items():
         plain = train(config(shared_tmpdir(), "train.train_iters=4", *layout))
-        want = losses(plain)
+        default_layout = losses(plain)
         plain.close()
+        straight = train(config(shared_tmpdir(), "train.train_iters=4", *layout, *extra))
+        want = losses(straight)
+        straight.close()
         run_dir = shared_tmpdir()
         got = []
         for iters in (2, 4):
@@ -238,7 +244,9 @@ def recompute_async_and_bucketed_optimizer_resume_like_plain_runs():
                 assert buckets > 1, f"{name}: {buckets} gradient bucket(s); the case needs several"
             got += losses(t)
             t.close()
-        assert got == want, f"{name}: resumed {got} != plain {want}"
+        assert got == want, f"{name}: resumed {got} != straight {want}"
+        assert all(abs(a - b) <= 1e-7 * abs(b) for a, b in zip(got, default_layout)), \
+            f"{name}: resumed {got} vs plain {default_layout}"
         assert (Path(run_dir) / ckpt.LATEST).read_text().strip() == ckpt.iter_name(4)
 
 
