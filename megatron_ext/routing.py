@@ -153,8 +153,8 @@ class RoutingPlan:
     @property
     def single_modality(self) -> int | None:
         """The modality id when every token has it (no permutation needed), else None."""
-        if self.pad_rows is not None:
-            return None
+        if self.pad_rows is not None or 0 < self.text_no_dgrad < self.counts[TEXT]:
+            return None  # padded, or text split into no-dgrad rows first: the grouping is not the identity
         present = [m for m in range(NUM_MODALITIES) if self.counts[m] > 0]
         return present[0] if len(present) == 1 else None
 

@@ -42,6 +42,11 @@ def test_single_modality_detection():
     assert RoutingPlan.build(_ids("all_image")).single_modality == IMAGE
     assert RoutingPlan.build(_ids("mixed")).single_modality is None
     assert RoutingPlan.build(_ids("all_text"), pad_multiple=16).single_modality is None  # padded: not a no-op
+    split = torch.zeros(13, 3, dtype=torch.bool)
+    split[5:] = True  # later text marked no-dgrad goes first: a real permutation
+    assert RoutingPlan.build(_ids("all_text"), no_dgrad=split).single_modality is None
+    everything = torch.ones(13, 3, dtype=torch.bool)  # all marked: the identity order
+    assert RoutingPlan.build(_ids("all_text"), no_dgrad=everything).single_modality == TEXT
 
 
 def test_local_ids_split_sequence():
