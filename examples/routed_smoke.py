@@ -6,6 +6,8 @@ on gloo ranks, matches an unsharded per-token reference, keeps the text weights 
 after training) and trains the image weights: a toy regression loss on the image tokens goes down.
 
     torchrun --nproc_per_node 2 examples/routed_smoke.py [--layers 4 --hidden 64 --steps 30]
+
+On a GPU machine every rank runs on its own GPU with NCCL (megatron_ext.device), on CPU with gloo.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_ext import cpu
+from megatron_ext.device import select
 from megatron_ext.routing import RoutingPlan
 from megatron_ext.spec import routed_mlp_spec
 
@@ -49,9 +51,9 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     args = p.parse_args(argv)
 
-    dist.init_process_group("gloo")
-    if not torch.cuda.is_available():
-        cpu.enable()
+    place = select()  # cuda:LOCAL_RANK (NCCL), or CPU (gloo) with megatron's CPU mode
+    dist.init_process_group(place.backend)
+    dev = place.device
     tp = dist.get_world_size()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     rank = parallel_state.get_tensor_model_parallel_rank()
@@ -67,12 +69,14 @@ def main(argv=None) -> None:
         norm = 1 + 0.1 * torch.randn(args.hidden, generator=gen)
         fc1 = torch.randn(2 * args.ffn, args.hidden, generator=gen) / args.hidden ** 0.5
         fc2 = torch.randn(args.hidden, args.ffn, generator=gen) / args.ffn ** 0.5
+        norm, fc1, fc2 = norm.to(dev), fc1.to(dev), fc2.to(dev)
         full.append(((norm, norm.clone()), (fc1, fc1.clone()), (fc2, fc2.clone())))
 
     def chunk(t, dim):
         return t.chunk(tp, dim=dim)[rank].contiguous()
 
     stack = torch.nn.ModuleList(build_module(routed_mlp_spec("local"), config=config) for _ in range(args.layers))
+    stack.to(dev)
     with torch.no_grad():
         for mlp, (norm, fc1, fc2) in zip(stack, full):
             for m, name in enumerate(("weight", "image_weight")):
@@ -86,11 +90,11 @@ def main(argv=None) -> None:
     text_before = [prm.detach().clone() for prm in text_params]
 
     # One micro-batch: a caption, then an image span, per sequence (s, b).
-    ids = torch.zeros(args.seq, args.batch, dtype=torch.long)
+    ids = torch.zeros(args.seq, args.batch, dtype=torch.long, device=dev)
     ids[args.seq // 4: 3 * args.seq // 4] = 1
     plan = RoutingPlan.build(ids)
-    x_full = torch.randn(args.seq, args.batch, args.hidden, generator=gen)
-    target_full = torch.randn(args.seq, args.batch, args.hidden, generator=gen)
+    x_full = torch.randn(args.seq, args.batch, args.hidden, generator=gen).to(dev)
+    target_full = torch.randn(args.seq, args.batch, args.hidden, generator=gen).to(dev)
     x_local = chunk(x_full, 0) if config.sequence_parallel else x_full
     target = chunk(target_full, 0) if config.sequence_parallel else target_full
     img_local = plan.local_modality_ids(rank, tp).view(x_local.shape[:2]) if config.sequence_parallel else ids
@@ -103,7 +107,7 @@ def main(argv=None) -> None:
     out = run(x_local)
     ref = reference_stack(x_full, ids, full, config.layernorm_epsilon)
     ref_local = chunk(ref, 0) if config.sequence_parallel else ref
-    err = torch.tensor((out - ref_local).abs().max().item())
+    err = (out - ref_local).abs().max().detach()
     dist.all_reduce(err, op=dist.ReduceOp.MAX)
 
     trainable = [prm for prm in stack.parameters() if prm.requires_grad]

@@ -32,7 +32,8 @@ job can never pick it up by accident. What it changes, and why (call sites are m
   ``batch_p2p_comm=False`` (``_p2p_ops``) was always right. The variable-shape handshake
   (``variable_seq_lengths=True``, p2p_communication.py:214) has the same ordering and is not patched:
   :func:`check_config` refuses it with an interleaved schedule at pipeline size 2.
-* **Distributed optimizer checkpoints with torch AdamW.** Without apex/TE (always, on CPU) megatron falls back to
+* **Distributed optimizer checkpoints with torch AdamW** (:mod:`megatron_ext.torch_adam`, not CPU-specific: the
+  trainer installs the same fixes on a GPU without apex/TE). Without apex/TE (always, on CPU) megatron falls back to
   torch AdamW, whose per-param ``step`` tensor the DistributedOptimizer checkpoint code gets wrong in three places;
   CPU mode wraps the three methods so the standard save/load flow resumes bit-identically:
   ``state_dict()`` of a fresh optimizer (which ``sharded_state_dict(..., is_loading=True)`` calls) asserts one common
@@ -54,11 +55,13 @@ What is *not* done here: CUDA-only fusions (``masked_softmax_fusion`` in bf16, `
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from megatron_ext import torch_adam
+from megatron_ext.torch_adam import init_adam_state_for_load, split_shared_adam_steps, torch_optimizers
 
 __all__ = [
     "enable",
@@ -69,6 +72,7 @@ __all__ = [
     "init_adam_state_for_load",
     "fuse_adam",
     "split_shared_adam_steps",
+    "torch_optimizers",
     "init_process_group",
 ]
 
@@ -209,38 +213,6 @@ def _gloo_batched_p2p_ops(
     return torch.distributed.batch_isend_irecv(ops) if ops else []
 
 
-def _state_dict_with_adam_state(state_dict):
-    @functools.wraps(state_dict)
-    def wrapper(self):
-        init_adam_state_for_load(self)
-        return state_dict(self)
-
-    return wrapper
-
-
-def _load_state_dict_with_own_steps(load_state_dict):
-    @functools.wraps(load_state_dict)
-    def wrapper(self, state_dict):
-        load_state_dict(self, state_dict)
-        split_shared_adam_steps(self)
-
-    return wrapper
-
-
-def _set_states_keeping_step(set_states):
-    @functools.wraps(set_states)
-    def wrapper(self, model_param, tensors):
-        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            group_index, group_order = self.model_param_group_index_map[model_param]
-            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-            step = self.optimizer.state.get(main_param, {}).get("step")
-            if step is not None:
-                tensors = {**tensors, "step": step}  # copied onto itself: left as loaded
-        return set_states(self, model_param, tensors)
-
-    return wrapper
-
-
 def _original(obj: Any, name: str) -> Any:
     """What :func:`enable` replaced ``obj.name`` with (tests use it to show a patch is still needed)."""
     return _STATE["saved"][(obj, name)]
@@ -290,14 +262,9 @@ def enable() -> None:
 
     _patch(p2p_communication, "_batched_p2p_ops", _gloo_batched_p2p_ops)
 
-    from megatron.core.optimizer import distrib_optimizer
-
-    if not distrib_optimizer.HAVE_APEX_OR_TE:
-        dist_opt = distrib_optimizer.DistributedOptimizer
-        _patch(dist_opt, "state_dict", _state_dict_with_adam_state(dist_opt.state_dict))
-        _patch(dist_opt, "load_state_dict", _load_state_dict_with_own_steps(dist_opt.load_state_dict))
-        _patch(dist_opt, "_set_main_param_and_optimizer_states",
-               _set_states_keeping_step(dist_opt._set_main_param_and_optimizer_states))
+    # Without apex/TE (always, on CPU): the torch-AdamW checkpoint fixes, which the trainer installs on any device.
+    for obj, name, value in torch_adam.patches():
+        _patch(obj, name, value)
 
     mode = _CpuDeviceMode()
     mode.__enter__()
@@ -349,33 +316,6 @@ def check_config(config: Any) -> None:
         raise ValueError("TransformerConfig: " + "; ".join(problems))
 
 
-def _inner_torch_optimizers(optimizer: Any) -> list[Any]:
-    """The torch optimizers under a megatron (chained / distributed / fp32) optimizer, or the optimizer itself."""
-    chained = getattr(optimizer, "chained_optimizers", None)
-    if chained is not None:
-        return [inner for opt in chained for inner in _inner_torch_optimizers(opt)]
-    return [getattr(optimizer, "optimizer", optimizer)]
-
-
-def init_adam_state_for_load(optimizer: Any) -> None:
-    """Create the state of a (megatron-wrapped) torch AdamW that has not stepped yet; existing state is kept.
-
-    ``DistributedOptimizer.sharded_state_dict(..., is_loading=True)`` reads the current state (one common
-    ``step``, distrib_optimizer.py:642), which a fresh torch AdamW does not have yet. Creates what AdamW's lazy
-    init would (zero ``exp_avg``/``exp_avg_sq``, ``step`` 0) without touching the params. CPU mode calls it from
-    ``DistributedOptimizer.state_dict``.
-    """
-    for inner in _inner_torch_optimizers(optimizer):
-        for group in inner.param_groups:
-            for param in group["params"]:
-                if param not in inner.state or not inner.state[param]:
-                    inner.state[param] = {
-                        "step": torch.tensor(0.0),
-                        "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
-                        "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
-                    }
-
-
 def fuse_adam(optimizer: Any) -> int:
     """Switch the torch Adam/AdamW under a (megatron-wrapped) optimizer to torch's fused CPU kernel; returns how
     many param groups were switched.
@@ -388,7 +328,7 @@ def fuse_adam(optimizer: Any) -> int:
     as they are.
     """
     switched = 0
-    for inner in _inner_torch_optimizers(optimizer):
+    for inner in torch_optimizers(optimizer):
         if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             continue
         for group in inner.param_groups:
@@ -398,27 +338,6 @@ def fuse_adam(optimizer: Any) -> int:
                 group["fused"], group["foreach"] = True, False
                 switched += 1
     return switched
-
-
-def split_shared_adam_steps(optimizer: Any) -> int:
-    """Give every param of a (distributed) torch-Adam optimizer its own ``step`` tensor; returns how many split.
-
-    megatron's DistributedOptimizer restores one shared ``step`` tensor for all params (distrib_optimizer.py:825);
-    torch's AdamW increments each param's ``step`` in place, so a shared one advances N times per step and the
-    resumed run silently drifts. CPU mode calls it at the end of ``DistributedOptimizer.load_state_dict``; calling
-    it again is harmless.
-    """
-    split = 0
-    for inner in _inner_torch_optimizers(optimizer):
-        seen: set[int] = set()
-        for state in inner.state.values():
-            step = state.get("step")
-            if isinstance(step, torch.Tensor):
-                if id(step) in seen:
-                    state["step"] = step.clone()
-                    split += 1
-                seen.add(id(state["step"]))
-    return split
 
 
 def init_process_group(backend: str = "gloo") -> tuple[int, int]:

@@ -77,15 +77,10 @@ def init_runtime(device: torch.device, tensor_model_parallel_size: Optional[int]
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    if device.type == "cpu":
-        from megatron_ext import cpu
+    from megatron_ext.device import select
 
-        if not cpu.is_enabled():
-            cpu.enable()
-    elif device.type == "cuda":
-        torch.cuda.set_device(device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0)))
+    backend = select(device).backend  # set the CUDA device, or megatron CPU mode on CPU
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             dist.init_process_group(backend)  # torchrun: rendezvous from the environment
         else:  # one rank: an in-process store, no port to pick or collide on
@@ -186,8 +181,10 @@ def _load_image_set(model: torch.nn.Module, iter_dir: Path, prefix: str) -> None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device``, or CUDA when available, else CPU."""
-    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    """``device``, or this rank's CUDA device when CUDA is available, else CPU (:mod:`megatron_ext.device`)."""
+    from megatron_ext.device import placement
+
+    return placement(device).device
 
 
 def _read_record(iter_dir: Path) -> dict[str, Any]:
@@ -246,13 +243,13 @@ def load_for_inference(ckpt: str | Path, device: str | torch.device | None = Non
     cfg = dataclasses.replace(cfg, attention_backend=attention_backend, linear_backend="auto")
     init_runtime(device)
     with weights:
-        model = build_model(cfg, base=weights, params_dtype=dtype, freeze=False)
+        model = build_model(cfg, base=weights, params_dtype=dtype, freeze=False, device=device)
     if kind == "training":
         _load_image_set(model, path, prefix)
     model.requires_grad_(False)
     # params_dtype covers megatron's modules only; the image encoder/decoder (plain torch) follow here, as megatron's
     # Float16Module casts the whole model in training.
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to(dtype=dtype).eval()
     meta = CheckpointMeta(kind, path, base_dir, _stop_token_ids(base_dir, cfg))
     return InferenceModel(model, cfg, load_tokenizer(base_dir), vae, meta)
 

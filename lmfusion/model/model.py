@@ -166,6 +166,16 @@ class Decoder(MegatronModule):
         return out
 
 
+class _Rotary(RotaryEmbedding):
+    """megatron's RoPE with its table kept where the model is: megatron's ``get_emb`` moves a host ``inv_freq`` to
+    ``torch.cuda.current_device()`` on first use, which would drag a host model's table (an fp32 CPU reference on a
+    GPU machine) onto the GPU. :meth:`LMFusionModel._apply` moves it with the model instead."""
+
+    def get_emb(self, max_seq_len: int, offset: int = 0) -> Tensor:
+        freqs = self.get_freqs_non_repeated(max_seq_len, offset)  # (s, d/2)
+        return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]  # (s, 1, 1, d), not interleaved (Llama)
+
+
 class LMFusionModel(MegatronModule):
     def __init__(self, model_config: ModelConfig, config: TransformerConfig, pre_process: bool = True,
                  post_process: bool = True, layer_offset: Optional[int] = None, num_local_layers: Optional[int] = None):
@@ -195,8 +205,8 @@ class LMFusionModel(MegatronModule):
         self.routing_pad_multiple = fp8_pad_multiple(bool(config.fp8))
         self.input_tensor: Optional[Tensor] = None
 
-        self.rotary = RotaryEmbedding(kv_channels=model_config.head_dim, rotary_percent=1.0,
-                                      rotary_base=model_config.rope_theta, use_cpu_initialization=True)
+        self.rotary = _Rotary(kv_channels=model_config.head_dim, rotary_percent=1.0,
+                              rotary_base=model_config.rope_theta, use_cpu_initialization=True)
         if model_config.rope_scaling is not None:
             rs = model_config.rope_scaling
             # megatron fixes the Llama-3.1 constants; apply the configured ones with its own formula.
@@ -228,6 +238,17 @@ class LMFusionModel(MegatronModule):
                 tag_partitioned(self.output_layer.weight, 0, 1)
         if pre_process:
             tag_partitioned(self.embedding.word_embeddings.weight, 0, 1)
+
+    def _apply(self, fn, recurse=True):
+        """``.to(device)``/``.cuda()`` move RoPE's frequency table too. megatron keeps it as a plain tensor attribute
+        (fp32 on purpose: a buffer would be cast by ``.bfloat16()``) and would otherwise move it lazily to
+        ``torch.cuda.current_device()`` at the first forward, wherever the model is. Its dtype stays fp32."""
+        out = super()._apply(fn, recurse)
+        inv_freq = self.rotary.inv_freq
+        device = fn(inv_freq).device
+        if device != inv_freq.device:
+            self.rotary.inv_freq = inv_freq.to(device)
+        return out
 
     # ------------------------------------------------------------------ checkpointing
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):

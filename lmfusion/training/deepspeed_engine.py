@@ -134,7 +134,8 @@ class DeepSpeedTrainer(Trainer):
         cfg = self.cfg
         deepspeed = _import_deepspeed()
         dtype = params_dtype(cfg)
-        model = build_model(cfg.model, base=weights, params_dtype=dtype, seed=cfg.train.seed, freeze=True)
+        model = build_model(cfg.model, base=weights, params_dtype=dtype, seed=cfg.train.seed, freeze=True,
+                            device=self.rt.device)  # every tensor, frozen text included, before DeepSpeed wraps it
         if cfg.train.recompute == "full":
             from lmfusion.training.model_setup import _recompute_layers
 

@@ -20,16 +20,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from lmfusion.config import Config, to_transformer_config
+from lmfusion.config import Config
 from lmfusion.model.builder import build_model
 from lmfusion.model.model import LMFusionModel
-from lmfusion.model.weights import freeze_text, init_image_twins_from_text, load_base_weights
-from megatron_ext import cpu
+from megatron_ext import cpu, torch_adam
+from megatron_ext.device import runtime_device
 
 __all__ = ["TrainModel", "params_dtype", "build_train_model", "check_buckets", "unwrap", "text_parameters"]
 
@@ -67,35 +66,14 @@ def _config_overrides(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def _build_chunks(cfg: Config, base, dtype: torch.dtype, train_text: bool) -> list[LMFusionModel]:
-    sp = cfg.parallel.sequence_parallel
-    overrides = _config_overrides(cfg)
+def _build_chunks(cfg: Config, base, dtype: torch.dtype, train_text: bool, device: torch.device
+                  ) -> list[LMFusionModel]:
+    """This rank's model chunk(s), every tensor on ``device``: one stage, or one per virtual stage."""
     vpp = cfg.parallel.vpp
-    if vpp == 1:
-        return [build_model(cfg.model, base=base, sequence_parallel=sp, params_dtype=dtype, seed=cfg.train.seed,
-                            freeze=not train_text, **overrides)]
-    # Interleaved pipeline: build_model builds one contiguous stage, so chunks are assembled here the same way.
-    pp, rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-    per_chunk = cfg.model.num_layers // (pp * vpp)
-    chunks = []
-    for v in range(vpp):
-        torch.manual_seed(cfg.train.seed)  # as build_model: replicated image modules start equal on TP ranks
-        tconfig = to_transformer_config(cfg.model, tp=ps.get_tensor_model_parallel_world_size(), pp=pp,
-                                        sequence_parallel=sp, params_dtype=dtype,
-                                        perform_initialization=base is None, **overrides)
-        offset = (v * pp + rank) * per_chunk
-        model = LMFusionModel(cfg.model, tconfig, pre_process=v == 0 and rank == 0,
-                              post_process=v == vpp - 1 and rank == pp - 1, layer_offset=offset,
-                              num_local_layers=per_chunk)
-        model.vp_stage = v  # megatron's schedules check it against the chunk they run
-        if base is not None:
-            load_base_weights(model, base, vocab_size=cfg.model.vocab_size, tied=cfg.model.tie_word_embeddings,
-                              layer_offset=offset)
-        init_image_twins_from_text(model)
-        if not train_text:
-            freeze_text(model)
-        chunks.append(model)
-    return chunks
+    return [build_model(cfg.model, base=base, sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=dtype,
+                        seed=cfg.train.seed, freeze=not train_text, device=device,
+                        vp_stage=v if vpp > 1 else None, **_config_overrides(cfg))
+            for v in range(vpp)]
 
 
 def _recompute_layers(model: LMFusionModel) -> None:
@@ -122,16 +100,20 @@ def check_buckets(cfg: Config, chunks: list[DistributedDataParallel]) -> None:
                          f"dp_reshardable or parallel.overlap_grad_reduce=false")
 
 
-def build_train_model(cfg: Config, base, train_text: bool = False) -> TrainModel:
-    """Model chunks (text from ``base``; random when None), DDP, megatron optimizer and LR/WD scheduler, wired for the
-    schedules. ``train_text``: train the text weights too (the everything-trainable baseline of benchmarks)."""
+def build_train_model(cfg: Config, base, train_text: bool = False, device: torch.device | None = None) -> TrainModel:
+    """Model chunks (text from ``base``; random when None) on ``device`` (default: the runtime device), DDP, megatron
+    optimizer and LR/WD scheduler, wired for the schedules. ``train_text``: train the text weights too (the
+    everything-trainable baseline of benchmarks)."""
     if cfg.train.fp8 is not None:
         from megatron_ext.te_linear import HAVE_TE
 
         if not (HAVE_TE and torch.cuda.is_available()):
             raise ValueError(f"train.fp8={cfg.train.fp8!r} needs Transformer Engine and a GPU")
+    # megatron's torch-AdamW fallback (no apex/TE: CPU, or a GPU container without them) checkpoints its `step` state
+    # wrongly; the fixes apply on every device, not only in CPU mode.
+    torch_adam.install()
     dtype = params_dtype(cfg)
-    chunks = _build_chunks(cfg, base, dtype, train_text)
+    chunks = _build_chunks(cfg, base, dtype, train_text, runtime_device() if device is None else device)
     for model in chunks:
         # megatron's finalize_model_grads reads this GPTModel attribute at PP > 1 to all-reduce tied embedding grads
         # between the first and last stage. The embedding is frozen (no gradient): there is nothing to sync.

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from lmfusion.config import Config
+from megatron_ext.device import select as select_device
 
 __all__ = ["Runtime", "init_runtime"]
 
@@ -48,19 +49,11 @@ class Runtime:
 
 def init_runtime(cfg: Config, timeout_s: int = 1800) -> Runtime:
     """Set up everything distributed for ``cfg``; raises naming the config key when the world does not fit."""
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        from megatron_ext import cpu
-
-        cpu.enable()  # megatron-core's CUDA assumptions, handled for CPU/gloo (idempotent)
-        device = torch.device("cpu")
+    place = select_device()  # cuda:LOCAL_RANK + NCCL, or CPU + gloo + megatron CPU mode
+    device = place.device
     owns = not dist.is_initialized()
     if owns:
-        backend = "nccl" if on_gpu else "gloo"
+        backend = place.backend
         timeout = datetime.timedelta(seconds=timeout_s)
         if "RANK" in os.environ:  # torchrun / srun-exported environment
             dist.init_process_group(backend, timeout=timeout)

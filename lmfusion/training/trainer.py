@@ -100,7 +100,7 @@ class Trainer:
 
     def build_train_model(self, weights) -> TrainModel:
         """The model, its data-parallel wrapping, optimizer and scheduler (an engine overrides it)."""
-        return build_train_model(self.cfg, weights)
+        return build_train_model(self.cfg, weights, device=self.rt.device)
 
     def make_checkpointer(self, record: dict[str, Any]):
         """The run's checkpointer (an engine overrides it): ``save``, ``poll``, ``wait``, ``close``, ``load``."""
