@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 
 def init_single_rank() -> None:
@@ -21,15 +21,20 @@ def init_single_rank() -> None:
         parallel_state.initialize_model_parallel(1, 1)
 
 
-def time_interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each fn, running them round-robin so drift hits all alike."""
+def time_interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 1,
+                     sync: Optional[Callable[[], None]] = None) -> dict[str, float]:
+    """Median seconds per call of each fn, running them round-robin so drift hits all alike. ``sync`` (e.g.
+    ``torch.cuda.synchronize``) is called before and after each timed call: GPU work is asynchronous."""
+    sync = sync or (lambda: None)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for name, fn in fns.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             samples[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in samples.items()}

@@ -10,7 +10,10 @@ Everything is trainable (same GEMM count as dense). A frozen-text routed pair is
 gradient GEMM: faster than dense by the text share of the weight-gradient work).
 
 Usage: python benchmarks/routed_linear.py [--hidden 2048 --ffn 5632 --tokens 4096 --reps 3]
+       python benchmarks/routed_linear.py --device cuda --dtype bf16 --hidden 4096 --ffn 7168 --tokens 8192
+           (the 8B layer at TP=2: fc2's local input is 14336 / 2; scripts/gpu_check.sh runs this)
 Last line: routed_over_dense: <max ratio over the mixes>   (target <= 1.08 on CPU)
+TFLOP/s columns count the pair's fwd+bwd GEMMs (3 x 2 x 2 n h f; frozen-text rows skip the text weight gradients).
 """
 
 from __future__ import annotations
@@ -33,8 +36,13 @@ def main(argv=None) -> float:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--device", default="cpu", help="cpu | cuda (layers built on the host, then moved)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
 
     init_single_rank()
     from megatron.core.model_parallel_config import ModelParallelConfig
@@ -57,7 +65,9 @@ def main(argv=None) -> float:
                                            skip_bias_add=False)
     frozen_col.weight.requires_grad_(False)
     frozen_row.weight.requires_grad_(False)
-    x = torch.randn(n, 1, h)
+    for mod in (dense_col, dense_row, col, row, frozen_col, frozen_row):
+        mod.to(device=device, dtype=dtype)
+    x = torch.randn(n, 1, h).to(device=device, dtype=dtype)
     gen = torch.Generator().manual_seed(0)
 
     def zero_grads():
@@ -90,24 +100,28 @@ def main(argv=None) -> float:
 
     rows = []
     worst = 0.0
-    print(f"# h={h} ffn={f} tokens={n} threads={torch.get_num_threads()} reps={args.reps} (median s, fwd+bwd)")
-    print("| text/image | dense | routed | routed frozen-text | select | routed/dense | frozen/dense | select/dense |")
-    print("|---|---|---|---|---|---|---|---|")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"# h={h} ffn={f} tokens={n} {args.dtype} on {where} reps={args.reps} (median s, fwd+bwd)")
+    print("| text/image | dense | routed | routed frozen-text | select | routed/dense | frozen/dense | select/dense "
+          "| routed TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    flops = 12.0 * n * h * f  # two GEMMs, fwd (2nhf each) + dgrad + wgrad
     for text_frac in (0.5, 0.8):
-        ids = (torch.rand(n, 1, generator=gen) >= text_frac).long()  # random interleaving, worst for locality
+        ids = (torch.rand(n, 1, generator=gen) >= text_frac).long().to(device)  # random order: worst for locality
         plan = RoutingPlan.build(ids)
         t = time_interleaved({
             "dense": dense_step,
             "routed": lambda: routed_step(col, row, plan),
             "frozen": lambda: routed_step(frozen_col, frozen_row, plan),
             "select": lambda: select_step(ids),
-        }, reps=args.reps)
+        }, reps=args.reps, sync=sync)
         ratio = t["routed"] / t["dense"]
         worst = max(worst, ratio)
         mix = f"{round(100 * text_frac)}/{round(100 * (1 - text_frac))}"
         rows.append(mix)
         print(f"| {mix} | {t['dense']:.3f} | {t['routed']:.3f} | {t['frozen']:.3f} | {t['select']:.3f} "
-              f"| {ratio:.3f} | {t['frozen'] / t['dense']:.3f} | {t['select'] / t['dense']:.3f} |")
+              f"| {ratio:.3f} | {t['frozen'] / t['dense']:.3f} | {t['select'] / t['dense']:.3f} "
+              f"| {flops / t['routed'] / 1e12:.3g} |")
     print(f"routed_over_dense: {worst:.3f}")
     return worst
 
