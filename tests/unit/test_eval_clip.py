@@ -1,72 +1,160 @@
-"""CLIP score (lmfusion.evaluation.fid.clip_score) with a real open_clip model: random weights (no CLIP weights are
-installable offline) saved to a local file, loaded back by clip_score through open_clip's own checkpoint loader, and
-compared with the score computed by hand from the same model: ``100 * max(cos(image, text), 0)`` per pair, averaged.
-
-open_clip needs a torchvision that imports beside the installed torch; the project venv's CPU torch 2.13.0 has none,
-so this test skips there. It runs in a side venv (torch 2.14.1 + torchvision 0.29.1 + open-clip-torch; see
-examples/eval_coco.md). Tolerance: the same fp32 model and inputs on both sides, only the batching differs (1e-4 on
-scores of order 10)."""
+"""CLIP score (lmfusion.evaluation.fid.clip_score) with a real transformers ``CLIPModel``: a tiny random-weight model
+(no CLIP weights are installable offline), a byte-level BPE ``CLIPTokenizer`` over a letter vocabulary, and the PIL
+``CLIPImageProcessorPil``, saved with ``save_pretrained`` into one directory and loaded back by clip_score. The score
+is compared with one computed by hand from the in-memory model: ``get_image_features`` / ``get_text_features`` one
+pair at a time, normalised, ``100 * max(cos, 0)`` per pair, averaged. Tolerance: the same fp32 model and inputs on
+both sides, only the batching and padding differ (1e-4 on scores of order 10)."""
 
 from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
 
 import pytest
 import torch
 
+from lmfusion.evaluation.fid import clip_score
 
-def _import_open_clip():
-    try:
-        import open_clip  # noqa: F401  (imports torchvision)
-    except Exception as e:  # ImportError, or torchvision's 'operator torchvision::nms does not exist' RuntimeError
-        pytest.skip(f"open_clip/torchvision do not import beside torch {torch.__version__}: {type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:120] if str(e) else ''}")
-    return open_clip
-
-
-MODEL = "ViT-B-32"
-PROMPTS = ["a red square", "a green field", "a blue sky", "a white wall", "a black cat"]
+MAX_POSITIONS = 16  # short, so that one prompt below must be truncated
+SEED = 0  # random weights whose cosines on the pairs below have both signs (asserted in the test)
+PROMPTS = ["a red square", "a green field", "a blue sky", "a white wall",
+           "a black cat sitting on a long white wall"]  # 30 tokens > MAX_POSITIONS - 2
+MERGES = ["w h", "wh i"]  # "white" -> whi t e</w>
 
 
-def test_clip_score_loads_local_weights_and_matches_by_hand(tmp_path):
-    """Two weight files: a random model and the same model with its text projection negated, which flips the sign
-    of every cosine. Whatever the signs, one file has positive cosines (its score is their mean, not 0) and the
-    clamp is exercised on the other; both must equal the by-hand score of the model loaded from that file."""
-    open_clip = _import_open_clip()
+def tiny_tokenizer():
+    """CLIP's byte-level BPE (transformers' CLIPTokenizer) over lowercase letters: each letter inside a word and at
+    its end (``x</w>``), plus two merges; other words are spelled letter by letter."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for c in string.ascii_lowercase:
+            vocab[c + suffix] = len(vocab)
+    for merge in MERGES:
+        vocab[merge.replace(" ", "")] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in MERGES])
+
+
+def tiny_clip(seed: int = SEED):
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    tokenizer = tiny_tokenizer()
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(text_config=dict(small, vocab_size=len(tokenizer), max_position_embeddings=MAX_POSITIONS,
+                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id),
+                        vision_config=dict(small, image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model, tokenizer, processor
+
+
+def save_tiny_clip(directory: Path, seed: int = SEED, text_sign: int = 1, bpe_files: bool = False) -> Path:
+    """A tiny random CLIP directory as clip_score reads it; ``text_sign=-1`` negates the text projection.
+    ``bpe_files``: the tokenizer as ``vocab.json`` + ``merges.txt`` (the original CLIP layout) instead of the
+    ``tokenizer.json`` that transformers 5's ``save_pretrained`` writes."""
+    model, tokenizer, processor = tiny_clip(seed)
+    with torch.no_grad():
+        model.text_projection.weight.mul_(text_sign)
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    if bpe_files:
+        (directory / "tokenizer.json").unlink()
+        (directory / "vocab.json").write_text(json.dumps(tokenizer.get_vocab()))
+        (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n")
+    return directory
+
+
+def _write_images(directory: Path, n: int) -> list[Path]:
     from PIL import Image
 
-    from lmfusion.evaluation.fid import clip_score
-
-    torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms(MODEL, pretrained=None)
-    model.eval()
+    directory.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(1)
     paths = []
-    for i in range(len(PROMPTS)):
-        p = tmp_path / f"{i}.png"
-        pixels = torch.randint(0, 256, (40, 48, 3), generator=gen, dtype=torch.uint8).numpy()
+    for i in range(n):
+        p = directory / f"{i}.png"
+        pixels = torch.randint(0, 256, (40, 48, 3), generator=gen, dtype=torch.uint8).numpy()  # resized + cropped
         Image.fromarray(pixels).save(p)
         paths.append(p)
-    tokenizer = open_clip.get_tokenizer(MODEL)
+    return paths
+
+
+def _cosines_by_hand(model, tokenizer, processor, paths, prompts) -> torch.Tensor:
+    """cos(image, text) per pair, one pair at a time; a prompt is cut to its first MAX_POSITIONS - 2 tokens between
+    the start and end tokens (CLIP pools at the end token)."""
+    from PIL import Image
+
+    cos = []
     with torch.no_grad():
-        ims = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths])
-        img = model.encode_image(ims)
-        txt = model.encode_text(tokenizer(PROMPTS))
-    cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)  # (n,)
+        for p, text in zip(paths, prompts):
+            pixels = processor(images=[Image.open(p).convert("RGB")], return_tensors="pt")["pixel_values"]
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"][:MAX_POSITIONS - 2]
+            ids = torch.tensor([[tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]])
+            img = model.get_image_features(pixel_values=pixels).pooler_output
+            txt = model.get_text_features(input_ids=ids).pooler_output
+            cos.append(torch.nn.functional.cosine_similarity(img, txt, dim=-1))
+    return torch.cat(cos)
+
+
+def test_clip_score_loads_local_dir_and_matches_by_hand(tmp_path):
+    """Two directories: a random model and the same model with its text projection negated, which flips the sign
+    of every cosine. The seed gives cosines of both signs, so the per-pair clamp cuts some pairs in each directory:
+    the two scores sum to ``100 * mean |cos|`` (without the clamp they would sum to 0, and clamping the mean, as
+    torchmetrics does, would give ``100 * |mean cos|``). The last prompt is longer than the text model's positions
+    and must be truncated (HF's CLIP raises on a longer input). The second directory holds its tokenizer as
+    vocab.json + merges.txt."""
+    model, tokenizer, processor = tiny_clip()
+    assert tokenizer.tokenize("a white wall") == ["a</w>", "whi", "t", "e</w>", "w", "a", "l", "l</w>"]
+    assert len(tokenizer(PROMPTS[-1])["input_ids"]) > MAX_POSITIONS
+    paths = _write_images(tmp_path / "img", len(PROMPTS))
+    cos = _cosines_by_hand(model, tokenizer, processor, paths, PROMPTS)
+    assert (cos > 0).any() and (cos < 0).any(), cos  # the clamp cuts pairs under either sign
 
     scores = {}
     for sign in (1, -1):
-        state = model.state_dict()
-        state["text_projection"] = sign * state["text_projection"]
-        weights = tmp_path / f"clip_random_{sign}.pt"
-        torch.save(state, weights)
-        got = clip_score(paths, PROMPTS, MODEL, weights, batch_size=2)  # batches of 2, 2, 1
+        directory = save_tiny_clip(tmp_path / f"clip{sign}", text_sign=sign, bpe_files=sign < 0)
+        got = clip_score(paths, PROMPTS, directory, batch_size=2)  # batches of 2, 2, 1; padded within a batch
         want = float((100 * sign * cos).clamp_min(0).mean())
         assert got == pytest.approx(want, abs=1e-4), (sign, got, want, (100 * cos).tolist())
         scores[sign] = got
-    assert max(scores.values()) > 0  # not a degenerate all-zero comparison
+    assert scores[1] + scores[-1] == pytest.approx(float(100 * cos.abs().mean()), abs=2e-4)
+    assert abs(float(100 * cos.mean())) < float(100 * cos.abs().mean()) - 1  # the two clamps differ here
 
 
-def test_missing_clip_weights_is_a_clear_error(tmp_path):
-    from lmfusion.evaluation.fid import clip_score
+def _one_line_error(exc_type, *args) -> str:
+    with pytest.raises(exc_type) as e:
+        clip_score(*args)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
 
-    with pytest.raises(FileNotFoundError, match="--clip-weights"):
-        clip_score([tmp_path / "a.png"], ["x"], MODEL, tmp_path / "absent.bin")
+
+def test_clip_dir_errors_are_one_line(tmp_path):
+    image = _write_images(tmp_path / "img", 1)
+    absent = tmp_path / "absent"
+    message = _one_line_error(FileNotFoundError, image, ["a"], absent)
+    assert f"{absent}: no such directory" in message and "openai/clip-vit-large-patch14" in message
+    assert "save_pretrained" in message
+
+    # pickled weights only: refused before anything is loaded
+    model, tokenizer, processor = tiny_clip()
+    pickled = tmp_path / "pickled"
+    model.config.save_pretrained(pickled)
+    tokenizer.save_pretrained(pickled)
+    processor.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    message = _one_line_error(ValueError, image, ["a"], pickled)
+    assert f"{pickled}: weights only as pickled pytorch_model.bin" in message and "model.safetensors" in message
+
+    no_tokenizer = save_tiny_clip(tmp_path / "no_tok")
+    (no_tokenizer / "tokenizer.json").unlink()
+    message = _one_line_error(FileNotFoundError, image, ["a"], no_tokenizer)
+    assert f"{no_tokenizer}: no tokenizer" in message
+
+    with pytest.raises(ValueError, match="one prompt per image"):
+        clip_score(image, ["a", "b"], no_tokenizer)
