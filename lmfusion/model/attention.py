@@ -26,8 +26,8 @@ Backends (tensors in (b, h, s, d); GQA: ``hq`` a multiple of ``hkv``; softmax sc
   ("FlexAttention does not support backward on CPU") at the forward call (torch 2.13); train on CPU with "sdpa".
 
 Transformer Engine's ``DotProductAttention`` is refused (:data:`TE_REFUSED`): with an arbitrary mask it has no
-fused kernel and falls back to its unfused path, which saves the full score matrix for backward (at 8B, 32 heads x 4096^2
-bf16 scores: 1 GiB per layer and micro-batch). FlexAttention runs this mask block-sparse and fused.
+fused kernel and falls back to its unfused path, which saves the full score matrix for backward (at 8B, 32 heads x
+4096^2 bf16 scores: 1 GiB per layer and micro-batch). FlexAttention runs this mask block-sparse and fused.
 
 KV cache: ``q`` may be shorter than ``k``/``v``; the queries are then the *last* ``s_q`` positions of the sequence the
 ids describe (ids always cover the full key length). The mask rows are those of the full mask, sliced.
