@@ -103,12 +103,12 @@ class RoutedMLP(MegatronModule):
 
     def forward(self, hidden: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """hidden (s, b, h), (s/tp, b, h) with sequence parallelism."""
-        local_ids = None
+        sp_shard = None
         if self.config.sequence_parallel:
             tp_group = parallel_state.get_tensor_model_parallel_group()
             if get_pg_size(tp_group) > 1:
-                local_ids = plan.local_modality_ids(get_pg_rank(tp_group), get_pg_size(tp_group))
-        x = self.pre_mlp_layernorm(hidden, plan, local_ids)
+                sp_shard = (get_pg_rank(tp_group), get_pg_size(tp_group))
+        x = self.pre_mlp_layernorm(hidden, plan, sp_shard)
         y, _ = self.linear_fc1(x, plan, keep_grouped=self._grouped)  # (rows, 2*ffn/tp) or (s, b, 2*ffn/tp)
         gate, up = torch.chunk(y, 2, dim=-1)
         act = F.silu(gate) * up

@@ -255,7 +255,7 @@ class LMFusionModel(MegatronModule):
 
     def build_context(self, inputs: ModelInputs, kv_cache: Optional[KVCache] = None
                       ) -> tuple[LayerContext, Tensor, Tensor, Tensor]:
-        """Routing plan, SP-local ids, RoPE table and mask for one micro-batch; also the image token indices,
+        """Routing plan, SP shard, RoPE table and mask for one micro-batch; also the image token indices,
         the step's image ids and positions (for the KV cache)."""
         modality, image_ids, flat = inputs.image_layout(self.image_tokens)
         no_dgrad = None
@@ -264,12 +264,12 @@ class LMFusionModel(MegatronModule):
         # (s, b): megatron's token order
         plan = RoutingPlan.build(modality.t().contiguous(), pad_multiple=self.routing_pad_multiple,
                                  no_dgrad=no_dgrad)
-        local_ids = None
+        sp_shard = None
         tp_rank, tp_size = self._tp()
         if self.config.sequence_parallel and tp_size > 1:
             if kv_cache is not None:
                 raise ValueError("KV-cache decoding runs without sequence parallelism")
-            local_ids = plan.local_modality_ids(tp_rank, tp_size)
+            sp_shard = (tp_rank, tp_size)
         b, s = inputs.tokens.shape
         positions = inputs.position_ids
         if positions is None:
@@ -282,7 +282,7 @@ class LMFusionModel(MegatronModule):
             mask = AttentionMask(inputs.document_ids, image_ids)
         else:
             mask = AttentionMask(*kv_cache.full_ids(inputs.document_ids, image_ids), q_len=s)
-        ctx = LayerContext(plan=plan, local_ids=local_ids, rotary=rotary, mask=mask, kv_cache=kv_cache)
+        ctx = LayerContext(plan=plan, sp_shard=sp_shard, rotary=rotary, mask=mask, kv_cache=kv_cache)
         return ctx, flat, image_ids, positions
 
     # ------------------------------------------------------------------ forward
@@ -333,7 +333,7 @@ class LMFusionModel(MegatronModule):
             kv_cache.commit_ids(inputs.document_ids, image_ids, positions)
         if not self.post_process:
             return hidden
-        hidden = self.decoder.final_layernorm(hidden, ctx.plan, ctx.local_ids)
+        hidden = self.decoder.final_layernorm(hidden, ctx.plan, ctx.sp_shard)
         weight = self.embedding.word_embeddings.weight if self.share_embedding else None
         logits, _ = self.output_layer(hidden, weight=weight)  # (s, b, V/tp); gathers the sequence under SP
         logits = self._mask_vocab_padding(logits)
