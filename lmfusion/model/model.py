@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -151,6 +151,15 @@ class Decoder(MegatronModule):
     def __init__(self, config: TransformerConfig, layers: list[MegatronModule]):
         super().__init__(config=config)
         self.layers = torch.nn.ModuleList(layers)
+        self.recompute: Optional[Callable[..., Tensor]] = None
+        """Activation recompute: ``recompute(layer, hidden, ctx)`` runs a layer so that backward re-runs it (a
+        checkpoint function); None runs layers plainly. Set by the trainer (``train.recompute``)."""
+
+    def forward(self, hidden: Tensor, ctx: LayerContext) -> Tensor:
+        """This stage's layers: (s[/tp], b, h) -> (s[/tp], b, h)."""
+        for layer in self.layers:
+            hidden = layer(hidden, ctx) if self.recompute is None else self.recompute(layer, hidden, ctx)
+        return hidden
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         out = {}
@@ -327,8 +336,7 @@ class LMFusionModel(MegatronModule):
         if hidden is None:
             raise RuntimeError("LMFusionModel: a non-first pipeline stage needs set_input_tensor() before forward")
         with self._fp8_context():
-            for layer in self.decoder.layers:
-                hidden = layer(hidden, ctx)
+            hidden = self.decoder(hidden, ctx)
         if kv_cache is not None and kv_cache.commit:
             kv_cache.commit_ids(inputs.document_ids, image_ids, positions)
         if not self.post_process:
