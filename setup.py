@@ -29,8 +29,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8,<10"],
-        # Transformer Engine builds only against a CUDA torch; install it inside a CUDA container.
-        "gpu": ["transformer-engine[pytorch]>=2.8"],
+        # Transformer Engine builds only against a CUDA torch; install it inside a CUDA container. The range is the one
+        # megatron-core 0.16.1 tests (its "dev" extra: >=2.9,<2.12); TE 2.8 has no CUDA 13 build.
+        "gpu": ["transformer-engine[pytorch]>=2.9,<2.12"],
         "deepspeed": ["deepspeed==0.19.8"],
         # Parquet manifests for data_tools/build_shards.py (imported only when one is given)
         "parquet": ["pyarrow>=14"],

@@ -72,7 +72,8 @@ class ModelConfig:
     eos_token_id: int = 128001
     image: ImageIOConfig = field(default_factory=ImageIOConfig)
     attention_backend: str = "auto"
-    """'sdpa' (explicit mask; CPU), 'flex' (GPU default), 'te', or 'auto'."""
+    """'sdpa' (explicit mask; CPU), 'flex' (GPU default), or 'auto'. ('te' is refused: Transformer Engine has no
+    fused kernel for this arbitrary mask; see lmfusion/model/attention.py.)"""
     linear_backend: str = "auto"
     """'local' (pure torch), 'te' (Transformer Engine), or 'auto' (TE when it imports and a GPU is present)."""
 
@@ -100,7 +101,11 @@ class ModelConfig:
                                  f"set it to a token id the tokenizer reserves")
         if self.boi_token_id == self.eoi_token_id:
             raise ValueError(f"model.boi_token_id and model.eoi_token_id are both {self.boi_token_id}")
-        for name, allowed in (("attention_backend", ("auto", "sdpa", "flex", "te")),
+        if self.attention_backend == "te":
+            from lmfusion.model.attention import TE_REFUSED
+
+            raise ValueError(f"model.{TE_REFUSED}")
+        for name, allowed in (("attention_backend", ("auto", "sdpa", "flex")),
                               ("linear_backend", ("auto", "local", "te"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}")

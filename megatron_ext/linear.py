@@ -1,7 +1,8 @@
 """Modality-routed column- and row-parallel linear layers on megatron-core.
 
 Each layer holds one weight per modality (``weight`` for text, ``image_weight`` for image), each TP-sharded exactly
-like megatron's dense layer, so a dense megatron checkpoint's ``weight`` is the text weight unchanged. Tokens are
+like megatron's dense layer, so a dense megatron checkpoint's ``weight`` is the text weight unchanged: the parameter
+contract of :mod:`megatron_ext.contract`, which the Transformer Engine variant follows too. Tokens are
 routed by a :class:`~megatron_ext.routing.RoutingPlan`: one dense GEMM per modality on a contiguous slice.
 
 Communication is that of one dense megatron linear, never one collective per modality (with sequence parallelism
@@ -46,10 +47,10 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_pg_rank, get_pg_size
 from torch.nn import Parameter
 
+from megatron_ext.contract import image_twin_name, routed_linear_sharded_state_dict
 from megatron_ext.routing import IMAGE, TEXT, RoutingPlan
 
 __all__ = ["ModalityColumnParallelLinear", "ModalityRowParallelLinear", "routed_linear", "tag_partitioned"]
@@ -204,11 +205,11 @@ def _add_image_twins(layer, config: ModelParallelConfig, init_method: Callable, 
                                           stride=stride)
 
     tag_partitioned(layer.weight, partition_dim, stride)
-    _make_image_twin(layer, "image_weight", layer.weight, config, init_weight)
+    _make_image_twin(layer, image_twin_name("weight"), layer.weight, config, init_weight)
     if layer.bias is not None:
-        _make_image_twin(layer, "image_bias", layer.bias, config, None)
+        _make_image_twin(layer, image_twin_name("bias"), layer.bias, config, None)
     else:
-        layer.register_parameter("image_bias", None)
+        layer.register_parameter(image_twin_name("bias"), None)
 
 
 def _check_divisible(size: int, tp: int, what: str) -> None:
@@ -258,11 +259,8 @@ class ModalityColumnParallelLinear(ColumnParallelLinear):
         return y, None
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        """Both modalities shard along axis 0, biases too (as megatron's dense column layer)."""
-        state_dict = self.state_dict(prefix="", keep_vars=True)
-        return make_sharded_tensors_for_checkpoint(
-            state_dict, prefix, {"weight": 0, "bias": 0, "image_weight": 0, "image_bias": 0}, sharded_offsets,
-            tp_group=self.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"))
+        """Both modalities shard along axis 0, biases too (as megatron's dense column layer); the contract's keys."""
+        return routed_linear_sharded_state_dict(self, 0, prefix, sharded_offsets, metadata, self.tp_group)
 
 
 class ModalityRowParallelLinear(RowParallelLinear):
@@ -325,7 +323,4 @@ class ModalityRowParallelLinear(RowParallelLinear):
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """Both modalities shard along axis 1; biases are replicated (as megatron's dense row layer)."""
-        state_dict = self.state_dict(prefix="", keep_vars=True)
-        return make_sharded_tensors_for_checkpoint(
-            state_dict, prefix, {"weight": 1, "image_weight": 1}, sharded_offsets,
-            tp_group=self.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"))
+        return routed_linear_sharded_state_dict(self, 1, prefix, sharded_offsets, metadata, self.tp_group)

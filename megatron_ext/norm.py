@@ -6,9 +6,13 @@ in fp32). The normalisation has no weights and is shared; only the final scale i
 token's weight row (one (tokens, h) gather — cheaper than grouping the tokens for an elementwise op). When every
 token has one modality only that weight is used; the other gets no gradient (as in the routed linears).
 
-With sequence parallelism the norm runs on this rank's sequence shard; pass that shard's modality ids
-(``RoutingPlan.local_modality_ids``). Its weights carry ``sequence_parallel=True`` so megatron's
-``finalize_model_grads`` all-reduces their gradients over the TP group.
+With sequence parallelism the norm runs on this rank's sequence shard; pass ``sp_shard=(tp_rank, tp_size)``. Its
+weights carry ``sequence_parallel=True`` so megatron's ``finalize_model_grads`` all-reduces their gradients over the
+TP group.
+
+No host sync: whether the tokens (of the shard) share one modality is a host-side fact of the routing plan, read
+once when the plan is built (``RoutingPlan.shard_modality``), not from the ids on every call (an 8B model runs
+65 norms per micro-batch).
 """
 
 from __future__ import annotations
@@ -41,23 +45,22 @@ class RoutedRMSNorm(MegatronModule):
         x32 = x.float()
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
-    def forward(self, x: torch.Tensor, plan: RoutingPlan, local_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """``local_ids``: flat modality ids of x's tokens when x is a sequence shard (else the plan's)."""
+    def forward(self, x: torch.Tensor, plan: RoutingPlan, sp_shard: tuple[int, int] | None = None) -> torch.Tensor:
+        """``sp_shard``: (tp_rank, tp_size) when x is that sequence-parallel shard of the plan's sequence."""
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"RoutedRMSNorm: expected hidden size {self.hidden_size}, got {x.shape[-1]}")
-        ids = plan.modality_ids if local_ids is None else local_ids
+        if sp_shard is None:
+            ids, single = plan.modality_ids, plan.shard_modality()
+        else:
+            ids, single = plan.local_modality_ids(*sp_shard), plan.shard_modality(*sp_shard)
         tokens = x.numel() // self.hidden_size
         if ids.numel() != tokens:
             raise ValueError(f"RoutedRMSNorm: {ids.numel()} modality ids for {tokens} tokens")
         xn = self._normalise(x)
-        single = plan.single_modality if local_ids is None else None
-        if single is None and local_ids is not None:
-            present = torch.unique(ids)
-            single = int(present[0]) if present.numel() == 1 else None
         if single is not None:
             return (self.weight if single == TEXT else self.image_weight) * xn
         weights = torch.stack([self.weight, self.image_weight])  # (2, h)
-        w = weights.index_select(0, ids.long()).view(x.shape)  # (s, b, h) each token's row
+        w = weights.index_select(0, ids).view(x.shape)  # (s, b, h) each token's row
         return w * xn
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):

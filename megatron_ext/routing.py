@@ -14,6 +14,7 @@ megatron's flattened ``[s, b]`` order. Build it from modality ids laid out like 
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,10 @@ class RoutingPlan:
         seq_shape: the (s, b) shape the ids came in, or None for flat ids.
         text_no_dgrad: the first ``text_no_dgrad`` rows of the text group are tokens whose input gradient nobody
             needs (see :meth:`build`); routed GEMMs skip their data-gradient rows and return zeros there.
+        row_run_starts, row_run_modalities: host-side runs along the sequence dim ``s`` (plans from (s, b) ids):
+            sequence rows ``row_run_starts[i]`` up to the next start hold the modalities whose bits
+            (``1 << modality``) are set in ``row_run_modalities[i]``. Read on the host once, when the plan is
+            built, so a sequence-parallel shard's modality (:meth:`shard_modality`) costs no device sync per layer.
     """
 
     modality_ids: torch.Tensor
@@ -53,6 +58,8 @@ class RoutingPlan:
     pad_multiple: int
     seq_shape: tuple[int, ...] | None
     text_no_dgrad: int = 0
+    row_run_starts: tuple[int, ...] = ()
+    row_run_modalities: tuple[int, ...] = ()
 
     @classmethod
     def build(cls, modality_ids: torch.Tensor, pad_multiple: int = 1,
@@ -115,8 +122,9 @@ class RoutingPlan:
                 src += count
                 dst += padded_count
             pad_rows = torch.nonzero(is_pad).flatten()
+        run_starts, run_modalities = _row_runs(ids, seq_shape)
         return cls(ids, counts, padded, gather_index, scatter_index, pad_rows, pad_multiple, seq_shape,
-                   text_no_dgrad)
+                   text_no_dgrad, run_starts, run_modalities)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -158,6 +166,33 @@ class RoutingPlan:
         present = [m for m in range(NUM_MODALITIES) if self.counts[m] > 0]
         return present[0] if len(present) == 1 else None
 
+    def shard_modality(self, tp_rank: int = 0, tp_size: int = 1) -> int | None:
+        """The modality of every token of sequence-parallel shard ``tp_rank`` of ``tp_size`` (the whole plan when
+        ``tp_size`` is 1), or None when the shard holds both (or no tokens). Host-side facts only: no device sync.
+
+        Unlike :attr:`single_modality` this ignores the grouping (padding, no-dgrad order): it is for token-order
+        consumers such as the routed norm."""
+        if tp_size == 1:
+            present = [m for m in range(NUM_MODALITIES) if self.counts[m] > 0]
+            return present[0] if len(present) == 1 else None
+        start, stop = self._shard_rows(tp_rank, tp_size)
+        starts = self.row_run_starts
+        i = bisect.bisect_right(starts, start) - 1
+        if i < 0 or (i + 1 < len(starts) and starts[i + 1] < stop):
+            return None  # no tokens, or the shard spans runs of different modality sets
+        bits = self.row_run_modalities[i]
+        return next((m for m in range(NUM_MODALITIES) if bits == 1 << m), None)
+
+    def _shard_rows(self, tp_rank: int, tp_size: int) -> tuple[int, int]:
+        """Sequence rows [start, stop) of sequence-parallel shard ``tp_rank`` of ``tp_size``."""
+        if self.seq_shape is None:
+            raise ValueError("a sequence-parallel shard needs a plan built from (s, b) modality ids")
+        s = self.seq_shape[0]
+        if s % tp_size:
+            raise ValueError(f"sequence length {s} is not divisible by tensor-parallel size {tp_size}")
+        chunk = s // tp_size
+        return tp_rank * chunk, (tp_rank + 1) * chunk
+
     # ------------------------------------------------------------------ moves (no autograd; see linear.py)
     def group(self, x: torch.Tensor) -> torch.Tensor:
         """(n, ...) in token order -> (rows, ...) grouped by modality, pad rows zero."""
@@ -176,10 +211,16 @@ class RoutingPlan:
 
     def local_modality_ids(self, tp_rank: int, tp_size: int) -> torch.Tensor:
         """Flat modality ids of this rank's sequence-parallel shard (the first dim ``s`` split over TP)."""
-        if self.seq_shape is None:
-            raise ValueError("local_modality_ids needs a plan built from (s, b) modality ids")
+        start, stop = self._shard_rows(tp_rank, tp_size)
         s, b = self.seq_shape
-        if s % tp_size:
-            raise ValueError(f"sequence length {s} is not divisible by tensor-parallel size {tp_size}")
-        chunk = s // tp_size
-        return self.modality_ids.view(s, b)[tp_rank * chunk : (tp_rank + 1) * chunk].reshape(-1)
+        return self.modality_ids.view(s, b)[start:stop].reshape(-1)
+
+
+def _row_runs(ids: torch.Tensor, seq_shape: tuple[int, ...] | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(run starts, modality bits per run) along the sequence dim of (s, b) ids, read to the host once."""
+    if seq_shape is None or ids.numel() == 0:
+        return (), ()
+    grid = ids.view(seq_shape)  # (s, b)
+    bits = sum(((grid == m).any(1).long() << m) for m in range(NUM_MODALITIES))  # (s,) modalities per row
+    starts = torch.cat([bits.new_zeros(1), torch.nonzero(bits[1:] != bits[:-1]).flatten() + 1])
+    return tuple(starts.tolist()), tuple(bits[starts].tolist())

@@ -2,7 +2,8 @@
 
 As megatron-core's ``gpt_layer_specs``: a layer names its slots (``input_layernorm``, ``linear_qkv``,
 ``linear_proj``, ``pre_mlp_layernorm``, ``linear_fc1``, ``linear_fc2``) and the spec fills them with local (pure
-torch) or Transformer Engine modules. Swapping a backend changes the spec, not the model.
+torch) or Transformer Engine modules. Swapping a backend changes the spec, not the model: both backends follow one
+parameter contract (names, TP strides, checkpoint keys; :mod:`megatron_ext.contract`).
 
 :class:`RoutedMLP` is the pre-norm SwiGLU MLP half of a routed layer (norm -> fc1 -> SwiGLU -> fc2 -> residual);
 the attention half and the full layer are the model's (``lmfusion/model``).
@@ -25,7 +26,8 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 from megatron_ext.linear import ModalityColumnParallelLinear, ModalityRowParallelLinear
 from megatron_ext.norm import RoutedRMSNorm
 from megatron_ext.routing import RoutingPlan
-from megatron_ext.te_linear import HAVE_TE, TEModalityColumnParallelLinear, TEModalityRowParallelLinear, require_te
+from megatron_ext import te_linear
+from megatron_ext.te_linear import TEModalityColumnParallelLinear, TEModalityRowParallelLinear, require_te
 
 __all__ = ["RoutedLayerSubmodules", "RoutedMLPSubmodules", "RoutedMLP", "routed_layer_submodules",
            "routed_mlp_spec", "resolve_backend"]
@@ -57,7 +59,7 @@ def resolve_backend(backend: str) -> str:
     if backend not in ("local", "te", "auto"):
         raise ValueError(f"backend must be 'local', 'te' or 'auto', got {backend!r}")
     if backend == "auto":
-        return "te" if HAVE_TE and torch.cuda.is_available() else "local"
+        return "te" if te_linear.HAVE_TE and torch.cuda.is_available() else "local"
     if backend == "te":
         require_te("backend 'te'")
     return backend
@@ -103,12 +105,12 @@ class RoutedMLP(MegatronModule):
 
     def forward(self, hidden: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """hidden (s, b, h), (s/tp, b, h) with sequence parallelism."""
-        local_ids = None
+        sp_shard = None
         if self.config.sequence_parallel:
             tp_group = parallel_state.get_tensor_model_parallel_group()
             if get_pg_size(tp_group) > 1:
-                local_ids = plan.local_modality_ids(get_pg_rank(tp_group), get_pg_size(tp_group))
-        x = self.pre_mlp_layernorm(hidden, plan, local_ids)
+                sp_shard = (get_pg_rank(tp_group), get_pg_size(tp_group))
+        x = self.pre_mlp_layernorm(hidden, plan, sp_shard)
         y, _ = self.linear_fc1(x, plan, keep_grouped=self._grouped)  # (rows, 2*ffn/tp) or (s, b, 2*ffn/tp)
         gate, up = torch.chunk(y, 2, dim=-1)
         act = F.silu(gate) * up

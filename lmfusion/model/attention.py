@@ -24,8 +24,10 @@ Backends (tensors in (b, h, s, d); GQA: ``hq`` a multiple of ``hkv``; softmax sc
 * ``"flex"``: FlexAttention with a block mask built from :func:`make_mask_mod`; the GPU default (compiled there,
   eager on CPU). On CPU only its forward works: with inputs that require grad, torch raises NotImplementedError
   ("FlexAttention does not support backward on CPU") at the forward call (torch 2.13); train on CPU with "sdpa".
-* ``"te"``: Transformer Engine ``DotProductAttention`` with ``attn_mask_type="arbitrary"`` (TE's convention is the
-  opposite: True = masked out). TE is imported lazily, it cannot be installed on a CPU torch.
+
+Transformer Engine's ``DotProductAttention`` is refused (:data:`TE_REFUSED`): with an arbitrary mask it has no
+fused kernel and falls back to its unfused path, which saves the full score matrix for backward (at 8B, 32 heads x
+4096^2 bf16 scores: 1 GiB per layer and micro-batch). FlexAttention runs this mask block-sparse and fused.
 
 KV cache: ``q`` may be shorter than ``k``/``v``; the queries are then the *last* ``s_q`` positions of the sequence the
 ids describe (ids always cover the full key length). The mask rows are those of the full mask, sliced.
@@ -56,14 +58,16 @@ __all__ = [
     "AttentionMask",
     "attend",
     "CoreAttention",
+    "TE_REFUSED",
 ]
 
-Backend = Literal["reference", "sdpa", "flex", "te"]
-BACKENDS: tuple[str, ...] = ("reference", "sdpa", "flex", "te")
+Backend = Literal["reference", "sdpa", "flex"]
+BACKENDS: tuple[str, ...] = ("reference", "sdpa", "flex")
 PADDING_DOCUMENT_ID = -1
 TEXT_IMAGE_ID = -1
 
-_TE_MISSING = "backend 'te' needs transformer_engine: pip install lmfusion[gpu] inside a CUDA container"
+TE_REFUSED = ("attention_backend 'te' is not supported: Transformer Engine runs LMFusion's arbitrary mask in its "
+              "unfused kernel (~1 GiB of saved scores per layer at 8B); use 'flex' (fused, block-sparse) or 'auto'")
 
 
 def allowed(q_doc: Tensor, k_doc: Tensor, q_img: Tensor, k_img: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
@@ -201,10 +205,7 @@ def _compiled_flex() -> Callable[..., Tensor]:
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, backend: Backend = "sdpa") -> Tensor:
-    """Masked softmax attention: q (b, hq, s_q, d), k/v (b, hkv, s_k, d) -> (b, hq, s_q, d).
-
-    Stateless backends only ("reference", "sdpa", "flex"); "te" needs a module, use :class:`CoreAttention`.
-    """
+    """Masked softmax attention: q (b, hq, s_q, d), k/v (b, hkv, s_k, d) -> (b, hq, s_q, d)."""
     _check_qkv(q, k, v, mask)
     scale = 1.0 / math.sqrt(q.shape[-1])
     gqa = q.shape[1] != k.shape[1]
@@ -216,54 +217,32 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, backend: Backen
         fn = _compiled_flex() if q.is_cuda else flex_attention
         return fn(q, k, v, block_mask=mask.block_mask, scale=scale, enable_gqa=gqa)
     if backend == "te":
-        raise ValueError("backend 'te' is stateful (a Transformer Engine module): use CoreAttention(..., backend='te')")
+        raise ValueError(TE_REFUSED)
     raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
-
-
-def _build_te_attention(num_heads: int, num_kv_heads: int, head_dim: int) -> nn.Module:
-    try:
-        import transformer_engine.pytorch as te  # noqa: PLC0415 - optional, GPU-only dependency
-    except (ImportError, RuntimeError, OSError) as err:  # a TE without CUDA libraries raises RuntimeError
-        raise ImportError(_TE_MISSING) from err
-    return te.DotProductAttention(
-        num_attention_heads=num_heads,
-        kv_channels=head_dim,
-        num_gqa_groups=num_kv_heads,
-        attention_dropout=0.0,
-        qkv_format="bshd",
-        attn_mask_type="arbitrary",
-        softmax_scale=1.0 / math.sqrt(head_dim),
-    )
 
 
 class CoreAttention(nn.Module):
     """Core attention of one layer (no projections): softmax(q k^T / sqrt(d)) v under the LMFusion mask.
 
-    Head counts are per tensor-parallel partition. No parameters; holds the TE module for ``backend="te"`` (FP8
-    state lives there), so build one per layer.
+    Head counts are per tensor-parallel partition. No parameters.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, backend: Backend = "sdpa") -> None:
         super().__init__()
+        if backend == "te":
+            raise ValueError(TE_REFUSED)
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"GQA needs num_heads a multiple of num_kv_heads; got {num_heads} and {num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim, self.backend = num_heads, num_kv_heads, head_dim, backend
-        self.te_attention = _build_te_attention(num_heads, num_kv_heads, head_dim) if backend == "te" else None
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
         """q (b, hq, s_q, d), k/v (b, hkv, s_k, d) -> (b, hq, s_q, d)."""
         if q.shape[1] != self.num_heads or k.shape[1] != self.num_kv_heads or q.shape[-1] != self.head_dim:
             raise ValueError(f"CoreAttention built for hq={self.num_heads}, hkv={self.num_kv_heads}, "
                              f"d={self.head_dim}; got q {tuple(q.shape)}, k {tuple(k.shape)}")
-        if self.te_attention is None:
-            return attend(q, k, v, mask, self.backend)
-        _check_qkv(q, k, v, mask)
-        b, hq, s_q, d = q.shape
-        q_, k_, v_ = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (b, s, h, d): TE's "bshd"
-        out = self.te_attention(q_, k_, v_, attention_mask=~mask.dense)  # TE: True = masked out; (b, s_q, hq*d)
-        return out.view(b, s_q, hq, d).transpose(1, 2)  # (b, hq, s_q, d)
+        return attend(q, k, v, mask, self.backend)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, backend={self.backend}"

@@ -34,8 +34,8 @@ class LayerContext:
 
     plan: RoutingPlan
     """Token grouping over the full (s, b) sequence."""
-    local_ids: Optional[Tensor]
-    """Modality ids of this rank's sequence shard under SP (None without SP)."""
+    sp_shard: Optional[tuple[int, int]]
+    """(tp_rank, tp_size) of this rank's sequence shard under SP (None without SP)."""
     rotary: Tensor
     """RoPE frequencies (s, b, 1, head_dim) for megatron's ``apply_rotary_pos_emb``."""
     mask: AttentionMask
@@ -98,7 +98,7 @@ class LMFusionLayer(MegatronModule):
                                                          linear_fc2=submodules.linear_fc2))
 
     def forward(self, hidden: Tensor, ctx: LayerContext) -> Tensor:
-        hidden = hidden + self.self_attention(self.input_layernorm(hidden, ctx.plan, ctx.local_ids), ctx)
+        hidden = hidden + self.self_attention(self.input_layernorm(hidden, ctx.plan, ctx.sp_shard), ctx)
         return self.mlp(hidden, ctx.plan)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -151,6 +151,15 @@ class Decoder(MegatronModule):
     def __init__(self, config: TransformerConfig, layers: list[MegatronModule]):
         super().__init__(config=config)
         self.layers = torch.nn.ModuleList(layers)
+        self.recompute: Optional[Callable[..., Tensor]] = None
+        """Activation recompute: ``recompute(layer, hidden, ctx)`` runs a layer so that backward re-runs it (a
+        checkpoint function); None runs layers plainly. Set by the trainer (``train.recompute``)."""
+
+    def forward(self, hidden: Tensor, ctx: LayerContext) -> Tensor:
+        """This stage's layers: (s[/tp], b, h) -> (s[/tp], b, h)."""
+        for layer in self.layers:
+            hidden = layer(hidden, ctx) if self.recompute is None else self.recompute(layer, hidden, ctx)
+        return hidden
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         out = {}
@@ -276,7 +285,7 @@ class LMFusionModel(MegatronModule):
 
     def build_context(self, inputs: ModelInputs, kv_cache: Optional[KVCache] = None
                       ) -> tuple[LayerContext, Tensor, Tensor, Tensor]:
-        """Routing plan, SP-local ids, RoPE table and mask for one micro-batch; also the image token indices,
+        """Routing plan, SP shard, RoPE table and mask for one micro-batch; also the image token indices,
         the step's image ids and positions (for the KV cache)."""
         modality, image_ids, flat = inputs.image_layout(self.image_tokens)
         no_dgrad = None
@@ -285,12 +294,12 @@ class LMFusionModel(MegatronModule):
         # (s, b): megatron's token order
         plan = RoutingPlan.build(modality.t().contiguous(), pad_multiple=self.routing_pad_multiple,
                                  no_dgrad=no_dgrad)
-        local_ids = None
+        sp_shard = None
         tp_rank, tp_size = self._tp()
         if self.config.sequence_parallel and tp_size > 1:
             if kv_cache is not None:
                 raise ValueError("KV-cache decoding runs without sequence parallelism")
-            local_ids = plan.local_modality_ids(tp_rank, tp_size)
+            sp_shard = (tp_rank, tp_size)
         b, s = inputs.tokens.shape
         positions = inputs.position_ids
         if positions is None:
@@ -303,7 +312,7 @@ class LMFusionModel(MegatronModule):
             mask = AttentionMask(inputs.document_ids, image_ids)
         else:
             mask = AttentionMask(*kv_cache.full_ids(inputs.document_ids, image_ids), q_len=s)
-        ctx = LayerContext(plan=plan, local_ids=local_ids, rotary=rotary, mask=mask, kv_cache=kv_cache)
+        ctx = LayerContext(plan=plan, sp_shard=sp_shard, rotary=rotary, mask=mask, kv_cache=kv_cache)
         return ctx, flat, image_ids, positions
 
     # ------------------------------------------------------------------ forward
@@ -348,13 +357,12 @@ class LMFusionModel(MegatronModule):
         if hidden is None:
             raise RuntimeError("LMFusionModel: a non-first pipeline stage needs set_input_tensor() before forward")
         with self._fp8_context():
-            for layer in self.decoder.layers:
-                hidden = layer(hidden, ctx)
+            hidden = self.decoder(hidden, ctx)
         if kv_cache is not None and kv_cache.commit:
             kv_cache.commit_ids(inputs.document_ids, image_ids, positions)
         if not self.post_process:
             return hidden
-        hidden = self.decoder.final_layernorm(hidden, ctx.plan, ctx.local_ids)
+        hidden = self.decoder.final_layernorm(hidden, ctx.plan, ctx.sp_shard)
         weight = self.embedding.word_embeddings.weight if self.share_embedding else None
         logits, _ = self.output_layer(hidden, weight=weight)  # (s, b, V/tp); gathers the sequence under SP
         logits = self._mask_vocab_padding(logits)

@@ -1,5 +1,8 @@
 """Which parameters train, how image twins start, and loading a converted base checkpoint into any TP/PP layout.
 
+* **Names** are the routed-parameter contract of :mod:`megatron_ext.contract` (``weight``/``bias`` text,
+  ``image_weight``/``image_bias`` image, megatron's TP attributes), the same for every linear backend: nothing here
+  knows which backend built a layer.
 * **Trainable = image set**: every routed module's ``image_weight``/``image_bias`` and the image encoder/decoder.
   Everything else (embedding, text norms/QKV/O/FFN, final text norm, LM head) is text and frozen with
   ``requires_grad=False`` before DDP and the optimizer are built: no grad buffer, no optimizer state, no
@@ -19,15 +22,17 @@ from typing import Callable, Iterable, Protocol
 import torch
 from megatron.core import parallel_state
 
+from megatron_ext.contract import is_image_param_name, text_twin_name
+
 __all__ = ["is_image_param", "trainable_parameter_names", "freeze_text", "init_image_twins_from_text",
            "load_base_weights", "BaseTensors"]
 
-_IMAGE_SUFFIXES = (".image_weight", ".image_bias")
 _IMAGE_PREFIXES = ("image_encoder.", "image_decoder.")
 
 
 def is_image_param(name: str) -> bool:
-    return name.endswith(_IMAGE_SUFFIXES) or name.startswith(_IMAGE_PREFIXES)
+    """An image twin of a routed module, or a parameter of the image encoder/decoder."""
+    return is_image_param_name(name) or name.startswith(_IMAGE_PREFIXES)
 
 
 def trainable_parameter_names(model: torch.nn.Module) -> list[str]:
@@ -47,9 +52,8 @@ def init_image_twins_from_text(model: torch.nn.Module) -> int:
     params = dict(model.named_parameters())
     copied = 0
     for name, param in params.items():
-        if name.endswith(_IMAGE_SUFFIXES):
-            text_name = name.replace(".image_weight", ".weight").replace(".image_bias", ".bias")
-            param.copy_(params[text_name])
+        if is_image_param_name(name):
+            param.copy_(params[text_twin_name(name)])
             copied += 1
     return copied
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,7 +37,8 @@ from torch import Tensor
 
 from lmfusion.config import ModelConfig
 
-__all__ = ["TokenCounts", "count_tokens", "ModelFlops", "model_flops", "step_flops", "compare", "peak_tflops"]
+__all__ = ["TokenCounts", "count_tokens", "ModelFlops", "model_flops", "step_flops", "compare", "peak_tflops",
+           "datasheet_peak"]
 
 
 @dataclass
@@ -202,15 +204,38 @@ def compare(cfg: ModelConfig, counts: TokenCounts, rows: int, seq_length: int,
     return out
 
 
-# Dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity).
-_PEAKS = (("H200", 989.4), ("H100", 989.4), ("A100", 312.0), ("B200", 2250.0), ("L40S", 362.0))
+# Dense (no sparsity) bf16 peak TFLOP/s per device: NVIDIA's datasheets give the sparse figure, halved here.
+# Matched in order against ``torch.cuda.get_device_name()`` (case-insensitive), so variants come before the family:
+# H100 SXM reports "NVIDIA H100 80GB HBM3", the PCIe card "NVIDIA H100 PCIe", the NVL card "NVIDIA H100 NVL".
+_PEAKS = (
+    ("H100 PCIe", 756.0),  # 1,513 sparse
+    ("H100 NVL", 835.5),  # 1,671 sparse
+    ("H200 NVL", 835.5),  # 1,671 sparse
+    ("GH200", 989.4),  # the Grace Hopper superchip's H100/H200 runs at SXM clocks
+    ("H200", 989.4),  # SXM, 1,979 sparse
+    ("H100", 989.4),  # SXM ("H100 80GB HBM3"), 1,979 sparse
+    ("A100", 312.0),  # SXM and PCIe alike
+    ("B200", 2250.0),  # 4.5 PFLOP/s sparse
+    ("L40S", 362.0),  # 733 sparse
+)
+
+
+def datasheet_peak(device_name: str) -> Optional[float]:
+    """Dense bf16 peak TFLOP/s for a CUDA device name, or None when the device is not in the table."""
+    name = device_name.lower()
+    return next((peak for key, peak in _PEAKS if key.lower() in name), None)
 
 
 def peak_tflops(configured: Optional[float] = None) -> Optional[float]:
-    """The configured peak, else the datasheet value for the visible GPU, else None (CPU: no MFU)."""
+    """The configured peak, else the datasheet value for the visible GPU, else None (CPU, or a GPU not in the table:
+    no MFU; a warning then says to set ``logging.peak_tflops``)."""
     if configured is not None:
         return configured
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
-    return next((peak for key, peak in _PEAKS if key in name), None)
+    peak = datasheet_peak(name)
+    if peak is None:
+        warnings.warn(f"no dense bf16 peak known for GPU {name!r}: MFU is not reported; set logging.peak_tflops "
+                      f"(TFLOP/s per device) to report it", stacklevel=2)
+    return peak

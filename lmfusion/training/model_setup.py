@@ -8,7 +8,7 @@
 * **Precision.** bf16 on GPU: parameters are built in bf16 and wrapped in megatron's ``Float16Module``; the optimizer
   keeps fp32 main parameters and gradients are reduced in fp32. fp32 on CPU.
 * **Activation recompute** (``train.recompute: full``): every transformer layer's forward is re-run in backward
-  (``torch.utils.checkpoint``, non-reentrant: the layer takes a non-tensor context). The model has no dropout, so
+  (``torch.utils.checkpoint``, or TE's checkpoint with TE linears; :func:`_recompute_layers`). No dropout, so
   no RNG-tracker state needs replaying.
 * **Optimizer state checkpoints** (megatron-core 0.16.1): 'fully_reshardable' needs one gradient bucket
   (``overlap_grad_reduce`` off gives exactly one); :func:`check_buckets` refuses more.
@@ -77,15 +77,22 @@ def _build_chunks(cfg: Config, base, dtype: torch.dtype, train_text: bool, devic
 
 
 def _recompute_layers(model: LMFusionModel) -> None:
-    from torch.utils.checkpoint import checkpoint
+    """``train.recompute=full``: every layer of ``model`` re-runs its forward in backward (non-reentrant: a layer
+    takes a non-tensor context). With Transformer Engine linears through TE's checkpoint, which re-enters the
+    forward's ``fp8_autocast`` on recompute (torch's checkpoint would recompute outside it: not in FP8, against
+    other scaling factors); torch's otherwise. The decoder calls the checkpoint around each layer, so modules and
+    parameter names are unchanged."""
+    from megatron_ext.te_linear import has_te_linears, te_checkpoint
 
-    for layer in model.decoder.layers:
-        forward = layer.forward
+    if has_te_linears(model.decoder):
+        model.decoder.recompute = te_checkpoint
+    else:
+        from torch.utils import checkpoint as torch_checkpoint
 
-        def recomputed(hidden, ctx, _forward=forward):
-            return checkpoint(_forward, hidden, ctx, use_reentrant=False)
+        def recompute(layer, hidden, ctx):
+            return torch_checkpoint.checkpoint(layer, hidden, ctx, use_reentrant=False)
 
-        layer.forward = recomputed  # instance attribute: parameter names (and checkpoints) are unchanged
+        model.decoder.recompute = recompute
 
 
 def check_buckets(cfg: Config, chunks: list[DistributedDataParallel]) -> None:

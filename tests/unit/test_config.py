@@ -79,6 +79,7 @@ def test_overrides_win_and_are_typed(base):
     ("train.timestep_logit_std=0", "train.timestep_logit_std must be > 0, got 0"),
     ("checkpoint.exit_signals=[SIGFOO]", "checkpoint.exit_signals: ['SIGFOO'] are not signal names"),
     ("model.hidden_size=128", "model.hidden_size=128 conflicts with the base"),
+    ("model.attention_backend=te", "model.attention_backend 'te' is not supported"),
     ("init.hf_dir=/somewhere", "init: set exactly one of init.base_checkpoint"),
     ("parallel.overlap_grad_reduce=true", "checkpoint.optimizer_sharding=dp_reshardable"),
 ])

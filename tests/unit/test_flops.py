@@ -146,3 +146,28 @@ def test_peak_tflops():
     assert flops.peak_tflops(123.0) == 123.0
     if not torch.cuda.is_available():
         assert flops.peak_tflops(None) is None
+
+
+@pytest.mark.parametrize("device_name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.4),  # SXM
+    ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H100 NVL", 835.5),
+    ("NVIDIA H200", 989.4),
+    ("NVIDIA H200 NVL", 835.5),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100-PCIE-40GB", 312.0),
+    ("NVIDIA B200", 2250.0),
+])
+def test_peak_tflops_by_device_name(monkeypatch, device_name, peak):
+    """The variant of a GPU family decides its peak: H100 SXM, PCIe and NVL differ by 30%."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: device_name)
+    assert flops.peak_tflops(None) == peak
+    assert flops.peak_tflops(500.0) == 500.0  # the configured value wins
+
+
+def test_unknown_gpu_has_no_peak_and_says_which_key_to_set(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA GeForce RTX 9090")
+    with pytest.warns(UserWarning, match=r"RTX 9090.*logging\.peak_tflops"):
+        assert flops.peak_tflops(None) is None

@@ -109,3 +109,27 @@ def test_no_dgrad_text_leads_its_group_and_routed_linear_skips_only_its_data_gra
 def test_no_dgrad_must_match_the_ids():
     with pytest.raises(ValueError, match=r"no_dgrad must be a bool tensor shaped like modality_ids \(13, 3\)"):
         RoutingPlan.build(_ids("mixed"), no_dgrad=torch.zeros(13, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("pad", [1, 16])
+def test_shard_modality_against_the_ids(seed, pad):
+    """The host-side shard modality equals what the ids say, for every SP shard, whatever the image layout."""
+    gen = torch.Generator().manual_seed(seed)
+    s, b = 16, 2
+    ids = torch.zeros(s, b, dtype=torch.long)
+    for _ in range(seed % 3 + 1):  # a few image blocks of random length, anywhere
+        start, length, row = (int(torch.randint(lo, hi, (1,), generator=gen)) for lo, hi in ((0, s), (1, 7), (0, b)))
+        ids[start:start + length, row] = IMAGE
+    if seed == 5:
+        ids[:] = IMAGE
+    plan = RoutingPlan.build(ids, pad_multiple=pad)
+    for tp in (1, 2, 4, 8):
+        for rank in range(tp):
+            present = torch.unique(ids[rank * s // tp:(rank + 1) * s // tp]).tolist()
+            assert plan.shard_modality(rank, tp) == (present[0] if len(present) == 1 else None), (rank, tp, ids)
+    flat = RoutingPlan.build(ids.reshape(-1))
+    assert flat.shard_modality() == plan.shard_modality()
+    with pytest.raises(ValueError, match=r"needs a plan built from \(s, b\) modality ids"):
+        flat.shard_modality(0, 2)
+    assert RoutingPlan.build(_ids("empty")).shard_modality(0, 2) is None
