@@ -23,7 +23,9 @@ _DTYPES = ("fp32", "bf16")
 
 def _common(p: argparse.ArgumentParser, images: bool) -> None:
     p.add_argument("--ckpt", required=True, type=Path,
-                   help="base checkpoint (lmfusion convert-hf) or training checkpoint (run or iteration directory)")
+                   help="base (lmfusion convert-hf), export (lmfusion export-ckpt: safetensors + JSON, safe to take "
+                        "from others) or training run/iteration directory (your own runs only: distributed-checkpoint "
+                        "files, read with code execution refused)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=_DTYPES, default="fp32", help="parameter dtype (fp32 reproduces HF exactly)")
     p.add_argument("--seed", type=int, default=0, help="seeds image noise and token sampling")

@@ -102,7 +102,10 @@ def ckpts(runtime, tmp_path_factory):
     iter_dir.mkdir(parents=True)
     dist_checkpointing.save(model.sharded_state_dict(), str(iter_dir))
     vae = load_vae("identity", None, torch.device("cpu")).describe()
-    (iter_dir / CHECKPOINT_JSON).write_text(json.dumps({"base": "../../base", "model": cfg.to_dict(), "vae": vae}))
+    from lmfusion.rundir import base_sha256
+
+    (iter_dir / CHECKPOINT_JSON).write_text(json.dumps({"base": "../../base", "model": cfg.to_dict(), "vae": vae,
+                                                        "base_conversion_sha256": base_sha256(root / "base")}))
     (root / "run" / LATEST).write_text("7\n")
     return root, {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -155,7 +158,7 @@ def test_checkpoint_config_mismatch_is_a_clear_error(ckpts, runtime, tmp_path):
     record["model"]["num_layers"] -= 1
     record["model"]["image"]["block_channels"] = [32, 32]
     (tmp_path / "image" / CHECKPOINT_JSON).write_text(json.dumps(record))
-    with pytest.raises(ValueError, match="dist checkpoint does not match the model"):
+    with pytest.raises(ValueError, match="cannot read the distributed checkpoint"):
         load_for_inference(tmp_path / "image", device="cpu")
 
 
