@@ -123,10 +123,13 @@ def load_dist_checkpoint(sharded: dict[str, Any], directory: Path) -> dict[str, 
     except UnsafeCheckpoint:
         raise
     except CheckpointException as e:
-        if "UnsafeCheckpoint" in str(e):
+        if "refuse" in str(e):
             raise UnsafeCheckpoint(f"{directory}: {_last_line(e)}") from None
         raise CheckpointLoadError(f"{directory}: cannot read the distributed checkpoint ({_last_line(e)})") from None
-    except (CheckpointingException, KeyError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+    except (CheckpointingException, KeyError, RuntimeError, EOFError, OSError, pickle.UnpicklingError,
+            AssertionError) as e:
+        if "refuses to unpickle" in str(e):  # megatron re-raises our refusal of .metadata as an AssertionError
+            raise UnsafeCheckpoint(str(e)[str(e).index(str(Path(directory))):]) from None
         raise CheckpointLoadError(f"{directory}: cannot read the distributed checkpoint ({type(e).__name__}: "
                                   f"{_last_line(e)})") from None
 
