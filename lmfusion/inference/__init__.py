@@ -109,6 +109,21 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def _check_context(cfg, encoded: list, args: argparse.Namespace) -> None:
+    """Refuse prompts that do not fit the model's context (max_position_embeddings) with what they generate."""
+    from lmfusion.model.image_config import tokens_per_image
+
+    limit = cfg.max_position_embeddings
+    extra = args.max_new_tokens if args.text else 3 + tokens_per_image(cfg.image)  # <bos> <boi> image <eoi>
+    what = f"--max-new-tokens {extra}" if args.text else f"<bos>, <boi>, {extra - 3} image tokens and <eoi>"
+    for i, ids in enumerate(encoded):
+        need = len(ids) + extra + (1 if args.text else 0)
+        if need > limit:
+            raise ValueError(f"--prompt {i + 1}: {len(ids)} tokens plus {what} need {need} positions, expected at "
+                             f"most {limit} (the model's max_position_embeddings); shorten the prompt (nothing is "
+                             f"truncated)")
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -124,6 +139,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     tok = _tokenizer(bundle)
     cfg = bundle.config
     encoded = [tok.encode(p, add_special_tokens=False) for p in args.prompt]
+    _check_context(cfg, encoded, args)
     if args.text:
         from lmfusion.inference.text import generate_text
 

@@ -424,3 +424,17 @@ def test_cli_chat_reads_stdin(ckpts, tmp_path, capsys, monkeypatch):
     assert main(["chat", "--ckpt", str(root / "run"), "--out-dir", str(tmp_path), "--steps", str(STEPS),
                  "--max-new-tokens", "5", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.count("> ") == 3
+
+
+def test_prompt_longer_than_the_context_is_refused_in_one_line(ckpts, base, capsys):
+    """Issue #18 item 7: a prompt that, with what it generates, exceeds max_position_embeddings is refused by name
+    (before, it ran on past the context without a word)."""
+    root, _ = ckpts
+    word = PROMPTS[0].split()[0]
+    limit = base.config.max_position_embeddings
+    long_prompt = " ".join([word] * limit)
+    for extra in (["--text", "--max-new-tokens", "4"], ["--out", str(root / "x.png"), "--vae", "identity"]):
+        assert main(["generate", "--ckpt", str(root / "base"), "--prompt", long_prompt, "--device", "cpu",
+                     *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--prompt 1:" in err and f"expected at most {limit}" in err and "\n" not in err, err
