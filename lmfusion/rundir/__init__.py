@@ -17,11 +17,11 @@ from lmfusion.rundir.layout import (CHECKPOINT_JSON, CONFIG, LATEST, RECORD_FORM
                                     TRAIN_STATE, base_sha256, check_base, complete_iterations, find_checkpoint,
                                     is_complete, iter_name, read_json, read_record, read_train_state, resolve_base)
 from lmfusion.rundir.lock import LOCK, RunLock, RunLocked
-from lmfusion.rundir.save import begin_save, finish_save, prune
+from lmfusion.rundir.save import CheckpointWriteError, begin_save, finish_save, prune, write_guard
 from lmfusion.rundir.trust import CheckpointLoadError, UnsafeCheckpoint, load_dist_checkpoint, load_image_set
 
 __all__ = ["CHECKPOINT_JSON", "CONFIG", "LATEST", "RECORD_FORMAT", "STATE_FORMAT", "STATE_VERSION", "TRAIN_STATE",
            "INTEGRITY", "LOCK", "IntegrityError", "RunLock", "RunLocked", "CheckpointLoadError", "UnsafeCheckpoint",
            "base_sha256", "check_base", "complete_iterations", "find_checkpoint", "is_complete", "iter_name",
            "read_json", "read_record", "read_train_state", "resolve_base", "begin_save", "finish_save", "prune",
-           "load_dist_checkpoint", "load_image_set"]
+           "load_dist_checkpoint", "load_image_set", "CheckpointWriteError", "write_guard"]

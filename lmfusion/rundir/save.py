@@ -10,6 +10,8 @@ finds even when ``latest`` was not rewritten yet.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -20,7 +22,25 @@ from lmfusion.rundir.layout import (CHECKPOINT_JSON, CONFIG, LATEST, TRAIN_STATE
                                     iter_name, json_text)
 from lmfusion.utils import atomic_write_text
 
-__all__ = ["begin_save", "finish_save", "prune"]
+__all__ = ["begin_save", "finish_save", "prune", "write_guard", "CheckpointWriteError"]
+
+
+class CheckpointWriteError(ValueError):
+    """Writing a checkpoint failed (disk full, quota, I/O error): one line; the previous checkpoint stays latest."""
+
+
+@contextlib.contextmanager
+def write_guard(tmp: Path):
+    """Turn a failed checkpoint write (torch's "enforce fail at inline_container.cc", ENOSPC, ...) into one line
+    naming the directory; nothing was renamed, so ``latest`` still names the previous complete checkpoint."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        text = " ".join(str(e).split())
+        hint = "; is the disk full?" if ("enforce fail" in text or "No space" in text
+                                         or getattr(e, "errno", None) == errno.ENOSPC) else ""
+        raise CheckpointWriteError(f"{tmp}: cannot write the checkpoint ({type(e).__name__}: {text[:200]}){hint} "
+                                   f"The previous checkpoint stays latest") from None
 
 
 def _rank_world() -> tuple[int, int]:

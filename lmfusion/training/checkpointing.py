@@ -167,7 +167,8 @@ class Checkpointer:
             self.last_saved = iteration
 
         if self._queue is None:
-            dist_checkpointing.save(state, str(tmp), validate_access_integrity=True)
+            with rundir.write_guard(tmp):
+                dist_checkpointing.save(state, str(tmp), validate_access_integrity=True)
             dist.barrier()  # every rank's shards are on disk before the directory is hashed and published
             finalize()
         else:

@@ -246,7 +246,8 @@ class DeepSpeedCheckpointer:
         if dirs is None:
             return
         tmp, final = dirs
-        self._save_image_set(tmp)  # first: megatron's save wants an empty directory
+        with rundir.write_guard(tmp):
+            self._save_image_set(tmp)  # first: megatron's save wants an empty directory
         scheduler, loader = self.scheduler.state_dict(), self.loader.state_dict()
         client = {"iteration": iteration, "scheduler": scheduler, "loader": loader, "rng": _rank_rng_states(),
                   **extra}

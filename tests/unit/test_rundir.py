@@ -217,3 +217,17 @@ def test_pickle_payload_in_an_object_entry_is_refused_and_never_runs(runtime, tm
     good = tmp_path / "good"
     loaded = rundir.load_dist_checkpoint(_save(good, {"step": torch.tensor(3)}), good)
     assert torch.equal(loaded["w"], torch.arange(6.0)) and int(loaded["obj"]["step"]) == 3
+
+
+# ---------------------------------------------------------------------------------------------------- 7: disk full
+@pytest.mark.parametrize("error", [RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0"),
+                                   OSError(28, "No space left on device")])
+def test_a_failed_checkpoint_write_is_one_line_naming_the_directory(tmp_path, error):
+    """Item 7: a disk filling up mid-save surfaced as torch's 'enforce fail at inline_container.cc' traceback; the
+    save's guard turns it into one line naming the directory, saying the previous checkpoint stays latest."""
+    with pytest.raises(rundir.CheckpointWriteError) as e:
+        with rundir.write_guard(tmp_path / ".tmp_iter_0000002"):
+            raise error
+    text = str(e.value)
+    assert text.startswith(f"{tmp_path / '.tmp_iter_0000002'}: cannot write the checkpoint") and "\n" not in text
+    assert "is the disk full?" in text and "previous checkpoint stays latest" in text
