@@ -345,12 +345,21 @@ class CheckpointConfig:
     parallel.overlap_grad_reduce=false, in megatron-core 0.16.1) or 'dp_reshardable' (any bucketing; same TP/PP)."""
     load_optimizer: bool = True
     """Restore optimizer + scheduler state (false: fresh optimizer, weights only)."""
+    override_scheduler: bool = False
+    """On resume, take the LR/weight-decay schedule settings from this config where they differ from the checkpoint's
+    (megatron's --override-opt_param-scheduler). Without it or ``use_checkpoint_scheduler`` a difference is an
+    error naming the key and both values."""
+    use_checkpoint_scheduler: bool = False
+    """On resume, keep the checkpoint's schedule settings where they differ from this config's
+    (megatron's --use-checkpoint-opt_param-scheduler)."""
     exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     """Signals that make every rank save a checkpoint at the next step boundary and exit 0."""
 
     def __post_init__(self) -> None:
         _check(self.save is not None, "checkpoint.save is not set: name the run directory")
         _check_positive("checkpoint", self, "save_interval")
+        _check(not (self.override_scheduler and self.use_checkpoint_scheduler),
+               "checkpoint.override_scheduler and checkpoint.use_checkpoint_scheduler are both true: choose one")
         _check(self.keep_last is None or self.keep_last >= 1,
                f"checkpoint.keep_last must be >= 1 or null, got {self.keep_last}")
         _check(self.optimizer_sharding in ("fully_reshardable", "dp_reshardable"),

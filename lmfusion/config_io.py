@@ -79,7 +79,13 @@ def _all_known_keys() -> list[str]:
 
 
 def _unknown(key: str) -> ValueError:
-    close = difflib.get_close_matches(key, _all_known_keys(), n=1, cutoff=0.6)
+    known = _all_known_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    # a key whose own name contains the unknown one's (train.warmup -> optimizer.lr_warmup_iters) beats a similar
+    # spelling in the same section (train.recompute)
+    named = [k for k in known if len(leaf) >= 4 and leaf in k.rsplit(".", 1)[-1]]
+    close = difflib.get_close_matches(key, named, n=1, cutoff=0.0) if named else \
+        difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ValueError(f"unknown config key '{key}'{hint}")
 

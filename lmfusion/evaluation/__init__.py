@@ -20,7 +20,9 @@ __all__ = ["add_subparser"]
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, type=Path, help="base or training checkpoint")
+    p.add_argument("--ckpt", required=True, type=Path, help="base (convert-hf), export (export-ckpt: safetensors + JSON, safe to take from others) or "
+                        "training run/iteration directory (your own runs only: distributed-checkpoint files, read "
+                        "with code execution refused)")
     p.add_argument("--out", required=True, type=Path, help="output directory (results.json, table1.md, ...)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available; torchrun: LOCAL_RANK)")
     p.add_argument("--batch-size", type=int, default=8)

@@ -23,7 +23,9 @@ _DTYPES = ("fp32", "bf16")
 
 def _common(p: argparse.ArgumentParser, images: bool) -> None:
     p.add_argument("--ckpt", required=True, type=Path,
-                   help="base checkpoint (lmfusion convert-hf) or training checkpoint (run or iteration directory)")
+                   help="base (lmfusion convert-hf), export (lmfusion export-ckpt: safetensors + JSON, safe to take "
+                        "from others) or training run/iteration directory (your own runs only: distributed-checkpoint "
+                        "files, read with code execution refused)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=_DTYPES, default="fp32", help="parameter dtype (fp32 reproduces HF exactly)")
     p.add_argument("--seed", type=int, default=0, help="seeds image noise and token sampling")
@@ -107,6 +109,21 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def _check_context(cfg, encoded: list, args: argparse.Namespace) -> None:
+    """Refuse prompts that do not fit the model's context (max_position_embeddings) with what they generate."""
+    from lmfusion.model.image_config import tokens_per_image
+
+    limit = cfg.max_position_embeddings
+    extra = args.max_new_tokens if args.text else 3 + tokens_per_image(cfg.image)  # <bos> <boi> image <eoi>
+    what = f"--max-new-tokens {extra}" if args.text else f"<bos>, <boi>, {extra - 3} image tokens and <eoi>"
+    for i, ids in enumerate(encoded):
+        need = len(ids) + extra + (1 if args.text else 0)
+        if need > limit:
+            raise ValueError(f"--prompt {i + 1}: {len(ids)} tokens plus {what} need {need} positions, expected at "
+                             f"most {limit} (the model's max_position_embeddings); shorten the prompt (nothing is "
+                             f"truncated)")
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -122,6 +139,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     tok = _tokenizer(bundle)
     cfg = bundle.config
     encoded = [tok.encode(p, add_special_tokens=False) for p in args.prompt]
+    _check_context(cfg, encoded, args)
     if args.text:
         from lmfusion.inference.text import generate_text
 

@@ -1,21 +1,25 @@
 """Load a checkpoint for inference: a converted base, or a training checkpoint that refers to one.
 
-Two kinds of ``--ckpt`` directory:
+Three kinds of ``--ckpt`` directory (the run directory's contract is :mod:`lmfusion.rundir`'s):
 
 * **Base** (``lmfusion convert-hf``): ``lmfusion_config.json`` + safetensors + tokenizer files. Image twins start as
   copies of the text weights and the U-Net is random: text generation is the base LLM's, images are meaningless.
-* **Training checkpoint** (the contract this loader assumes; the trainer writes it)::
+* **Export** (``lmfusion export-ckpt``): safetensors + JSON only, the image set and a copy of its base; nothing is
+  unpickled: the form to share and to load from others.
+* **Training checkpoint** (the user's own runs: megatron/torch distributed checkpoint files, read with code execution
+  refused, see :mod:`lmfusion.rundir.trust`)::
 
-      RUN_DIR/latest                        text: the newest iteration directory's name (or its iteration number,
-                                            meaning ``iter_{n:07d}``)
+      RUN_DIR/latest                        the newest complete iteration directory's name (a hint)
       RUN_DIR/iter_0000100/lmfusion_checkpoint.json
           {"base": "/path/to/base",         absolute, or relative to this JSON's directory
+           "base_conversion_sha256": "...", the base's identity, checked before anything is built
+           "integrity": {...},              sha256 of integrity.json, which hashes every other file (verified)
            "model": {...},                  ModelConfig.to_dict() of the trained model
            "vae": {...} | null,             the shard manifest's "vae" block (shard_format.LatentCodec.describe())
            "model_key_prefix": ""}          optional: prefix of the model's keys in the sharded checkpoint
       RUN_DIR/iter_0000100/<megatron dist_checkpointing files of model.sharded_state_dict(prefix)>
 
-  ``--ckpt`` may name the run directory (``latest`` is followed) or one iteration directory. The text weights come
+  ``--ckpt`` may name the run directory (its newest complete iteration) or one iteration directory. The text weights come
   from the base, the image set from the dist checkpoint, which megatron reshards: it loads at any TP size.
 
 Inference runs in one process by default: a one-rank gloo (CPU) or NCCL (GPU) group in an in-process store, megatron
@@ -26,23 +30,23 @@ TP = world size (every rank runs the same sampling with the same seeds; logits a
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import warnings
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import torch
 
+from lmfusion import rundir
 from lmfusion.checkpoint.hf import BASE_CONFIG, CONVERSION, load_base_state
 from lmfusion.config import ModelConfig
+from lmfusion.rundir import CHECKPOINT_JSON, LATEST
+from lmfusion.rundir.export import EXPORT_JSON, is_export, load_export, read_export
 
 __all__ = ["CHECKPOINT_JSON", "LATEST", "TEXT_FIELDS", "CheckpointMeta", "InferenceModel", "init_runtime",
            "resolve_device", "resolve_checkpoint", "checkpoint_vae", "load_for_inference", "load_vae",
            "load_tokenizer"]
 
-CHECKPOINT_JSON = "lmfusion_checkpoint.json"
-LATEST = "latest"
 # Fields a training checkpoint's model config must share with its base (they fix the frozen text model's tensors
 # and the meaning of its token ids); image, attention/linear backend and vocabulary padding may differ.
 TEXT_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
@@ -54,7 +58,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointMeta:
-    kind: str  # "base" | "training"
+    kind: str  # "base" | "training" | "export"
     path: Path  # the directory loaded (an iteration directory for training checkpoints)
     base_dir: Path
     stop_token_ids: tuple[int, ...]  # eos ids of the source model (Llama-3 instruct lists several)
@@ -91,40 +95,26 @@ def init_runtime(device: torch.device, tensor_model_parallel_size: Optional[int]
 
 
 # ---------------------------------------------------------------------------------------------------- files
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+_read_json = rundir.read_json
 
 
 def resolve_checkpoint(ckpt: str | Path) -> tuple[str, Path]:
-    """``("base", dir)`` or ``("training", iteration_dir)`` for a ``--ckpt`` argument."""
+    """``("base", dir)``, ``("export", dir)`` or ``("training", iteration_dir)`` for a ``--ckpt`` argument."""
     ckpt = Path(ckpt).expanduser()
     if not ckpt.is_dir():
         raise FileNotFoundError(f"{ckpt}: no such checkpoint directory")
     if (ckpt / BASE_CONFIG).is_file():
         return "base", ckpt
-    if (ckpt / CHECKPOINT_JSON).is_file():
-        return "training", ckpt
-    if (ckpt / LATEST).is_file():
-        name = (ckpt / LATEST).read_text(encoding="utf-8").strip()
-        candidates = [ckpt / name] + ([ckpt / f"iter_{int(name):07d}"] if name.isdigit() else [])
-        for cand in candidates:
-            if (cand / CHECKPOINT_JSON).is_file():
-                return "training", cand
-        raise FileNotFoundError(f"{ckpt / LATEST}: points to {name!r}, but no {candidates[-1].name}/"
-                                f"{CHECKPOINT_JSON} exists")
+    if is_export(ckpt):
+        return "export", ckpt
+    found = rundir.find_checkpoint(ckpt)
+    if found is not None:
+        return "training", found
     if (ckpt / "config.json").is_file():
         raise ValueError(f"{ckpt}: a Hugging Face directory, not an LMFusion checkpoint; convert it first with "
                          f"`lmfusion convert-hf --hf-dir {ckpt} --output BASE_DIR`")
-    raise FileNotFoundError(f"{ckpt}: neither a base ({BASE_CONFIG}) nor a training checkpoint ({CHECKPOINT_JSON} "
-                            f"or {LATEST})")
+    raise FileNotFoundError(f"{ckpt}: expected a base ({BASE_CONFIG}), an export ({EXPORT_JSON}) or a training "
+                            f"checkpoint (iter_*/{CHECKPOINT_JSON}), found none")
 
 
 def _stop_token_ids(base_dir: Path, cfg: ModelConfig) -> tuple[int, ...]:
@@ -155,31 +145,6 @@ def _check_text_fields(trained: ModelConfig, base: ModelConfig, source: Path, ba
 
 
 # ---------------------------------------------------------------------------------------------------- loading
-def _load_image_set(model: torch.nn.Module, iter_dir: Path, prefix: str) -> None:
-    """The trained image set from the dist checkpoint (megatron reshards it to this TP size)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.core import CheckpointingException
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from lmfusion.model.weights import is_image_param
-
-    sharded = model.sharded_state_dict(prefix=prefix)
-    try:
-        with warnings.catch_warnings():  # megatron calls torch's deprecated ShardedTensor / load_state_dict APIs
-            warnings.simplefilter("ignore", FutureWarning)
-            loaded = dist_checkpointing.load(sharded, str(iter_dir))
-    except (CheckpointingException, CheckpointException, KeyError, RuntimeError) as e:
-        # torch's CheckpointException carries each rank's traceback: its last line is megatron's message
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise ValueError(f"{iter_dir}: the dist checkpoint does not match the model of {CHECKPOINT_JSON} "
-                         f"({lines[-1][:300] if lines else type(e).__name__})") from e
-    state = {k[len(prefix):]: v for k, v in loaded.items()}
-    missing, _ = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if is_image_param(k)]
-    if missing:
-        raise ValueError(f"{iter_dir}: image parameters {missing[:3]} were not loaded")
-
-
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``device``, or this rank's CUDA device when CUDA is available, else CPU (:mod:`megatron_ext.device`)."""
     from megatron_ext.device import placement
@@ -187,16 +152,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return placement(device).device
 
 
-def _read_record(iter_dir: Path) -> dict[str, Any]:
-    """A training checkpoint's ``lmfusion_checkpoint.json``, its keys checked."""
-    record_path = iter_dir / CHECKPOINT_JSON
-    record = _read_json(record_path)
-    for key in ("base", "model"):
-        if key not in record:
-            raise ValueError(f"{record_path}: missing key {key!r}")
-    if record.get("vae") is not None and not isinstance(record["vae"], dict):
-        raise ValueError(f"{record_path}: key 'vae' must be an object or null")
-    return record
+def _read_record(kind: str, path: Path) -> tuple[dict[str, Any], Path]:
+    """A training checkpoint's or an export's record and its path."""
+    if kind == "export":
+        return read_export(path), path / EXPORT_JSON
+    return rundir.read_record(path), path / CHECKPOINT_JSON
 
 
 def checkpoint_vae(ckpt: str | Path) -> tuple[Optional[dict[str, Any]], str]:
@@ -204,12 +164,13 @@ def checkpoint_vae(ckpt: str | Path) -> tuple[Optional[dict[str, Any]], str]:
     kind, path = resolve_checkpoint(ckpt)
     if kind == "base":
         return None, f"checkpoint {path}"
-    return _read_record(path).get("vae"), str(path / CHECKPOINT_JSON)
+    record, record_path = _read_record(kind, path)
+    return record.get("vae"), str(record_path)
 
 
 def load_for_inference(ckpt: str | Path, device: str | torch.device | None = None,
                        dtype: torch.dtype = torch.float32, attention_backend: str = "sdpa") -> InferenceModel:
-    """Build the model for ``ckpt`` (base or training checkpoint) in eval mode on ``device`` (default: CUDA if
+    """Build the model for ``ckpt`` (base, export or training checkpoint) in eval mode on ``device`` (default: CUDA if
     available). ``dtype``: parameter dtype (fp32 reproduces the HF model's greedy text exactly).
 
     ``attention_backend`` defaults to SDPA with a dense mask: decoding steps have few queries (the mask is small) and
@@ -223,13 +184,11 @@ def load_for_inference(ckpt: str | Path, device: str | torch.device | None = Non
         base_dir = path
         cfg, weights = load_base_state(base_dir)
     else:
-        record_path = path / CHECKPOINT_JSON
-        record = _read_record(path)
-        base_dir = Path(record["base"]).expanduser()
-        if not base_dir.is_absolute():
-            base_dir = (path / base_dir).resolve()
+        record, record_path = _read_record(kind, path)
+        base_dir = rundir.resolve_base(record, record_path)
         if not (base_dir / BASE_CONFIG).is_file():
             raise FileNotFoundError(f"{record_path}: key 'base' names {base_dir}, which has no {BASE_CONFIG}")
+        rundir.check_base(record, record_path, base_dir)
         cfg = ModelConfig.from_dict(record["model"], source=f"{record_path} key 'model'")
         vae = record.get("vae")
         prefix = str(record.get("model_key_prefix") or "")
@@ -242,10 +201,19 @@ def load_for_inference(ckpt: str | Path, device: str | torch.device | None = Non
     # backends are this machine's choice, not the checkpoint's (it may have been trained with TE on GPUs)
     cfg = dataclasses.replace(cfg, attention_backend=attention_backend, linear_backend="auto")
     init_runtime(device)
+    try:
+        if kind != "base" and not rundir.integrity.verify(path, record):
+            print(f"lmfusion: {path} predates integrity manifests; its files are not verified", file=sys.stderr,
+                  flush=True)
+    except ValueError:
+        weights.close()
+        raise
     with weights:
         model = build_model(cfg, base=weights, params_dtype=dtype, freeze=False, device=device)
     if kind == "training":
-        _load_image_set(model, path, prefix)
+        rundir.load_image_set(model, path, prefix)
+    elif kind == "export":
+        load_export(model, path)
     model.requires_grad_(False)
     # params_dtype covers megatron's modules only; the image encoder/decoder (plain torch) follow here, as megatron's
     # Float16Module casts the whole model in training.

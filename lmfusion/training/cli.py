@@ -142,14 +142,15 @@ def _run_plot(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- export-ckpt
 def _run_export(args: argparse.Namespace) -> int:
-    from lmfusion.training.checkpointing import export_self_contained, find_checkpoint
+    from lmfusion import rundir
+    from lmfusion.rundir.export import export_checkpoint
 
-    iter_dir = find_checkpoint(args.ckpt)
+    iter_dir = rundir.find_checkpoint(args.ckpt)
     if iter_dir is None:
-        raise FileNotFoundError(f"{args.ckpt}: neither a training iteration directory nor a run directory with "
-                                f"'latest'")
-    out = export_self_contained(iter_dir, args.output)
-    print(f"lmfusion export-ckpt: wrote {out} ({iter_dir.name} + its base)")
+        raise FileNotFoundError(f"{args.ckpt}: expected a training iteration directory or a run directory with a "
+                                f"complete iter_*/{rundir.CHECKPOINT_JSON}, found neither")
+    out = export_checkpoint(iter_dir, args.output)
+    print(f"lmfusion export-ckpt: wrote {out} ({iter_dir.name}: image set as safetensors + its base)")
     return 0
 
 
@@ -182,10 +183,11 @@ def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--output", type=Path, help="PNG to write (default RUN_DIR/loss.png)")
     p.set_defaults(run=_run_plot)
 
-    p = subparsers.add_parser("export-ckpt", help="a training checkpoint plus its frozen base in one directory",
-                              description="Copy a training iteration (RUN_DIR follows 'latest') and the base it "
-                                          "refers to into OUTPUT, which then loads on its own (generate, eval, "
-                                          "resume).")
+    p = subparsers.add_parser("export-ckpt", help="a training checkpoint as safetensors + JSON, with its base",
+                              description="Write a training iteration (RUN_DIR: its newest complete one) as an "
+                                          "export: the image set as safetensors, a copy of the frozen base and a "
+                                          "JSON record with every file's sha256. Nothing in it is unpickled when "
+                                          "loaded: the form to share (generate, caption, chat, eval read it).")
     p.add_argument("ckpt", type=Path, help="run directory or iter_XXXXXXX directory")
     p.add_argument("--output", type=Path, required=True, help="new directory to write")
     p.set_defaults(run=_run_export)

@@ -24,9 +24,9 @@ and signals, with DeepSpeed ZeRO doing data parallelism, the optimizer step and 
   ``gradient_clipping`` (global norm over the image set, like megatron's ``clip_grad``).
 * **Precision.** bf16 (``train.precision``; auto = bf16 on GPU): DeepSpeed's bf16 mode, bf16 parameters and fp32
   master weights and optimizer state in the ZeRO optimizer. fp32 on CPU.
-* **Checkpoints.** The run directory keeps the megatron engine's layout and ``latest`` semantic: every rank writes
-  into ``RUN/.tmp_iter_N``; rank 0 then adds ``train_state.json``, ``lmfusion_checkpoint.json`` and ``config.yaml``,
-  renames it to ``iter_N`` and only then replaces ``latest``. Inside, DeepSpeed's own files
+* **Checkpoints.** The run directory keeps the megatron engine's layout and save protocol (:mod:`lmfusion.rundir`:
+  ``RUN/.tmp_iter_N``, every file hashed into ``integrity.json``, the record written last, renamed to ``iter_N``,
+  then ``latest``). Inside, DeepSpeed's own files
   (``engine.save_checkpoint(..., exclude_frozen_parameters=True)``: ``mp_rank_00_model_states.pt`` with the image
   weights and ``client_state``, ``zero_pp_rank_*_optim_states.pt`` with the ZeRO shards) hold what a resume needs;
   ``client_state`` carries iteration, scheduler, data-loader state and every rank's RNG state (DeepSpeed reads its
@@ -56,6 +56,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from lmfusion import rundir
 from lmfusion.config import Config
 from lmfusion.config_io import dump_config
 from lmfusion.model.builder import build_model
@@ -163,7 +164,8 @@ class DeepSpeedTrainer(Trainer):
     def make_checkpointer(self, record: dict[str, Any]) -> "DeepSpeedCheckpointer":
         c = self.cfg.checkpoint
         return DeepSpeedCheckpointer(self.run_dir, self.engine, self.tm.scheduler, self.loader, record,
-                                     dump_config(self.cfg), self.cfg.deepspeed.zero_stage, c.keep_last)
+                                     dump_config(self.cfg), self.cfg.deepspeed.zero_stage, c.keep_last,
+                                     ckpt.scheduler_policy(c))
 
     # ------------------------------------------------------------------ one step
     def zero_grad(self) -> None:
@@ -199,9 +201,10 @@ class DeepSpeedCheckpointer:
     """:class:`lmfusion.training.checkpointing.Checkpointer`'s interface over DeepSpeed's checkpointing."""
 
     def __init__(self, run_dir: Path, engine, scheduler, loader, record: dict[str, Any], config_text: str,
-                 zero_stage: int, keep_last: Optional[int]):
+                 zero_stage: int, keep_last: Optional[int], scheduler_policy: str = "check"):
         self.run_dir, self.engine, self.scheduler, self.loader = run_dir, engine, scheduler, loader
         self.record, self.config_text, self.zero_stage, self.keep_last = record, config_text, zero_stage, keep_last
+        self.scheduler_policy = scheduler_policy
         self.last_saved: Optional[int] = None
 
     def _layout(self) -> dict[str, Any]:
@@ -240,24 +243,23 @@ class DeepSpeedCheckpointer:
 
     def save(self, iteration: int, extra: dict[str, Any]) -> None:
         """Collective: every rank calls it at the same step boundary."""
-        dirs = ckpt.begin_save(self.run_dir, iteration)
+        dirs = rundir.begin_save(self.run_dir, iteration)
         if dirs is None:
             return
         tmp, final = dirs
-        self._save_image_set(tmp)  # first: megatron's save wants an empty directory
+        with rundir.write_guard(tmp):
+            self._save_image_set(tmp)  # first: megatron's save wants an empty directory
         scheduler, loader = self.scheduler.state_dict(), self.loader.state_dict()
         client = {"iteration": iteration, "scheduler": scheduler, "loader": loader, "rng": _rank_rng_states(),
                   **extra}
         self.engine.save_checkpoint(str(self.run_dir), tag=tmp.name, client_state={_CLIENT_KEY: client},
                                     save_latest=False, exclude_frozen_parameters=True)  # ends in a barrier
-        if dist.get_rank() == 0:
-            # scheduler and loader as the megatron engine writes them: weights-only starts read the loader here
-            train_state = {"format": ckpt.STATE_FORMAT, "version": ckpt.STATE_VERSION, "iteration": iteration,
-                           "scheduler": scheduler, "loader": loader, "parallel": self._layout(), **extra}
-            record = {**self.record, "iteration": iteration, "model_key_prefix": ""}
-            ckpt.publish(tmp, final, train_state, record, self.config_text, self.keep_last)
+        # scheduler and loader as the megatron engine writes them: weights-only starts read the loader here
+        train_state = {"format": rundir.STATE_FORMAT, "version": rundir.STATE_VERSION, "iteration": iteration,
+                       "scheduler": scheduler, "loader": loader, "parallel": self._layout(), **extra}
+        record = {**self.record, "iteration": iteration, "model_key_prefix": ""}
+        rundir.finish_save(tmp, final, train_state, record, self.config_text, self.keep_last)
         self.last_saved = iteration
-        dist.barrier()
 
     def poll(self) -> None:
         """Saving is synchronous."""
@@ -276,10 +278,10 @@ class DeepSpeedCheckpointer:
         state; ``client_state``: scheduler, data loader, RNG). Without: the image weights alone, from the megatron
         dist_checkpointing image set both engines write (any ZeRO stage, any DP size, either engine), and the
         data-loader position from ``train_state.json``."""
-        state = ckpt._read_json(iter_dir / ckpt.TRAIN_STATE)
-        if state.get("format") != ckpt.STATE_FORMAT or state.get("version") != ckpt.STATE_VERSION:
-            raise ValueError(f"{iter_dir / ckpt.TRAIN_STATE}: not a {ckpt.STATE_FORMAT} v{ckpt.STATE_VERSION} file")
-        check_model(ckpt._read_json(iter_dir / ckpt.CHECKPOINT_JSON), iter_dir / ckpt.CHECKPOINT_JSON)
+        state = rundir.read_train_state(iter_dir)
+        record = rundir.read_record(iter_dir)
+        check_model(record, iter_dir / rundir.CHECKPOINT_JSON)
+        rundir.integrity.verify(iter_dir, record)
         if not load_optimizer:
             self._load_image_set(iter_dir)
             self.loader.load_state_dict(state["loader"])
@@ -306,7 +308,8 @@ class DeepSpeedCheckpointer:
         if problems:
             raise ValueError(f"{iter_dir}: {problems[0]}")
         client = client[_CLIENT_KEY]
-        self.scheduler.load_state_dict(client["scheduler"])
+        ckpt.restore_scheduler(self.scheduler, client["scheduler"], self.scheduler_policy,
+                               iter_dir / "client_state")
         rng = client["rng"]
         if len(rng) == dist.get_world_size():
             ckpt._set_rng_state(rng[dist.get_rank()])
@@ -326,9 +329,8 @@ class DeepSpeedCheckpointer:
         copy refreshed from them (the next update starts from the loaded weights)."""
         model: LMFusionModel = self.engine.module
         with self._image_set(modifier_rank=0) as sharded:  # every rank loads the same values
-            loaded = dist_checkpointing.load({"model": sharded}, str(iter_dir))
+            loaded = rundir.load_dist_checkpoint({"model": sharded}, iter_dir)
             missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
-        problems = self._unloaded(model, missing, unexpected)
-        if problems:
-            raise ValueError(f"{iter_dir}: {problems[0]}")
+        rundir.trust.check_image_set_loaded(missing, unexpected, iter_dir,
+                                            [n for n, p in model.named_parameters() if p.requires_grad])
         self.engine.optimizer.refresh_fp32_params()

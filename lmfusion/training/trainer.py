@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from lmfusion import rundir
 from lmfusion.config import Config, ModelConfig
 from lmfusion.config_io import TEXT_FIELDS, dump_config
 from lmfusion.training import checkpointing as ckpt
@@ -71,9 +72,9 @@ class Trainer:
         cfg = self.cfg
         self.rt: Runtime = init_runtime(cfg)
         self.run_dir = Path(cfg.checkpoint.save).expanduser().resolve()
+        self._lock_run_dir()
         if self.rt.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+            atomic_write_text(self.run_dir / rundir.CONFIG, dump_config(cfg))
         self.base_dir = self._prepare_base()
         from lmfusion.checkpoint.hf import load_base_state
 
@@ -84,8 +85,8 @@ class Trainer:
         self.loader = self._loader if self._loader is not None else self._make_loader()
         self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.rt.dp_size)
         self.dtype = params_dtype(cfg)
-        record = {"format": "lmfusion-checkpoint", "base": str(self.base_dir),
-                  "base_conversion_sha256": ckpt.base_sha256(self.base_dir), "model": cfg.model.to_dict(),
+        record = {"format": rundir.RECORD_FORMAT, "base": str(self.base_dir),
+                  "base_conversion_sha256": rundir.base_sha256(self.base_dir), "model": cfg.model.to_dict(),
                   "vae": self._vae_block()}
         c = cfg.checkpoint
         self.checkpointer = self.make_checkpointer(record)
@@ -98,6 +99,21 @@ class Trainer:
         self.signals = SignalWatcher(c.exit_signals)
         return self
 
+    def _lock_run_dir(self) -> None:
+        """Rank 0 holds ``RUN/run.lock`` for the run; every rank raises the same error when another training holds
+        it."""
+        self._lock = None
+        error = [None]
+        if self.rt.rank == 0:
+            try:
+                self._lock = rundir.RunLock(self.run_dir, log=lambda m: print(f"lmfusion train: {m}", flush=True))
+                self._lock.acquire()
+            except (rundir.RunLocked, OSError) as e:
+                self._lock, error[0] = None, str(e)
+        dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise rundir.RunLocked(error[0])
+
     def build_train_model(self, weights) -> TrainModel:
         """The model, its data-parallel wrapping, optimizer and scheduler (an engine overrides it)."""
         return build_train_model(self.cfg, weights, device=self.rt.device)
@@ -106,7 +122,8 @@ class Trainer:
         """The run's checkpointer (an engine overrides it): ``save``, ``poll``, ``wait``, ``close``, ``load``."""
         c = self.cfg.checkpoint
         return ckpt.Checkpointer(self.run_dir, self.tm.chunks, self.tm.optimizer, self.tm.scheduler, self.loader,
-                                 record, dump_config(self.cfg), c.optimizer_sharding, c.keep_last, c.async_save)
+                                 record, dump_config(self.cfg), c.optimizer_sharding, c.keep_last, c.async_save,
+                                 scheduler_policy=ckpt.scheduler_policy(c))
 
     def _prepare_base(self) -> Path:
         init = self.cfg.init
@@ -145,9 +162,10 @@ class Trainer:
 
     def _resume(self) -> None:
         c = self.cfg.checkpoint
-        found = ckpt.find_checkpoint(self.run_dir)
+        say = (lambda m: print(f"lmfusion train: {m}", flush=True)) if self.rt.rank == 0 else None
+        found = rundir.find_checkpoint(self.run_dir, repair=self.rt.rank == 0, log=say)
         if found is None and c.load is not None:
-            found = ckpt.find_checkpoint(Path(c.load).expanduser())
+            found = rundir.find_checkpoint(Path(c.load).expanduser(), log=say)
             if found is None:
                 raise FileNotFoundError(f"checkpoint.load: {c.load} holds no checkpoint ({ckpt.LATEST} or "
                                         f"{ckpt.TRAIN_STATE})")
@@ -155,17 +173,15 @@ class Trainer:
             return
 
         def check(record: dict[str, Any], path: Path) -> None:
-            base = Path(record.get("base", ""))
-            base = base if base.is_absolute() else (path.parent / base).resolve()
-            want = record.get("base_conversion_sha256")
-            if want != ckpt.base_sha256(self.base_dir):
-                raise ValueError(f"{path}: trained on the base {base} (conversion.json sha256 {str(want)[:12]}); "
-                                 f"init.base_checkpoint {self.base_dir} is a different base")
+            rundir.check_base(record, path, self.base_dir)
             saved = ModelConfig.from_dict(record.get("model", {}), source=f"{path} key 'model'")
             self._check_text_fields(dataclasses.asdict(saved), str(path))
-            if saved.image != self.cfg.model.image:
-                raise ValueError(f"{path}: model.image {saved.image} differs from this config's "
-                                 f"{self.cfg.model.image}; image modules cannot load across image configs")
+            mine, theirs = dataclasses.asdict(self.cfg.model.image), dataclasses.asdict(saved.image)
+            for key in sorted(set(mine) | set(theirs)):
+                if mine.get(key) != theirs.get(key):
+                    raise ValueError(f"{path}: model.image.{key} is {theirs.get(key)!r} in the checkpoint, "
+                                     f"{mine.get(key)!r} in this config; image modules cannot load across image "
+                                     f"configs")
 
         state = self.checkpointer.load(found, c.load_optimizer, check)
         self.iteration = int(state["iteration"]) if c.load_optimizer or found.parent == self.run_dir else 0
@@ -267,7 +283,7 @@ class Trainer:
                 "stop": stop_sum > 0}
 
     def _last_good(self) -> str:
-        latest = self.run_dir / ckpt.LATEST
+        latest = self.run_dir / rundir.LATEST
         return f"last good checkpoint: {self.run_dir / latest.read_text().strip()}" if latest.is_file() else \
             "no checkpoint saved yet"
 
@@ -292,7 +308,8 @@ class Trainer:
                 self.checkpointer.poll()
                 if stop:
                     reason = "signal"
-                    self.metrics.note(f"{self.signals.received} received: saved step {step}, exiting")
+                    who = self.signals.received or "a stop signal (on another rank)"
+                    self.metrics.note(f"{who} received: saved step {step}, exiting")
                     break
             self.checkpointer.wait()
         except TrainingDiverged as e:
@@ -315,6 +332,8 @@ class Trainer:
             obj = getattr(self, name, None)
             if obj is not None:
                 obj.close()
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
         close = getattr(self.loader if hasattr(self, "loader") else None, "close", None)
         if close is not None:
             close()

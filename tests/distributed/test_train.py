@@ -105,28 +105,29 @@ def test_plot_and_flops_commands_on_the_run(reference, assets, capsys):
     assert "micro-batches of " + assets["shards"] in out  # the real loader, not synthetic batches
 
 
-def test_export_self_contained_checkpoint_loads_from_its_own_base(reference, tmp_path):
-    """A training checkpoint refers to its base; export_self_contained copies both into one directory whose record
-    points at the copy (relative path), and inference loads it from there."""
+def test_export_loads_from_its_own_base(reference, tmp_path):
+    """A training checkpoint refers to its base; the export holds the image set as safetensors and a copy of the
+    base, its record pointing at the copy (relative path), and inference loads it from there."""
     from lmfusion.inference.load import load_for_inference
-    from lmfusion.training.checkpointing import CHECKPOINT_JSON, export_self_contained
+    from lmfusion.rundir.export import EXPORT_JSON, IMAGE_SET, export_checkpoint
 
-    out = export_self_contained(reference / "iter_0000030", tmp_path / "export")
-    assert json.loads((out / CHECKPOINT_JSON).read_text())["base"] == "base"
+    out = export_checkpoint(reference / "iter_0000030", tmp_path / "export")
+    assert json.loads((out / EXPORT_JSON).read_text())["base"] == "base" and (out / IMAGE_SET).is_file()
     loaded = load_for_inference(out)
-    assert loaded.meta.kind == "training" and loaded.meta.base_dir.resolve() == (out / "base").resolve()
+    assert loaded.meta.kind == "export" and loaded.meta.base_dir.resolve() == (out / "base").resolve()
     with pytest.raises(FileExistsError):
-        export_self_contained(reference / "iter_0000030", out)
+        export_checkpoint(reference / "iter_0000030", out)
 
 
 def test_cli_export_and_generate_from_a_training_run(reference, tmp_path, capsys):
     """``lmfusion export-ckpt RUN_DIR`` follows 'latest'; ``lmfusion generate --ckpt`` on the run directory and on
     the export gives the same image bytes, and greedy text from the run equals the base's (text is frozen)."""
     from lmfusion.cli import main
+    from lmfusion.rundir.export import EXPORT_JSON
     from lmfusion.training.checkpointing import CHECKPOINT_JSON
 
     assert main(["export-ckpt", str(reference), "--output", str(tmp_path / "export")]) == 0
-    assert json.loads((tmp_path / "export" / CHECKPOINT_JSON).read_text())["iteration"] == 30
+    assert json.loads((tmp_path / "export" / EXPORT_JSON).read_text())["iteration"] == 30
     grids = []
     for ckpt in (reference, tmp_path / "export"):
         out = tmp_path / f"{len(grids)}.png"

@@ -64,6 +64,7 @@ def test_overrides_win_and_are_typed(base):
     ("train.train_iter=3", "unknown config key 'train.train_iter' (did you mean 'train.train_iters'?)"),
     ("paralel.tensor_model_parallel_size=2", "(did you mean 'parallel'?)"),
     ("model.image.patch_sz=2", "(did you mean 'model.image.patch_size'?)"),
+    ("train.warmup=10", "(did you mean 'optimizer.lr_warmup_iters'?)"),  # issue #18: not train.recompute
     ("train.train_iters=ten", "config key 'train.train_iters': expected an integer, got 'ten'"),
     ("train.train_iters=true", "config key 'train.train_iters': expected an integer, got True"),
     ("train.train_iters=2.5", "expected an integer"),

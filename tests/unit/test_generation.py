@@ -102,7 +102,10 @@ def ckpts(runtime, tmp_path_factory):
     iter_dir.mkdir(parents=True)
     dist_checkpointing.save(model.sharded_state_dict(), str(iter_dir))
     vae = load_vae("identity", None, torch.device("cpu")).describe()
-    (iter_dir / CHECKPOINT_JSON).write_text(json.dumps({"base": "../../base", "model": cfg.to_dict(), "vae": vae}))
+    from lmfusion.rundir import base_sha256
+
+    (iter_dir / CHECKPOINT_JSON).write_text(json.dumps({"base": "../../base", "model": cfg.to_dict(), "vae": vae,
+                                                        "base_conversion_sha256": base_sha256(root / "base")}))
     (root / "run" / LATEST).write_text("7\n")
     return root, {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -155,7 +158,7 @@ def test_checkpoint_config_mismatch_is_a_clear_error(ckpts, runtime, tmp_path):
     record["model"]["num_layers"] -= 1
     record["model"]["image"]["block_channels"] = [32, 32]
     (tmp_path / "image" / CHECKPOINT_JSON).write_text(json.dumps(record))
-    with pytest.raises(ValueError, match="dist checkpoint does not match the model"):
+    with pytest.raises(ValueError, match="cannot read the distributed checkpoint"):
         load_for_inference(tmp_path / "image", device="cpu")
 
 
@@ -421,3 +424,17 @@ def test_cli_chat_reads_stdin(ckpts, tmp_path, capsys, monkeypatch):
     assert main(["chat", "--ckpt", str(root / "run"), "--out-dir", str(tmp_path), "--steps", str(STEPS),
                  "--max-new-tokens", "5", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.count("> ") == 3
+
+
+def test_prompt_longer_than_the_context_is_refused_in_one_line(ckpts, base, capsys):
+    """Issue #18 item 7: a prompt that, with what it generates, exceeds max_position_embeddings is refused by name
+    (before, it ran on past the context without a word)."""
+    root, _ = ckpts
+    word = PROMPTS[0].split()[0]
+    limit = base.config.max_position_embeddings
+    long_prompt = " ".join([word] * limit)
+    for extra in (["--text", "--max-new-tokens", "4"], ["--out", str(root / "x.png"), "--vae", "identity"]):
+        assert main(["generate", "--ckpt", str(root / "base"), "--prompt", long_prompt, "--device", "cpu",
+                     *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--prompt 1:" in err and f"expected at most {limit}" in err and "\n" not in err, err

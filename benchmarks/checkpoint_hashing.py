@@ -1,0 +1,96 @@
+"""Cost of checkpoint integrity hashing (lmfusion.rundir.integrity): save and load with vs without it.
+
+One rank (gloo), the real save protocol (begin_save, megatron dist_checkpointing.save, finish_save) and load
+(integrity.verify + the run directory's dist-checkpoint reader), on a state of the tiny run's size (``--mbytes``,
+default 2.4: what ``examples/configs/tiny_cpu.yaml`` writes per checkpoint, model + optimizer + RNG) and on a larger
+one for the bytes/s the 8B extrapolation uses. Median of interleaved repetitions.
+
+    python benchmarks/checkpoint_hashing.py [--mbytes 2.4] [--big-mbytes 256] [--reps 5]
+
+8B estimate: the image set of Llama-3-8B is ~7.0e9 parameters (every decoder linear and norm twinned; embeddings and
+head stay text); a checkpoint holds bf16 weights + fp32 main params + two fp32 Adam moments = 14 bytes/param,
+~98 GB, spread over the ranks, each hashing its share. The extra time per rank is bytes_per_rank / hash bytes/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks._common import init_single_rank, time_interleaved
+
+IMAGE_PARAMS_8B = 7.0e9
+BYTES_PER_PARAM = 14
+
+
+def _state(mbytes: float, fill: bool = True) -> dict:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    n = max(1, int(mbytes * 1e6 / 4 / 32))
+    gen = torch.Generator().manual_seed(0)
+    sd = {f"t{i}": ShardedTensor.from_rank_offsets(f"t{i}", torch.randn(n, generator=gen) if fill else
+                                                   torch.zeros(n)) for i in range(32)}
+    sd["rng"] = ShardedObject("rng", {"cpu": torch.get_rng_state()}, (1,), (0,))
+    return sd
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--mbytes", type=float, default=2.4)
+    p.add_argument("--big-mbytes", type=float, default=256)
+    p.add_argument("--reps", type=int, default=5)
+    args = p.parse_args()
+    from megatron_ext import cpu
+
+    cpu.enable()
+    init_single_rank()
+    from megatron.core import dist_checkpointing
+
+    from lmfusion import rundir
+
+    root = Path(tempfile.mkdtemp(prefix="ckpt-hash-"))
+    results = {}
+    try:
+        for label, mb in (("tiny", args.mbytes), ("big", args.big_mbytes)):
+            state = _state(mb)
+            counter = iter(range(1, 1 << 30))
+
+            def save(hashing: bool) -> None:
+                run = root / f"{label}-{hashing}"
+                tmp, final = rundir.begin_save(run, next(counter))
+                dist_checkpointing.save(state, str(tmp))
+                rundir.finish_save(tmp, final, {}, {"base": "b", "model": {}}, "", keep_last=1, hash_files=hashing)
+
+            def load(hashing: bool) -> None:
+                it = rundir.find_checkpoint(root / f"{label}-True")
+                if hashing:
+                    assert rundir.integrity.verify(it, rundir.read_record(it))
+                rundir.load_dist_checkpoint(_state(mb, fill=False), it)
+
+            t = time_interleaved({"save_hash": lambda: save(True), "save_plain": lambda: save(False)}, args.reps)
+            t.update(time_interleaved({"load_hash": lambda: load(True), "load_plain": lambda: load(False)},
+                                      args.reps))
+            nbytes = sum(f.stat().st_size for f in rundir.find_checkpoint(root / f"{label}-True").iterdir())
+            results[label] = (t, nbytes)
+            print(f"{label}: {nbytes / 1e6:.1f} MB  save {t['save_plain']:.3f} s -> {t['save_hash']:.3f} s "
+                  f"(x{t['save_hash'] / t['save_plain']:.3f})  load {t['load_plain']:.3f} s -> {t['load_hash']:.3f} s "
+                  f"(x{t['load_hash'] / t['load_plain']:.3f})")
+        t, nbytes = results["big"]
+        hash_bps = nbytes / max(t["load_hash"] - t["load_plain"], 1e-9)
+        save_bps = nbytes / t["save_plain"]
+        ckpt_8b = IMAGE_PARAMS_8B * BYTES_PER_PARAM
+        print(f"hashing {hash_bps / 1e9:.2f} GB/s per rank; saving {save_bps / 1e9:.2f} GB/s here. 8B image set + "
+              f"optimizer: {ckpt_8b / 1e9:.0f} GB; on 64 ranks {ckpt_8b / 64 / hash_bps:.2f} s of hashing per rank "
+              f"per save and per load")
+        t, _ = results["tiny"]
+        print(f"checkpoint_hashing_save_ratio_tiny: {t['save_hash'] / t['save_plain']:.3f}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""The run-directory contract (lmfusion.rundir) without training: latest, lock, integrity, base hash, safe reading.
+
+Each test names the issue-#18 item it covers; the training-level behaviour (resume, generate, export on a real run)
+is in tests/distributed/test_rundir.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lmfusion import rundir
+from lmfusion.rundir import integrity
+
+
+def _fake_iteration(run_dir: Path, n: int) -> Path:
+    """A complete iteration directory as the save protocol leaves it (files, manifest, record last)."""
+    d = run_dir / rundir.iter_name(n)
+    d.mkdir(parents=True)
+    (d / "__0_0.distcp").write_bytes(os.urandom(4096))
+    (d / rundir.TRAIN_STATE).write_text("{}")
+    record = {"base": "b", "model": {}, "integrity": integrity.write_manifest(d, integrity.hash_files(d))}
+    (d / rundir.CHECKPOINT_JSON).write_text(json.dumps(record))
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------- 6: latest
+def test_latest_left_behind_by_a_crash_is_repaired_to_the_newest_complete_iteration(tmp_path):
+    """Item 6: a crash between renaming iter_N and rewriting latest. The newest complete iteration wins, latest is
+    rewritten (and said so); an incomplete directory (no record) is never chosen; a save of a step that already
+    exists points latest at it."""
+    for n in (1, 2):
+        _fake_iteration(tmp_path, n)
+    (tmp_path / rundir.iter_name(3)).mkdir()  # renamed by hand, or an old layout: no record, not complete
+    (tmp_path / rundir.LATEST).write_text(rundir.iter_name(1) + "\n")
+    said = []
+    assert rundir.find_checkpoint(tmp_path, repair=True, log=said.append) == tmp_path / rundir.iter_name(2)
+    assert (tmp_path / rundir.LATEST).read_text().strip() == rundir.iter_name(2)
+    assert len(said) == 1 and "iter_0000001" in said[0] and "repaired" in said[0]
+    (tmp_path / rundir.LATEST).write_text(rundir.iter_name(1) + "\n")
+    assert rundir.begin_save(tmp_path, 2) is None  # step 2 exists: no save, and latest now names it
+    assert (tmp_path / rundir.LATEST).read_text().strip() == rundir.iter_name(2)
+
+
+def test_latest_naming_nothing_complete_is_one_line(tmp_path):
+    (tmp_path / rundir.LATEST).write_text("iter_0000009\n")
+    with pytest.raises(FileNotFoundError, match=r"latest: names iter_0000009, which is not a complete checkpoint"):
+        rundir.find_checkpoint(tmp_path)
+    assert rundir.find_checkpoint(tmp_path / "empty") is None
+
+
+# ---------------------------------------------------------------------------------------------------- 5: lock
+_HOLD = """
+import sys, time
+from lmfusion.rundir import RunLock
+lock = RunLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_second_training_is_refused_by_the_lock_naming_its_owner(tmp_path):
+    """Item 5: while one process holds RUN/run.lock, acquiring it fails with one line naming the holder's host and
+    pid; when the holder is killed (kill -9: no cleanup) the stale file is taken over on the same host."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(rundir.RunLocked, match=rf"run.lock: held by a running training \(host "
+                                                    rf"{socket.gethostname()}, pid {holder.pid},"):
+            rundir.RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    said = []
+    with rundir.RunLock(tmp_path, log=said.append):
+        assert json.loads((tmp_path / rundir.LOCK).read_text())["pid"] == os.getpid()
+        assert said and f"stale lock of pid {holder.pid}" in said[0]
+    assert not (tmp_path / rundir.LOCK).exists()
+
+
+def test_lock_left_by_another_host_is_reported_with_the_command_to_clear_it(tmp_path):
+    (tmp_path / rundir.LOCK).write_text(json.dumps({"host": "node-17", "pid": 4242, "since": "2026-01-01"}))
+    with pytest.raises(rundir.RunLocked, match=rf"left by host node-17 pid 4242 .* clear it with: rm "
+                                                rf"{tmp_path / rundir.LOCK}$"):
+        rundir.RunLock(tmp_path).acquire()
+
+
+# ---------------------------------------------------------------------------------------------------- 4, 7: integrity
+@pytest.mark.parametrize("damage, words", [
+    ("flip", r"__0_0.distcp: sha256 \w+, expected \w+ \(changed since the save\)"),
+    ("truncate", r"__0_0.distcp: 100 bytes, expected 4096 \(truncated"),
+    ("remove", r"__0_0.distcp: missing \(expected 4096 bytes\)"),
+    ("manifest", r"integrity.json: sha256 \w+, expected \w+ \(from lmfusion_checkpoint.json"),
+])
+def test_damaged_checkpoint_files_are_named_in_one_line(tmp_path, damage, words):
+    """Items 4 and 7: 64 flipped bytes, a truncated or a missing file, an edited manifest: one line naming it."""
+    d = _fake_iteration(tmp_path, 1)
+    record = json.loads((d / rundir.CHECKPOINT_JSON).read_text())
+    assert integrity.verify(d, record)
+    f = d / "__0_0.distcp"
+    if damage == "flip":
+        data = bytearray(f.read_bytes())
+        data[1000:1064] = bytes(b ^ 0xFF for b in data[1000:1064])
+        f.write_bytes(bytes(data))
+    elif damage == "truncate":
+        f.write_bytes(f.read_bytes()[:100])
+    elif damage == "remove":
+        f.unlink()
+    else:
+        (d / integrity.INTEGRITY).write_text((d / integrity.INTEGRITY).read_text().replace("4096", "4097"))
+    with pytest.raises(integrity.IntegrityError, match=words) as e:
+        integrity.verify(d, record)
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------- 2: base hash
+def test_a_replaced_base_is_refused_by_its_hash(tmp_path):
+    """Item 2 (unit level): the record's base hash against another conversion of a same-shape model."""
+    for name, stamp in (("a", "2026-01-01"), ("b", "2026-01-02")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "conversion.json").write_text(json.dumps({"created_at": stamp}))
+    record = {"base": "a", "base_conversion_sha256": rundir.base_sha256(tmp_path / "a")}
+    rundir.check_base(record, tmp_path / rundir.CHECKPOINT_JSON, tmp_path / "a")
+    with pytest.raises(ValueError, match=r"b/conversion.json: sha256 \w+, expected \w+ .* was replaced"):
+        rundir.check_base(record, tmp_path / rundir.CHECKPOINT_JSON, tmp_path / "b")
+
+
+# ---------------------------------------------------------------------------------------------------- 1: trust
+class _Payload:
+    """Unpickling runs ``code`` (touching a marker file), then returns ``then`` so the load would carry on."""
+
+    def __init__(self, marker: Path, then: bytes):
+        self.marker, self.then = marker, then
+
+    def __reduce__(self):
+        code = f"__import__('pathlib').Path({str(self.marker)!r}).touch() or __import__('pickle').loads({self.then!r})"
+        return eval, (code,)
+
+
+class _ObjectPayload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return eval, (f"__import__('pathlib').Path({str(self.marker)!r}).touch() or 0",)
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    from megatron.core import parallel_state
+
+    from lmfusion.inference.load import init_runtime
+    from megatron_ext import cpu
+
+    had = dist.is_initialized(), parallel_state.model_parallel_is_initialized(), cpu.is_enabled()
+    init_runtime(torch.device("cpu"))
+    yield
+    if not had[1]:
+        parallel_state.destroy_model_parallel()
+    if not had[0]:
+        dist.destroy_process_group()
+    if not had[2]:
+        cpu.disable()
+
+
+def _save(directory: Path, obj) -> dict:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    def sharded(t, o):
+        return {"w": ShardedTensor.from_rank_offsets("w", t), "obj": ShardedObject("obj", o, (1,), (0,))}
+
+    directory.mkdir(parents=True)
+    dist_checkpointing.save(sharded(torch.arange(6.0), obj), str(directory))
+    return sharded(torch.zeros(6), None)
+
+
+def test_pickle_payload_in_metadata_is_refused_and_never_runs(runtime, tmp_path):
+    """Item 1: ``.metadata`` replaced by a pickle that runs code and then returns the real metadata. megatron's own
+    load runs it (the marker appears: what `generate` and resume did before); the run directory's reader refuses it
+    by name and the code never runs."""
+    from megatron.core import dist_checkpointing
+
+    d = tmp_path / "ckpt"
+    template = _save(d, {"step": torch.tensor(3)})
+    marker = tmp_path / "ran"
+    (d / ".metadata").write_bytes(pickle.dumps(_Payload(marker, (d / ".metadata").read_bytes())))
+    with pytest.raises(rundir.UnsafeCheckpoint, match=r"\.metadata: refuses to unpickle builtins\.eval"):
+        rundir.load_dist_checkpoint(template, d)
+    assert not marker.exists()
+    dist_checkpointing.load(_save(tmp_path / "again", {"step": torch.tensor(3)}), str(tmp_path / "again"))
+    (tmp_path / "again" / ".metadata").write_bytes((d / ".metadata").read_bytes())
+    dist_checkpointing.load(template, str(tmp_path / "again"))  # the unguarded path: the payload runs
+    assert marker.exists()
+
+
+def test_pickle_payload_in_an_object_entry_is_refused_and_never_runs(runtime, tmp_path):
+    """Item 1: an object entry (as the RNG state is stored) holding a payload: refused by weights-only loading."""
+    d = tmp_path / "ckpt"
+    marker = tmp_path / "ran"
+    template = _save(d, _ObjectPayload(marker))
+    with pytest.raises(rundir.UnsafeCheckpoint, match=r"object entry 'obj.*refused by torch.load\(weights_only=True"):
+        rundir.load_dist_checkpoint(template, d)
+    assert not marker.exists()
+    good = tmp_path / "good"
+    loaded = rundir.load_dist_checkpoint(_save(good, {"step": torch.tensor(3)}), good)
+    assert torch.equal(loaded["w"], torch.arange(6.0)) and int(loaded["obj"]["step"]) == 3
+
+
+# ---------------------------------------------------------------------------------------------------- 7: disk full
+@pytest.mark.parametrize("error", [RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0"),
+                                   OSError(28, "No space left on device")])
+def test_a_failed_checkpoint_write_is_one_line_naming_the_directory(tmp_path, error):
+    """Item 7: a disk filling up mid-save surfaced as torch's 'enforce fail at inline_container.cc' traceback; the
+    save's guard turns it into one line naming the directory, saying the previous checkpoint stays latest."""
+    with pytest.raises(rundir.CheckpointWriteError) as e:
+        with rundir.write_guard(tmp_path / ".tmp_iter_0000002"):
+            raise error
+    text = str(e.value)
+    assert text.startswith(f"{tmp_path / '.tmp_iter_0000002'}: cannot write the checkpoint") and "\n" not in text
+    assert "is the disk full?" in text and "previous checkpoint stays latest" in text
