@@ -294,6 +294,10 @@ class OptimConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     """Global gradient-norm clipping threshold (0: off)."""
+    lr_mult: float = 1.0
+    """Learning-rate multiplier of the image I/O blocks (U-Net down/up or linear patchify; trained from scratch):
+    their lr (and min_lr) is ``lr_mult`` x the schedule's, which the image twins (copied from the pretrained text
+    weights) follow unscaled. A megatron-core parameter-group override; 1: one schedule for all."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0 and 0 <= self.min_lr <= self.lr,
@@ -306,6 +310,7 @@ class OptimConfig:
             _check(0 <= getattr(self, name) < 1, f"optimizer.{name} must be in [0, 1), got {getattr(self, name)}")
         _check(self.adam_eps > 0 and self.weight_decay >= 0 and self.clip_grad >= 0,
                "optimizer.adam_eps must be > 0, optimizer.weight_decay and optimizer.clip_grad >= 0")
+        _check(self.lr_mult > 0, f"optimizer.lr_mult must be > 0, got {self.lr_mult}")
 
 
 @dataclass

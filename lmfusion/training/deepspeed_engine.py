@@ -63,7 +63,7 @@ from lmfusion.model.builder import build_model
 from lmfusion.model.model import LMFusionModel
 from lmfusion.model.weights import is_image_param
 from lmfusion.training import checkpointing as ckpt
-from lmfusion.training.model_setup import TrainModel, params_dtype
+from lmfusion.training.model_setup import TrainModel, param_group_overrides, params_dtype
 from lmfusion.training.step import MicroBatch
 from lmfusion.training.trainer import Trainer
 
@@ -111,14 +111,16 @@ def deepspeed_config(cfg: Config, num_microbatches: int, dtype: torch.dtype) -> 
 
 
 def image_param_groups(model: torch.nn.Module, cfg: Config) -> list[dict[str, Any]]:
-    """megatron's default parameter groups over the trainable (image) parameters: the same groups, ``wd_mult``,
-    ``max_lr``/``min_lr`` as the megatron engine's optimizer, so the shared scheduler sets the same values."""
+    """megatron's parameter groups over the trainable (image) parameters: the same groups, ``wd_mult``,
+    ``max_lr``/``min_lr`` (``optimizer.lr_mult`` included: :func:`~lmfusion.training.model_setup.
+    param_group_overrides`) as the megatron engine's optimizer, so the shared scheduler sets the same values."""
     from megatron.core.optimizer import _get_param_groups  # megatron-core 0.16.1 (pinned)
 
     o = cfg.optimizer
     opt_config = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
                                  adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps)
-    groups = [g for g in _get_param_groups([model], opt_config, None) if g["params"]]
+    groups = [g for g in _get_param_groups([model], opt_config, param_group_overrides(cfg, opt_config))
+              if g["params"]]
     frozen = [n for n, p in model.named_parameters() if p.requires_grad and not is_image_param(n)]
     if frozen:
         raise ValueError(f"text parameters {frozen[:3]} are trainable; the DeepSpeed engine trains the image set only")

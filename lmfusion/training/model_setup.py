@@ -10,6 +10,12 @@
 * **Activation recompute** (``train.recompute: full``): every transformer layer's forward is re-run in backward
   (``torch.utils.checkpoint``, or TE's checkpoint with TE linears; :func:`_recompute_layers`). No dropout, so
   no RNG-tracker state needs replaying.
+* **Per-group learning rates** (``optimizer.lr_mult``): the image I/O blocks (trained from scratch) get ``lr_mult`` x
+  the schedule's lr and min_lr, the image twins (copies of pretrained text weights) the schedule's own, through
+  megatron-core 0.16.1's parameter-group overrides (``get_megatron_optimizer(config_overrides=...)`` with a
+  ``ParamKey`` on the I/O modules' names, added to ``get_standard_config_overrides``' weight-decay exemptions). Its
+  ``OptimizerParamScheduler`` reads each group's ``max_lr``/``min_lr`` (it ignores ``lr_mult``, which is set too: it
+  names the group in optimizer checkpoints). :func:`param_group_overrides`; the DeepSpeed engine uses the same.
 * **Optimizer state checkpoints** (megatron-core 0.16.1): 'fully_reshardable' needs one gradient bucket
   (``overlap_grad_reduce`` off gives exactly one); :func:`check_buckets` refuses more.
 """
@@ -30,7 +36,11 @@ from lmfusion.model.model import LMFusionModel
 from megatron_ext import cpu, torch_adam
 from megatron_ext.device import runtime_device
 
-__all__ = ["TrainModel", "params_dtype", "build_train_model", "check_buckets", "unwrap", "text_parameters"]
+__all__ = ["TrainModel", "params_dtype", "build_train_model", "check_buckets", "unwrap", "text_parameters",
+           "IMAGE_IO_NAMES", "param_group_overrides"]
+
+#: Parameter names (fnmatch, through DDP / Float16Module ``module.`` prefixes) of the image I/O blocks.
+IMAGE_IO_NAMES = ("image_encoder.*", "*.image_encoder.*", "image_decoder.*", "*.image_decoder.*")
 
 
 @dataclass
@@ -107,6 +117,20 @@ def check_buckets(cfg: Config, chunks: list[DistributedDataParallel]) -> None:
                          f"dp_reshardable or parallel.overlap_grad_reduce=false")
 
 
+def param_group_overrides(cfg: Config, opt_config: OptimizerConfig):
+    """megatron-core ``config_overrides`` for ``optimizer.lr_mult``; None (megatron's default groups) when it is 1."""
+    o = cfg.optimizer
+    if o.lr_mult == 1.0:
+        return None
+    from megatron.core.optimizer import ParamKey, get_standard_config_overrides
+    from megatron.core.optimizer_param_scheduler import ParamGroupOverride
+
+    overrides = get_standard_config_overrides(opt_config)  # biases and 1-D weights: wd_mult 0, as by default
+    overrides[ParamKey(name=IMAGE_IO_NAMES)] = ParamGroupOverride(max_lr=o.lr * o.lr_mult,
+                                                                  min_lr=o.min_lr * o.lr_mult, lr_mult=o.lr_mult)
+    return overrides
+
+
 def build_train_model(cfg: Config, base, train_text: bool = False, device: torch.device | None = None) -> TrainModel:
     """Model chunks (text from ``base``; random when None) on ``device`` (default: the runtime device), DDP, megatron
     optimizer and LR/WD scheduler, wired for the schedules. ``train_text``: train the text weights too (the
@@ -148,7 +172,7 @@ def build_train_model(cfg: Config, base, train_text: bool = False, device: torch
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
         adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16,
         params_dtype=dtype, use_distributed_optimizer=par.use_distributed_optimizer)
-    optimizer = get_megatron_optimizer(opt_config, ddp)
+    optimizer = get_megatron_optimizer(opt_config, ddp, config_overrides=param_group_overrides(cfg, opt_config))
     if cpu.is_enabled():
         cpu.fuse_adam(optimizer)  # torch's fused CPU AdamW: ~6x faster than the per-tensor loop megatron gets
     decay = o.lr_decay_iters or cfg.train.train_iters

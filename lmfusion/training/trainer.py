@@ -264,7 +264,7 @@ class Trainer:
         if not math.isfinite(loss):
             raise TrainingDiverged(f"step {step}: loss is {loss} (lm {lm}, diffusion {diff}); stopped before the "
                                    f"optimizer step, no checkpoint written ({self._last_good()})")
-        lr = max(g["lr"] for g in self.tm.optimizer.param_groups)
+        lr = self._schedule_lr()
         ok, grad_norm = self.optimizer_step()
         self.optimizer_steps += int(bool(ok))
         if grad_norm is None or not math.isfinite(float(grad_norm)):
@@ -281,6 +281,13 @@ class Trainer:
                 "step_time_s": elapsed, "model_flops": flops, "text_tokens_off_path": step_counts.text_off,
                 "text_tokens_on_path": step_counts.text_on, "image_tokens": step_counts.image,
                 "stop": stop_sum > 0}
+
+    def _schedule_lr(self) -> float:
+        """The schedule's lr: that of the groups without an lr override (``optimizer.lr_mult`` scales the image
+        I/O groups' lr away from it)."""
+        groups = self.tm.optimizer.param_groups
+        default = [g["lr"] for g in groups if g.get("default_config", True)]
+        return max(default or [g["lr"] for g in groups])
 
     def _last_good(self) -> str:
         latest = self.run_dir / rundir.LATEST

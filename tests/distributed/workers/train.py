@@ -272,6 +272,52 @@ def hf_dir_is_converted_once_into_the_run():
     assert (run_dir / "base" / "conversion.json").stat().st_mtime_ns == stamp, "the base was converted again"
 
 
+def _is_image_io(key: str) -> bool:
+    return key.split(".", 1)[1].startswith(("image_encoder.", "image_decoder."))  # "chunk.name"
+
+
+@case
+def lr_mult_scales_the_image_io_groups_and_their_update():
+    """optimizer.lr_mult (DP=2, distributed optimizer, no warm-up, constant lr): after one step the parameter groups
+    of the image I/O blocks carry lr_mult x the schedule's lr, the twins' groups the schedule's own. Adam's first
+    update is lr x g / (|g| + eps), elementwise, from the same start and gradients: the I/O parameters move exactly
+    lr_mult x as far as with lr_mult=1 (rounding of p + delta: 1e-4 relative) and the twins as far (1e-6: the global
+    grad norm may be summed in another order). The DeepSpeed engine's groups carry the same max_lr/min_lr."""
+    from lmfusion.training.deepspeed_engine import image_param_groups
+
+    mult, moved = 3.0, {}
+    for m in (1.0, mult):
+        trainer = Trainer(config(shared_tmpdir(), "train.train_iters=1", "optimizer.lr_warmup_iters=0",
+                                 "optimizer.lr_decay_style=constant", f"optimizer.lr_mult={m}")).setup()
+        try:
+            before = image_params(trainer)
+            trainer.run()
+            moved[m] = {k: v - before[k] for k, v in image_params(trainer).items()}
+            o = trainer.cfg.optimizer
+            groups = trainer.tm.optimizer.param_groups
+            assert {g["lr_mult"] for g in groups} == ({1.0, m} if m != 1 else {1.0}), groups
+            for g in groups:
+                assert g["lr"] == o.lr * g["lr_mult"] and g["min_lr"] == o.min_lr * g["lr_mult"], g
+            assert trainer.history[0]["lr"] == o.lr  # the logged lr is the schedule's
+            if m != 1:
+                model = unwrap(trainer.tm.chunks[0])
+                io = {id(p) for n, p in model.named_parameters() if _is_image_io(f"0.{n}")}
+                ds = image_param_groups(model, trainer.cfg)
+                scaled = {id(p) for g in ds if g["max_lr"] == o.lr * m for p in g["params"]}
+                assert io and scaled == io, "DeepSpeed's scaled groups are not the image I/O parameters"
+                assert all(g["min_lr"] == o.min_lr * (m if g["max_lr"] != o.lr else 1) for g in ds)
+        finally:
+            trainer.close()
+    io_keys = [k for k in moved[1.0] if _is_image_io(k)]
+    twin_keys = [k for k in moved[1.0] if not _is_image_io(k)]
+    assert io_keys and twin_keys
+    assert any(float(moved[1.0][k].abs().max()) > 0 for k in io_keys), "the I/O blocks did not move"
+    for k in io_keys:
+        torch.testing.assert_close(moved[mult][k], mult * moved[1.0][k], rtol=1e-4, atol=1e-9, msg=k)
+    for k in twin_keys:
+        torch.testing.assert_close(moved[mult][k], moved[1.0][k], rtol=1e-6, atol=1e-10, msg=k)
+
+
 class _NanLoss(StepLoss):
     def terms(self, mb, output):
         terms = super().terms(mb, output)
