@@ -84,7 +84,7 @@ def main(argv=None) -> float:
     batches = list(itertools.islice(synthetic_batches(cfg.model, args.seq, 1, seed=0), args.micro_batches))
     mbs = [prepare_micro_batch(b, seed=0, step=1, dp_rank=0, index=i, device=torch.device("cpu"),
                                dtype=torch.float32, cap=cfg.train.image_first_max_timestep,
-                               density=cfg.train.timesteps)
+                               diffusion=cfg.diffusion)
            for i, b in enumerate(batches)]
     counts = sum((mb.counts for mb in mbs), flops.TokenCounts())
     img = cfg.model.image

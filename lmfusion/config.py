@@ -14,7 +14,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
@@ -22,7 +22,7 @@ from lmfusion.model.image_config import ImageIOConfig
 
 __all__ = ["ModelConfig", "RopeScaling", "to_transformer_config", "LLAMA3_BOI", "LLAMA3_EOI", "ParallelConfig",
            "TrainConfig", "OptimConfig", "InitConfig", "CheckpointConfig", "LoggingConfig", "DeepSpeedConfig",
-           "ENGINES", "Config"]
+           "ENGINES", "OBJECTIVES", "DiffusionConfig", "Config"]
 
 LLAMA3_BOI = 128002  # <|reserved_special_token_0|>
 LLAMA3_EOI = 128003  # <|reserved_special_token_1|>
@@ -242,12 +242,8 @@ class TrainConfig:
     diffusion_loss_weight: float = 5.0
     """lambda: loss = LM cross-entropy + lambda x diffusion MSE (paper: 5)."""
     image_first_max_timestep: int = 500
-    """Noise-level cap for images that come before their caption (paper: 500 of 1000)."""
-    timestep_density: str = "uniform"
-    """Noise levels of caption-first images: 'uniform' (paper) or 'logit_normal' (t/T = sigmoid(N(mean, std)),
-    Stable Diffusion 3's; a positive mean weights the loss toward high noise, where the caption matters)."""
-    timestep_logit_mean: float = 0.0
-    timestep_logit_std: float = 1.0
+    """Noise-level cap for images that come before their caption, in steps of the 1000-step cosine DDPM schedule
+    (paper: 500). ``diffusion.objective: flow`` caps at the flow noise level with the same signal-to-noise ratio."""
 
     def __post_init__(self) -> None:
         _check_positive("train", self, "train_iters", "micro_batch_size", "global_batch_size")
@@ -263,16 +259,6 @@ class TrainConfig:
                f"{self.diffusion_loss_weight}")
         _check(0 <= self.image_first_max_timestep < 1000,
                f"train.image_first_max_timestep must be in [0, 999], got {self.image_first_max_timestep}")
-        _check(self.timestep_density in ("uniform", "logit_normal"),
-               f"train.timestep_density must be one of ('uniform', 'logit_normal'), got {self.timestep_density!r}")
-        _check(self.timestep_logit_std > 0, f"train.timestep_logit_std must be > 0, got {self.timestep_logit_std}")
-
-    @property
-    def timesteps(self):
-        """The caption-first noise-level density (``lmfusion.diffusion.TimestepDensity``)."""
-        from lmfusion.diffusion import TimestepDensity
-        return TimestepDensity(self.timestep_density, self.timestep_logit_mean, self.timestep_logit_std)
-
 
 @dataclass
 class OptimConfig:
@@ -423,6 +409,50 @@ class DeepSpeedConfig:
         _check_positive("deepspeed", self, "reduce_bucket_size", "allgather_bucket_size")
 
 
+OBJECTIVES = ("epsilon", "v_prediction", "flow")
+
+
+@dataclass
+class DiffusionConfig:
+    """The image objective (:mod:`lmfusion.diffusion`). Paper: epsilon, uniform noise levels, no loss weighting."""
+
+    objective: Literal["epsilon", "v_prediction", "flow"] = "epsilon"
+    """What the image head predicts: 'epsilon' (the noise, cosine DDPM; paper), 'v_prediction' (sqrt(abar) eps -
+    sqrt(1 - abar) x0, same schedule) or 'flow' (rectified flow x_s = (1 - s) x0 + s eps, velocity eps - x0).
+    Checkpoints record it; generation uses its samplers (ddpm/ddim; flow: euler)."""
+    timestep_density: Literal["uniform", "logit_normal"] = "uniform"
+    """Noise levels of caption-first images: 'uniform' (paper) or 'logit_normal' (t/T or s = sigmoid(N(mean, std)),
+    Stable Diffusion 3's; a positive mean weights the loss toward high noise, where the caption matters).
+    Formerly ``train.timestep_density`` (still read)."""
+    timestep_logit_mean: float = 0.0
+    timestep_logit_std: float = 1.0
+    flow_shift: float = 1.0
+    """flow only: SD3's / BAGEL's timestep shift s -> shift s / (1 + (shift - 1) s) of training draws and of the
+    sampler's schedule (> 1: more time at high noise; SD3 uses 3 at 1024 px)."""
+    loss_weighting: Literal["none", "min_snr"] = "none"
+    """'min_snr': Min-SNR-gamma (Hang et al. 2023), per objective (:func:`lmfusion.diffusion.loss_weights`)."""
+    min_snr_gamma: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("objective", OBJECTIVES), ("timestep_density", ("uniform", "logit_normal")),
+                              ("loss_weighting", ("none", "min_snr"))):
+            _check(getattr(self, name) in allowed,
+                   f"diffusion.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        _check(self.timestep_logit_std > 0, f"diffusion.timestep_logit_std must be > 0, got {self.timestep_logit_std}")
+        _check(self.flow_shift > 0, f"diffusion.flow_shift must be > 0, got {self.flow_shift}")
+        _check(self.flow_shift == 1.0 or self.objective == "flow",
+               f"diffusion.flow_shift={self.flow_shift} applies to diffusion.objective=flow only (got "
+               f"{self.objective!r})")
+        _check(self.min_snr_gamma > 0, f"diffusion.min_snr_gamma must be > 0, got {self.min_snr_gamma}")
+
+    @property
+    def density(self):
+        """The caption-first noise-level density (:class:`lmfusion.diffusion.TimestepDensity`)."""
+        from lmfusion.diffusion import TimestepDensity
+
+        return TimestepDensity(self.timestep_density, self.timestep_logit_mean, self.timestep_logit_std)
+
+
 def _default_data():
     from lmfusion.data.config import DataConfig  # lazy: lmfusion.data imports this module
 
@@ -447,6 +477,7 @@ class Config:
     """Training engine: 'megatron' (megatron-core DDP + distributed optimizer; TP/PP/SP/DP) or 'deepspeed' (ZeRO
     stage ``deepspeed.zero_stage`` over data-parallel ranks only; needs the ``deepspeed`` package)."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
     def __post_init__(self) -> None:
         # The loader's batch sizes are the trainer's (Megatron's train.* names are the ones users set).

@@ -14,6 +14,8 @@ Precedence: dataclass defaults < the base checkpoint's model config < the YAML f
   the ``deepspeed`` section).
 * **Batch sizes** are set in ``train`` (Megatron's names); ``data.micro_batch_size``/``data.global_batch_size`` are
   refused (the loader takes them from ``train``).
+* **Moved keys** (``train.timestep_density``/``timestep_logit_mean``/``timestep_logit_std`` -> ``diffusion.*``) are
+  read under their new names, so older run directories' ``config.yaml`` still load.
 * The resolved config (:func:`dump_config`) is what a run writes to ``<run>/config.yaml``; loading it gives the
   same :class:`Config` back.
 """
@@ -30,8 +32,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import yaml
 
-from lmfusion.config import (CheckpointConfig, Config, DeepSpeedConfig, InitConfig, LoggingConfig, ModelConfig,
-                             OptimConfig, ParallelConfig, RopeScaling, TrainConfig)
+from lmfusion.config import (CheckpointConfig, Config, DeepSpeedConfig, DiffusionConfig, InitConfig, LoggingConfig,
+                             ModelConfig, OptimConfig, ParallelConfig, RopeScaling, TrainConfig)
 from lmfusion.model.image_config import ImageIOConfig
 
 __all__ = ["TEXT_FIELDS", "load_config", "config_from_dict", "parse_overrides", "dump_config", "write_config",
@@ -43,9 +45,13 @@ TEXT_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "nu
                "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id", "boi_token_id",
                "eoi_token_id")
 _SECTIONS = {"parallel": ParallelConfig, "train": TrainConfig, "optimizer": OptimConfig, "init": InitConfig,
-             "checkpoint": CheckpointConfig, "logging": LoggingConfig, "deepspeed": DeepSpeedConfig}
+             "checkpoint": CheckpointConfig, "logging": LoggingConfig, "deepspeed": DeepSpeedConfig,
+             "diffusion": DiffusionConfig}
 _SCALARS = {"engine": str}  # top-level keys that are values, not sections
 _TRAIN_OWNED = ("micro_batch_size", "global_batch_size")
+# Keys that moved: old (section, name) -> new. A config (or an older run's config.yaml) using the old key still loads.
+_MOVED = {("train", name): ("diffusion", name)
+          for name in ("timestep_density", "timestep_logit_mean", "timestep_logit_std")}
 
 
 def _data_config_cls():
@@ -277,6 +283,7 @@ def config_from_dict(data: Mapping[str, Any], resolve_base: bool = True) -> Conf
     for key in data:
         if key not in classes and key not in _SCALARS:
             raise _unknown(str(key))
+    data = _move_keys(data)
     data_section = dict(data.get("data") or {})
     for key in _TRAIN_OWNED:
         if key in data_section:
@@ -291,6 +298,24 @@ def config_from_dict(data: Mapping[str, Any], resolve_base: bool = True) -> Conf
                                         "global_batch_size": sections["train"].global_batch_size}, "data.")
     scalars = {k: _coerce(data[k], tp, k) for k, tp in _SCALARS.items() if data.get(k) is not None}
     return Config(model=model, data=data_cfg, **sections, **scalars)
+
+
+def _move_keys(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Old keys (:data:`_MOVED`) under their new names; setting both to different values is refused."""
+    out = dict(data)
+    for (old_sec, key), (new_sec, new_key) in _MOVED.items():
+        old = out.get(old_sec)
+        if not isinstance(old, Mapping) or key not in old:
+            continue
+        old = dict(old)
+        value = old.pop(key)
+        new = dict(out.get(new_sec) or {})
+        if new_key in new and new[new_key] != value:
+            raise ValueError(f"config key '{old_sec}.{key}' moved to '{new_sec}.{new_key}'; both are set "
+                             f"({value!r} and {new[new_key]!r}): keep '{new_sec}.{new_key}' only")
+        new[new_key] = value
+        out[old_sec], out[new_sec] = old, new
+    return out
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = (), resolve_base: bool = True) -> Config:

@@ -58,11 +58,13 @@ def lm_loss(vocab_parallel_logits: Tensor, labels: Tensor, loss_mask: Tensor) ->
     return total, mask.sum()
 
 
-def diffusion_loss(pred: Tensor, target: Tensor, image_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def diffusion_loss(pred: Tensor, target: Tensor, image_mask: Tensor | None = None,
+                   weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Squared error, averaged over each token's elements and summed over tokens: (sum fp32 scalar, count int64).
 
     ``pred``, ``target``: (..., f), one row of ``f`` latent elements per image token; ``image_mask``: (...) bool,
-    which rows count (None: all). For image tensors (n, C, H, W), ``image_io.patchify(x, cfg.patch_size *
+    which rows count (None: all); ``weight``: broadcastable to (...), each row's weight (e.g. Min-SNR per image, as
+    (n_img, 1) for (n_img, tokens, f) rows; None: unweighted). The count is of rows, not of weights. For image tensors (n, C, H, W), ``image_io.patchify(x, cfg.patch_size *
     cfg.downsample_factor)`` gives the per-token layout (n, tokens_per_image, f) in the sequence's token order.
     """
     if pred.shape != target.shape:
@@ -71,6 +73,14 @@ def diffusion_loss(pred: Tensor, target: Tensor, image_mask: Tensor | None = Non
         raise ValueError(f"image_mask {tuple(image_mask.shape)} must equal pred's leading shape "
                          f"{tuple(pred.shape[:-1])}")
     per_token = (pred.float() - target.float()).pow(2).mean(dim=-1)  # (...): fp32 whatever the model dtype
+    if weight is not None:
+        try:
+            fits = torch.broadcast_shapes(weight.shape, per_token.shape) == per_token.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"weight {tuple(weight.shape)} does not broadcast to the rows {tuple(per_token.shape)}")
+        per_token = per_token * weight.float()
     if image_mask is None:
         return per_token.sum(), torch.tensor(per_token.numel(), dtype=torch.int64, device=per_token.device)
     mask = image_mask.bool()

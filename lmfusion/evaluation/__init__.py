@@ -38,6 +38,7 @@ def _codec(args):
 
 def _run_generation(args: argparse.Namespace) -> int:
     from lmfusion.evaluation import fid, generation, runtime
+    from lmfusion.diffusion import check_sampler, default_sampler
     from lmfusion.evaluation.report import merge_results
     from lmfusion.inference import clip_x0_arg
     from lmfusion.inference.image import check_vae
@@ -52,9 +53,11 @@ def _run_generation(args: argparse.Namespace) -> int:
     codec = _codec(args)
     bundle = runtime.load_data_parallel(args.ckpt, args.device)
     check_vae(codec, bundle.config)
+    sampler = args.sampler or default_sampler(bundle.diffusion.objective)
+    check_sampler(sampler, bundle.diffusion.objective)
     rank, world = runtime.rank_world()
     drawn = generation.generate_images(bundle, codec, prompts, args.out, cfg_scales=scales, n=args.n,
-                                       steps=args.steps, sampler=args.sampler, batch_size=args.batch_size,
+                                       steps=args.steps, sampler=sampler, batch_size=args.batch_size,
                                        seed=args.seed, rank=rank, world=world,
                                        clip_x0=clip_x0_arg(args.clip_x0, codec))
     mine = len(runtime.shard(prompts, rank, world)) * len(scales)
@@ -78,7 +81,7 @@ def _run_generation(args: argparse.Namespace) -> int:
         per_cfg[f"{s:g}"] = r
         print(f"lmfusion eval generation: cfg {s:g}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()))
     merge_results(args.out, "generation", {"per_cfg": per_cfg, "n_reference": n_ref, "steps": args.steps,
-                                           "sampler": args.sampler, "inception": inception.weights}, args.name)
+                                           "sampler": sampler, "inception": inception.weights}, args.name)
     return 0
 
 
@@ -137,7 +140,8 @@ def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
     g.add_argument("--cfg", default="1.0,1.55", help="comma-separated guidance scales (1.0 = no CFG)")
     g.add_argument("--n", type=int, default=1, help="images per prompt")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the sampler's)")
-    g.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    g.add_argument("--sampler", choices=("ddpm", "ddim", "euler"), default=None,
+                   help="default: the checkpoint's objective's (ddpm; euler for flow)")
     g.add_argument("--clip-x0", default="auto", metavar="auto|none|RANGE", help="as in lmfusion generate")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--limit", type=int, default=None, help="first N prompts only")

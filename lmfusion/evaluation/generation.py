@@ -70,9 +70,11 @@ def pending(prompts: Sequence[Prompt], out_dir: Path, scale: float, n: int, rank
 
 
 def generate_images(bundle, codec, prompts: Sequence[Prompt], out_dir: Path, *, cfg_scales: Sequence[float],
-                    n: int = 1, steps: Optional[int] = None, sampler: str = "ddpm", batch_size: int = 4, seed: int = 0,
+                    n: int = 1, steps: Optional[int] = None, sampler: Optional[str] = None, batch_size: int = 4,
+                    seed: int = 0,
                     rank: int = 0, world: int = 1, clip_x0: Optional[float] = None) -> int:
-    """Draw this rank's missing images for every guidance scale; returns how many prompts were drawn now."""
+    """Draw this rank's missing images for every guidance scale; returns how many prompts were drawn now.
+    ``sampler``: one of the checkpoint's objective's (``bundle.diffusion``; None: its default)."""
     from lmfusion.inference import image
 
     if n < 1 or batch_size < 1:
@@ -88,8 +90,8 @@ def generate_images(bundle, codec, prompts: Sequence[Prompt], out_dir: Path, *, 
             chunk = todo[i:i + batch_size]
             captions = [tok.encode(p.text, add_special_tokens=False) for p in chunk]
             latents = image.text_to_image(bundle.model, captions, n_per_caption=n, sampler=sampler, steps=steps,
-                                    cfg_scale=None if scale == 1.0 else scale, seed=seed + chunk[0].index,
-                                    clip_x0=clip_x0)
+                                          cfg_scale=None if scale == 1.0 else scale, seed=seed + chunk[0].index,
+                                          clip_x0=clip_x0, diffusion=bundle.diffusion)
             images = image.to_pil(codec, latents)  # caption-major: prompt j's k-th image is j * n + k
             for j, p in enumerate(chunk):
                 for k in range(n):

@@ -45,8 +45,10 @@ def _sampling(p: argparse.ArgumentParser, max_new: int) -> None:
 
 def _diffusion(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", type=float, default=1.6, help="classifier-free guidance scale (1 = conditional only)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 250 ddpm, 50 ddim)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "euler"), default=None,
+                   help="default: the checkpoint's objective's (ddpm for epsilon and v_prediction; euler, the only "
+                        "one, for flow)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 250 ddpm, 50 ddim/euler)")
     p.add_argument("--clip-x0", default="auto", metavar="auto|none|RANGE",
                    help="clip each step's x0 estimate to [-RANGE, RANGE]; auto: the latents' range (1 for pixels; "
                         "a VAE's latent_range.json), none: never")
@@ -135,6 +137,11 @@ def _run_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: must end in .png")
     _params(args)
     codec = None if args.text else _codec(args)
+    if not args.text and args.sampler is not None:  # fail before the model is built
+        from lmfusion.diffusion import check_sampler
+        from lmfusion.inference.load import checkpoint_diffusion
+
+        check_sampler(args.sampler, checkpoint_diffusion(args.ckpt).objective)
     bundle = _load(args)
     tok = _tokenizer(bundle)
     cfg = bundle.config
@@ -154,7 +161,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     check_vae(codec, cfg)
     latents = text_to_image(bundle.model, encoded, n_per_caption=args.n, sampler=args.sampler, steps=args.steps,
-                            cfg_scale=args.cfg, seed=args.seed, clip_x0=clip_x0_arg(args.clip_x0, codec))
+                            cfg_scale=args.cfg, seed=args.seed, clip_x0=clip_x0_arg(args.clip_x0, codec),
+                            diffusion=bundle.diffusion)
     if _is_main():
         paths = save_images(to_pil(codec, latents), args.out, cols=args.n if len(encoded) > 1 else None)
         print(f"lmfusion generate: wrote {paths[0]} and {len(paths) - 1} image(s) beside it")
@@ -190,7 +198,8 @@ def _run_chat(args: argparse.Namespace) -> int:
     check_vae(codec, bundle.config)
     conv = Conversation(bundle.model, _params(args, bundle.meta.stop_token_ids),
                         ImageOptions(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg,
-                                     max_images=args.max_images, clip_x0=clip_x0_arg(args.clip_x0, codec)),
+                                     max_images=args.max_images, clip_x0=clip_x0_arg(args.clip_x0, codec),
+                                     diffusion=bundle.diffusion),
                         generator=torch.Generator().manual_seed(args.seed))
     return run_chat(conv, tok, codec, args.out_dir, sys.stdin, sys.stdout)
 

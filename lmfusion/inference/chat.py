@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from lmfusion.inference.image import DEFAULT_CFG_SCALE, commit_image, denoise, unconditional_session
+from lmfusion.config import DiffusionConfig
 from lmfusion.inference.text import SamplingParams, Session, sample_next
 
 __all__ = ["ImageOptions", "Conversation", "run_chat"]
@@ -26,12 +27,13 @@ Segment = Union[list[int], Tensor]  # text token ids, or one image's clean laten
 
 @dataclass
 class ImageOptions:
-    sampler: str = "ddpm"
+    sampler: Optional[str] = None  # None: the objective's default (ddpm; euler for flow)
     steps: Optional[int] = None
     cfg_scale: Optional[float] = DEFAULT_CFG_SCALE  # None: conditional branch only
     max_images: int = 4
     """Images per response; a further ``<boi>`` ends the response."""
     clip_x0: Optional[float] = None  # the latents' range (lmfusion.inference.image.latent_range); None: unclipped
+    diffusion: Optional[DiffusionConfig] = None  # the checkpoint's objective (InferenceModel.diffusion); None: epsilon
 
 
 class Conversation:
@@ -73,7 +75,7 @@ class Conversation:
             uncond = None if scale is None else unconditional_session(self.model, 1)
             latent = denoise(self.session, uncond, sampler=self.image.sampler, steps=self.image.steps,
                              cfg_scale=1.0 if scale is None else scale, generator=self.generator,
-                             clip_x0=self.image.clip_x0)
+                             clip_x0=self.image.clip_x0, diffusion=self.image.diffusion)
             segments.append(latent[0])
             images += 1
             logits = commit_image(self.session, latent)  # clean image at t=0, then <eoi>

@@ -2,11 +2,14 @@
 
 Sampling (Transfusion/LMFusion): the prompt ``<bos> caption <boi>`` is computed once into a KV cache; at every
 denoising step the image positions run against that cache without joining it (``commit=False``), with
-``image_latents = x_t`` and ``image_timesteps = t``; the model's ``noise_pred`` is epsilon and a diffusers scheduler
-(DDPM, default 250 steps, or DDIM) steps ``x_t``. Image tokens attend each other bidirectionally and the whole prefix.
+``image_latents = x_t`` and ``image_timesteps = t``; the model's ``noise_pred`` is what its objective predicts
+(``diffusion.objective``, recorded in the checkpoint: epsilon, v or the flow velocity) and a diffusers scheduler for
+that objective steps ``x_t`` (:mod:`lmfusion.diffusion`: DDPM, default 250 steps, or DDIM for epsilon and v;
+``FlowMatchEulerDiscreteScheduler``, "euler", default 50 steps, for flow). A sampler that does not fit the
+objective is refused. Image tokens attend each other bidirectionally and the whole prefix.
 
 Classifier-free guidance: the unconditional branch is the prompt with an empty caption, ``<bos> <boi>``, exactly what
-caption dropout trains; ``eps = uncond + scale * (cond - uncond)`` (:func:`lmfusion.diffusion.cfg_combine`, default
+caption dropout trains; ``pred = uncond + scale * (cond - uncond)`` (:func:`lmfusion.diffusion.cfg_combine`, default
 scale 1.6). The two branches keep separate caches and run as two forwards per step (one extra launch): the
 conditional prefix can then be a chat's own cache (:mod:`lmfusion.inference.chat`), and the conditional prediction
 does not depend on whether guidance runs (scale 1 equals the conditional-only sample bit for bit).
@@ -16,7 +19,8 @@ out, so text can continue after it.
 
 Each step's x0 estimate is clipped to the data's range (:func:`latent_range`: [-1, 1] for pixels, the training
 latents' largest magnitude for a VAE that records it); without it the cosine schedule's first step amplifies the
-noise prediction's error ~2e4-fold (:mod:`lmfusion.diffusion`).
+noise prediction's error ~2e4-fold (:mod:`lmfusion.diffusion`). For flow the implied ``x0 = x_s - s v`` is clipped
+and ``v`` re-derived (:func:`lmfusion.diffusion.sampler_step`).
 
 Latents are the shard set's: scaled VAE latents (``data_tools.shard_format``), decoded by the VAE named in the shard
 manifest, or pixels in [-1, 1] for the identity VAE. Images for captioning get the shard builder's preprocessing
@@ -34,7 +38,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lmfusion.diffusion import cfg_combine, make_sampler
+from lmfusion.config import DiffusionConfig
+from lmfusion.diffusion import (cfg_combine, check_sampler, default_sampler, initial_noise_sigma, make_sampler,
+                                sampler_step)
 from lmfusion.inference.text import Image, SamplingParams, Session, generate_text
 
 __all__ = ["DEFAULT_CFG_SCALE", "DEFAULT_STEPS", "LATENT_RANGE_FILE", "latent_range", "denoise", "commit_image",
@@ -42,7 +48,7 @@ __all__ = ["DEFAULT_CFG_SCALE", "DEFAULT_STEPS", "LATENT_RANGE_FILE", "latent_ra
            "to_pil", "make_grid", "save_images"]
 
 DEFAULT_CFG_SCALE = 1.6
-DEFAULT_STEPS = {"ddpm": 250, "ddim": 50}
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "euler": 50}
 #: Optional file in a VAE directory: ``{"abs_max": float}``, the largest |scaled latent| of its training data.
 LATENT_RANGE_FILE = "latent_range.json"
 
@@ -67,32 +73,40 @@ def latent_range(codec) -> Optional[float]:
 
 
 def _predict(session: Session, x: Tensor, t: Tensor) -> Tensor:
-    """Predicted noise (n, C, H, W) float32 for latents ``x`` at step ``t``, against the session's cache."""
-    rows = [[Image(x[i], int(t))] for i in range(x.shape[0])]
+    """The model's prediction (n, C, H, W) float32 for latents ``x`` at timestep ``t`` (a DDPM step, or 1000 s for
+    flow), against the session's cache."""
+    rows = [[Image(x[i], t.item())] for i in range(x.shape[0])]
     return session.extend(rows, commit=False).noise_pred.float()
 
 
 @torch.no_grad()
-def denoise(cond: Session, uncond: Optional[Session], *, sampler: str = "ddpm", steps: Optional[int] = None,
-            cfg_scale: float = DEFAULT_CFG_SCALE, generator: Optional[torch.Generator] = None,
-            clip_x0: Optional[float] = None) -> Tensor:
+def denoise(cond: Session, uncond: Optional[Session], *, sampler: Optional[str] = None,
+            steps: Optional[int] = None, cfg_scale: float = DEFAULT_CFG_SCALE,
+            generator: Optional[torch.Generator] = None, clip_x0: Optional[float] = None,
+            diffusion: Optional[DiffusionConfig] = None) -> Tensor:
     """Sample one clean latent per row of ``cond`` (its cache ends with ``<boi>``); ``uncond`` (same rows, ending
     with ``<boi>`` too) adds classifier-free guidance at ``cfg_scale``; x0 estimates are clipped to
-    ``[-clip_x0, clip_x0]`` (:func:`latent_range`; None: unclipped). Returns (n, C, H, W) float32."""
+    ``[-clip_x0, clip_x0]`` (:func:`latent_range`; None: unclipped). ``diffusion``: the model's objective (the
+    checkpoint's, ``InferenceModel.diffusion``; default epsilon); ``sampler``: one of its samplers (default: its
+    first, ddpm or euler). Returns (n, C, H, W) float32."""
     n = cond.batch_size
+    diffusion = diffusion if diffusion is not None else DiffusionConfig()
+    sampler = sampler if sampler is not None else default_sampler(diffusion.objective)
     if sampler not in DEFAULT_STEPS:
         raise ValueError(f"sampler must be one of {sorted(DEFAULT_STEPS)}, got {sampler!r}")
+    check_sampler(sampler, diffusion.objective)
     if uncond is not None and uncond.batch_size != n:
         raise ValueError(f"unconditional branch has {uncond.batch_size} rows, conditional {n}")
-    scheduler = make_sampler(sampler, steps if steps is not None else DEFAULT_STEPS[sampler], clip_x0=clip_x0)
+    scheduler = make_sampler(sampler, steps if steps is not None else DEFAULT_STEPS[sampler], clip_x0=clip_x0,
+                             diffusion=diffusion)
     # Initial noise from the CPU generator: the same seed gives the same images on any device.
     x = torch.randn((n, *cond.latent_shape), generator=generator, dtype=torch.float32).to(cond.device)
-    x = x * scheduler.init_noise_sigma
+    x = x * initial_noise_sigma(scheduler)
     for t in scheduler.timesteps:
-        eps = _predict(cond, x, t)
+        pred = _predict(cond, x, t)
         if uncond is not None:
-            eps = cfg_combine(eps, _predict(uncond, x, t), cfg_scale)
-        x = scheduler.step(eps, t, x, generator=generator).prev_sample
+            pred = cfg_combine(pred, _predict(uncond, x, t), cfg_scale)
+        x = sampler_step(scheduler, pred, t, x, clip_x0=clip_x0, generator=generator)
     return x
 
 
@@ -112,11 +126,12 @@ def unconditional_session(model: torch.nn.Module, n: int) -> Session:
 
 @torch.no_grad()
 def text_to_image(model: torch.nn.Module, captions: Sequence[Sequence[int]], *, n_per_caption: int = 1,
-                  sampler: str = "ddpm", steps: Optional[int] = None, cfg_scale: Optional[float] = DEFAULT_CFG_SCALE,
-                  seed: int = 0, clip_x0: Optional[float] = None) -> Tensor:
+                  sampler: Optional[str] = None, steps: Optional[int] = None,
+                  cfg_scale: Optional[float] = DEFAULT_CFG_SCALE, seed: int = 0, clip_x0: Optional[float] = None,
+                  diffusion: Optional[DiffusionConfig] = None) -> Tensor:
     """Latents (len(captions) * n_per_caption, C, H, W), caption-major. ``captions``: token ids without
-    ``<bos>``/``<boi>``. ``cfg_scale=None`` samples from the conditional branch only; ``clip_x0``: see
-    :func:`denoise`."""
+    ``<bos>``/``<boi>``. ``cfg_scale=None`` samples from the conditional branch only; ``clip_x0``, ``sampler``,
+    ``diffusion`` (the model's objective): see :func:`denoise`."""
     if n_per_caption < 1 or not captions:
         raise ValueError(f"need at least one caption and n_per_caption >= 1, got {len(captions)} and {n_per_caption}")
     cfg = model.model_config
@@ -126,7 +141,7 @@ def text_to_image(model: torch.nn.Module, captions: Sequence[Sequence[int]], *, 
     uncond = None if cfg_scale is None else unconditional_session(model, len(rows))
     generator = torch.Generator().manual_seed(seed)
     return denoise(cond, uncond, sampler=sampler, steps=steps, cfg_scale=1.0 if cfg_scale is None else cfg_scale,
-                   generator=generator, clip_x0=clip_x0)
+                   generator=generator, clip_x0=clip_x0, diffusion=diffusion)
 
 
 # ---------------------------------------------------------------------------------------------------- VAE side

@@ -16,6 +16,7 @@ Three kinds of ``--ckpt`` directory (the run directory's contract is :mod:`lmfus
            "integrity": {...},              sha256 of integrity.json, which hashes every other file (verified)
            "model": {...},                  ModelConfig.to_dict() of the trained model
            "vae": {...} | null,             the shard manifest's "vae" block (shard_format.LatentCodec.describe())
+           "diffusion": {...},              DiffusionConfig of the run (objective -> sampler); absent: epsilon
            "model_key_prefix": ""}          optional: prefix of the model's keys in the sharded checkpoint
       RUN_DIR/iter_0000100/<megatron dist_checkpointing files of model.sharded_state_dict(prefix)>
 
@@ -39,13 +40,13 @@ import torch
 
 from lmfusion import rundir
 from lmfusion.checkpoint.hf import BASE_CONFIG, CONVERSION, load_base_state
-from lmfusion.config import ModelConfig
+from lmfusion.config import DiffusionConfig, ModelConfig
 from lmfusion.rundir import CHECKPOINT_JSON, LATEST
 from lmfusion.rundir.export import EXPORT_JSON, is_export, load_export, read_export
 
 __all__ = ["CHECKPOINT_JSON", "LATEST", "TEXT_FIELDS", "CheckpointMeta", "InferenceModel", "init_runtime",
-           "resolve_device", "resolve_checkpoint", "checkpoint_vae", "load_for_inference", "load_vae",
-           "load_tokenizer"]
+           "resolve_device", "resolve_checkpoint", "record_diffusion", "checkpoint_diffusion", "checkpoint_vae",
+           "load_for_inference", "load_vae", "load_tokenizer"]
 
 # Fields a training checkpoint's model config must share with its base (they fix the frozen text model's tensors
 # and the meaning of its token ids); image, attention/linear backend and vocabulary padding may differ.
@@ -70,6 +71,7 @@ class InferenceModel(NamedTuple):
     tokenizer: Any  # transformers tokenizer, or None when the base has no tokenizer files
     vae: Optional[dict[str, Any]]  # the shard manifest's "vae" block, or None (base checkpoints)
     meta: CheckpointMeta
+    diffusion: DiffusionConfig = DiffusionConfig()  # the objective it was trained with (its samplers)
 
 
 # ---------------------------------------------------------------------------------------------------- runtime
@@ -159,6 +161,19 @@ def _read_record(kind: str, path: Path) -> tuple[dict[str, Any], Path]:
     return rundir.read_record(path), path / CHECKPOINT_JSON
 
 
+def record_diffusion(record: dict[str, Any], record_path: Path) -> DiffusionConfig:
+    """The diffusion section a record holds; records written before objectives were configurable are epsilon."""
+    data = record.get("diffusion")
+    if data is None:
+        return DiffusionConfig()
+    if not isinstance(data, dict):
+        raise ValueError(f"{record_path}: key 'diffusion' expected an object, found {type(data).__name__}")
+    try:
+        return DiffusionConfig(**data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{record_path}: key 'diffusion': {e}") from None
+
+
 def checkpoint_vae(ckpt: str | Path) -> tuple[Optional[dict[str, Any]], str]:
     """The VAE block a checkpoint records (None for a base) and where it was read, without building the model."""
     kind, path = resolve_checkpoint(ckpt)
@@ -166,6 +181,14 @@ def checkpoint_vae(ckpt: str | Path) -> tuple[Optional[dict[str, Any]], str]:
         return None, f"checkpoint {path}"
     record, record_path = _read_record(kind, path)
     return record.get("vae"), str(record_path)
+
+
+def checkpoint_diffusion(ckpt: str | Path) -> DiffusionConfig:
+    """The objective a checkpoint was trained with (a base: epsilon, untrained), without building the model."""
+    kind, path = resolve_checkpoint(ckpt)
+    if kind == "base":
+        return DiffusionConfig()
+    return record_diffusion(*_read_record(kind, path))
 
 
 def load_for_inference(ckpt: str | Path, device: str | torch.device | None = None,
@@ -179,7 +202,7 @@ def load_for_inference(ckpt: str | Path, device: str | torch.device | None = Non
 
     device = resolve_device(device)
     kind, path = resolve_checkpoint(ckpt)
-    vae, prefix = None, ""
+    vae, prefix, diffusion = None, "", DiffusionConfig()
     if kind == "base":
         base_dir = path
         cfg, weights = load_base_state(base_dir)
@@ -191,6 +214,7 @@ def load_for_inference(ckpt: str | Path, device: str | torch.device | None = Non
         rundir.check_base(record, record_path, base_dir)
         cfg = ModelConfig.from_dict(record["model"], source=f"{record_path} key 'model'")
         vae = record.get("vae")
+        diffusion = record_diffusion(record, record_path)
         prefix = str(record.get("model_key_prefix") or "")
         base_cfg, weights = load_base_state(base_dir)
         try:
@@ -219,7 +243,7 @@ def load_for_inference(ckpt: str | Path, device: str | torch.device | None = Non
     # Float16Module casts the whole model in training.
     model = model.to(dtype=dtype).eval()
     meta = CheckpointMeta(kind, path, base_dir, _stop_token_ids(base_dir, cfg))
-    return InferenceModel(model, cfg, load_tokenizer(base_dir), vae, meta)
+    return InferenceModel(model, cfg, load_tokenizer(base_dir), vae, meta, diffusion)
 
 
 # ---------------------------------------------------------------------------------------------------- VAE

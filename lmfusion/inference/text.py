@@ -18,6 +18,7 @@ occupying ``tokens_per_image`` positions). Design choices:
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -33,10 +34,11 @@ __all__ = ["Image", "Item", "SamplingParams", "Session", "last_logits", "sample_
 
 @dataclass
 class Image:
-    """An image in a sequence: its (scaled) VAE latent (C, H, W) at diffusion step ``timestep`` (0 = clean)."""
+    """An image in a sequence: its (scaled) VAE latent (C, H, W) at diffusion timestep ``timestep`` (0 = clean; a
+    DDPM step, or the flow objective's 1000 s, a float)."""
 
     latent: Tensor
-    timestep: int = 0
+    timestep: Union[int, float] = 0
 
 
 Item = Union[int, Image]
@@ -123,7 +125,8 @@ class Session:
                         raise ValueError(f"image latent {tuple(item.latent.shape)} does not match the model's "
                                          f"{self.latent_shape}")
                     latents.append(item.latent)
-                    steps.append(int(item.timestep))
+                    step = item.timestep
+                    steps.append(step.item() if isinstance(step, torch.Tensor) else step)
                     img_row.append(r)
                     img_start.append(col)
                 else:
@@ -133,7 +136,10 @@ class Session:
         inputs = ModelInputs(tokens=tokens.to(dev), document_ids=docs.to(dev), position_ids=positions.to(dev))
         if latents:
             inputs.image_latents = torch.stack([x.to(dev, self.dtype) for x in latents])  # (n_img, C, H, W)
-            inputs.image_timesteps = torch.tensor(steps, dtype=torch.long, device=dev)
+            # int64 when every timestep is an integer (DDPM steps), float32 otherwise (flow): the timestep embedding
+            # takes either, and gives the same values for the same integers.
+            dtype = torch.long if all(isinstance(v, numbers.Integral) for v in steps) else torch.float32
+            inputs.image_timesteps = torch.tensor(steps, dtype=dtype, device=dev)
             inputs.image_batch = torch.tensor(img_row, dtype=torch.long, device=dev)
             inputs.image_start = torch.tensor(img_start, dtype=torch.long, device=dev)
         return inputs, lengths

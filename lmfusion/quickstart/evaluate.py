@@ -19,7 +19,7 @@ import torch
 from lmfusion.quickstart import classifier as clf
 from lmfusion.quickstart.data import Dataset, balanced_indices, prompt
 
-__all__ = ["FIXED_TEXT", "PROMPT", "TextProof", "text_proof", "generate_per_class", "caption_images",
+__all__ = ["FIXED_TEXT", "PROMPT", "TextProof", "text_proof", "sampler_of", "generate_per_class", "caption_images",
            "classifier_view", "class_named", "score_images"]
 
 FIXED_TEXT = ("The Eiffel Tower is a wrought-iron lattice tower in Paris, France. It is named after the engineer "
@@ -54,11 +54,19 @@ def text_proof(bundle, max_new_tokens: int = 24) -> TextProof:
     return TextProof(math.exp(float(nll)), out, tok.decode(out, skip_special_tokens=True))
 
 
+def sampler_of(bundle) -> str:
+    """DDIM for the DDPM objectives (few steps, deterministic); flow's Euler sampler for flow."""
+    from lmfusion.diffusion import SAMPLERS, default_sampler
+
+    objective = bundle.diffusion.objective
+    return "ddim" if "ddim" in SAMPLERS[objective] else default_sampler(objective)
+
+
 @torch.no_grad()
 def generate_per_class(bundle, codec, classes: Sequence[str], per_class: int, steps: int, cfg_scale: float,
                        seed: int = 0, batch_classes: int = 5) -> list[list]:
-    """``per_class`` PIL images for each class prompt (DDIM, ``steps``, CFG ``cfg_scale``, x0 clipped to the
-    latents' range); list per class."""
+    """``per_class`` PIL images for each class prompt (:func:`sampler_of`, ``steps``, CFG ``cfg_scale``, x0 clipped
+    to the latents' range); list per class."""
     from tqdm import tqdm
 
     from lmfusion.inference.image import latent_range, text_to_image, to_pil
@@ -69,8 +77,9 @@ def generate_per_class(bundle, codec, classes: Sequence[str], per_class: int, st
     for start in tqdm(range(0, len(classes), batch_classes), desc="generating", unit="batch"):
         labels = range(start, min(start + batch_classes, len(classes)))
         captions = [tok.encode(prompt(classes, c), add_special_tokens=False) for c in labels]
-        latents = text_to_image(bundle.model, captions, n_per_caption=per_class, sampler="ddim", steps=steps,
-                                cfg_scale=cfg_scale, seed=seed + start, clip_x0=clip_x0)
+        latents = text_to_image(bundle.model, captions, n_per_caption=per_class, sampler=sampler_of(bundle),
+                                steps=steps, cfg_scale=cfg_scale, seed=seed + start, clip_x0=clip_x0,
+                                diffusion=bundle.diffusion)
         images = to_pil(codec, latents)  # caption-major
         out.extend(images[i * per_class:(i + 1) * per_class] for i in range(len(labels)))
     return out

@@ -216,7 +216,7 @@ def run_quickstart(out: Path, *, smoke: bool = False, config: Path = DEFAULT_CON
                   "latent": f"{m.image.latent_channels} x {m.image.latent_size} x {m.image.latent_size}",
                   "vae": {"dir": str(vae_dir), **vae_info}},
         "parallel": "torchrun --nproc_per_node 2: data parallel (DP=2, TP=1), text modules frozen",
-        "sampling": {"sampler": "ddim", "steps": ddim_steps, "cfg_scale": cfg_scale,
+        "sampling": {"sampler": ev.sampler_of(bundle), "steps": ddim_steps, "cfg_scale": cfg_scale,
                      "images_per_class": images_per_class, "seconds": gen_seconds},
         "generated_per_class_accuracy": scores["generated_per_class_accuracy"],
         "fid_reference": scores["fid_reference"],

@@ -1,6 +1,7 @@
 """``lmfusion export-ckpt``: the shareable form of a training checkpoint, safetensors + JSON, nothing to unpickle.
 
-    OUT/lmfusion_export.json   the record: format, iteration, model config, VAE block, base ("base") and its
+    OUT/lmfusion_export.json   the record: format, iteration, model config, VAE block, diffusion objective
+                               (null: epsilon), base ("base") and its
                                conversion.json sha256, the integrity manifest's sha256 (written last)
     OUT/image.safetensors      the trained image set, whole tensors under their sharded-checkpoint keys (layer index
                                as the first axis of per-layer tensors, as megatron's dist_checkpointing keys them),
@@ -119,7 +120,8 @@ def export_checkpoint(iter_dir: Path, output: Path) -> Path:
     shutil.copytree(base, tmp / "base")
     files = integrity.hash_files(tmp, distributed=False)
     export = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "iteration": record.get("iteration"),
-              "model": record["model"], "vae": record.get("vae"), "base": "base",
+              "model": record["model"], "vae": record.get("vae"), "diffusion": record.get("diffusion"),
+              "base": "base",
               "base_conversion_sha256": base_sha256(tmp / "base"), "source": str(iter_dir.resolve()),
               "integrity": integrity.write_manifest(tmp, files)}
     atomic_write_text(tmp / EXPORT_JSON, json_text(export))

@@ -5,6 +5,10 @@
   TP/PP/DP layout, micro-batch size or resume point, so runs at different layouts are comparable and a resumed run
   continues bit for bit. (A batch without sample ids falls back to (seed, step, dp rank, micro-batch, image).)
   Every rank of a model replica (TP, PP) thus draws identical noise.
+* **The objective** (``diffusion.objective``: epsilon, v_prediction, flow) decides the noise level's form, the
+  model input and the target (:func:`lmfusion.diffusion.noise_and_target`); ``diffusion.loss_weighting: min_snr``
+  weights each image's squared error (:func:`lmfusion.diffusion.loss_weights`). The paper's defaults take exactly
+  the path they took before objectives were configurable (same draws, same arithmetic).
 * **Loss normalisation per step.** Counts of LM targets and image tokens are summed over the step's micro-batches
   and the data-parallel group *before* the schedule runs (one all-reduce per step); each micro-batch contributes
   ``S_mb / N_step`` (``lmfusion.losses.total_loss`` with the step's global counts). The gradient is then that of the
@@ -23,7 +27,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from lmfusion.diffusion import TimestepDensity, add_noise, sample_timesteps
+from lmfusion.config import DiffusionConfig
+from lmfusion.diffusion import loss_weights, noise_and_target, noise_levels
 from lmfusion.losses import diffusion_loss, lm_loss, total_loss
 from lmfusion.model.image_io import patchify
 from lmfusion.model.model import LMFusionOutput, ModelInputs
@@ -41,8 +46,10 @@ class MicroBatch:
     """(s, b) next-token targets (megatron's layout, like the logits)."""
     loss_mask: Tensor
     """(s, b) 1 where the LM loss counts."""
-    noise: Optional[Tensor]
-    """(n_img, C, H, W) the noise added to each image (the diffusion target), fp32."""
+    target: Optional[Tensor]
+    """(n_img, C, H, W) what the image head regresses to (the noise for epsilon; v; the flow velocity), fp32."""
+    loss_weight: Optional[Tensor]
+    """(n_img,) per-image weight of the squared error (``diffusion.loss_weighting``), or None (unweighted)."""
     lm_tokens: int
     image_tokens: int
     counts: TokenCounts
@@ -54,41 +61,49 @@ def _seed_of(*parts: Any) -> int:
 
 
 def image_noise(batch, seed: int, fallback_key: tuple, cap: int,
-                density: TimestepDensity = TimestepDensity()) -> tuple[Tensor, Tensor]:
-    """(timesteps (n,), noise (n, C, H, W) fp32) for the batch's images; see the module docstring."""
+                diffusion: Optional[DiffusionConfig] = None) -> tuple[Tensor, Tensor]:
+    """(noise levels (n,), noise (n, C, H, W) fp32) for the batch's images; see the module docstring. Levels are
+    DDPM steps (int64) or, for flow, ``s`` (float32): :func:`lmfusion.diffusion.noise_levels`."""
     n = batch.num_images
     ids = [s for row in (batch.sample_ids or []) for s in row]
     if len(ids) != n:
         ids = [(*fallback_key, j) for j in range(n)]
     shape = tuple(batch.image_latents.shape[1:])
     first = batch.image_first.bool().cpu()
-    t, noise = torch.empty(n, dtype=torch.long), torch.empty((n, *shape), dtype=torch.float32)
+    diffusion = diffusion if diffusion is not None else DiffusionConfig()
+    level_dtype = torch.float32 if diffusion.objective == "flow" else torch.long
+    t, noise = torch.empty(n, dtype=level_dtype), torch.empty((n, *shape), dtype=torch.float32)
     for j, sample in enumerate(ids):
         gen = torch.Generator().manual_seed(_seed_of(seed, sample))
-        t[j] = sample_timesteps(1, first[j:j + 1], cap=cap, generator=gen, density=density)[0]
+        t[j] = noise_levels(first[j:j + 1], diffusion, cap=cap, generator=gen)[0]
         noise[j] = torch.randn(shape, generator=gen)
     return t, noise
 
 
 def prepare_micro_batch(batch, *, seed: int, step: int, dp_rank: int, index: int, device: torch.device,
-                        dtype: torch.dtype, cap: int, density: TimestepDensity = TimestepDensity()) -> MicroBatch:
-    """Noise the batch's latents (x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps) and move everything to ``device``."""
+                        dtype: torch.dtype, cap: int, diffusion: Optional[DiffusionConfig] = None) -> MicroBatch:
+    """Noise the batch's latents per ``diffusion.objective`` (epsilon: x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps) and
+    move everything to ``device``."""
     counts = count_tokens(batch.modality_ids, batch.document_ids)
     lm_tokens = int(batch.text_loss_mask.sum())
     image_tokens = int(batch.image_loss_mask.sum())
-    noise = None
+    diffusion = diffusion if diffusion is not None else DiffusionConfig()
+    target = weight = None
     if batch.num_images:
-        t, noise = image_noise(batch, seed, (seed, step, dp_rank, index), cap, density)
-        x_t = add_noise(batch.image_latents.float(), noise, t)  # fp32 on CPU: layout-independent values
+        level, noise = image_noise(batch, seed, (seed, step, dp_rank, index), cap, diffusion)
+        # fp32 on CPU: layout-independent values
+        x_t, t, target = noise_and_target(batch.image_latents.float(), noise, level, diffusion)
+        weight = loss_weights(level, diffusion)
         batch = batch.to(device)
         inputs = batch.to_model_inputs(x_t.to(device=device, dtype=dtype), t.to(device))
-        noise = noise.to(device)
+        target = target.to(device)
+        weight = None if weight is None else weight.to(device)
     else:
         batch = batch.to(device)
         inputs = batch.to_model_inputs(None, None)
     return MicroBatch(inputs=inputs, labels=batch.labels.t().contiguous(),
-                      loss_mask=batch.text_loss_mask.t().contiguous(), noise=noise, lm_tokens=lm_tokens,
-                      image_tokens=image_tokens, counts=counts)
+                      loss_mask=batch.text_loss_mask.t().contiguous(), target=target, loss_weight=weight,
+                      lm_tokens=lm_tokens, image_tokens=image_tokens, counts=counts)
 
 
 class StepLoss:
@@ -104,7 +119,9 @@ class StepLoss:
         # lm_loss overwrites fp32 logits in place (megatron's kernel): they are not used afterwards.
         lm_sum, lm_count = lm_loss(output.logits.float(), mb.labels, mb.loss_mask)
         if output.noise_pred is not None:
-            d_sum, _ = diffusion_loss(patchify(output.noise_pred, self.patch), patchify(mb.noise, self.patch))
+            weight = None if mb.loss_weight is None else mb.loss_weight[:, None]  # (n_img, 1): every token of an image
+            d_sum, _ = diffusion_loss(patchify(output.noise_pred, self.patch), patchify(mb.target, self.patch),
+                                      weight=weight)
         else:
             d_sum = torch.zeros((), device=lm_sum.device)
         dev = lm_sum.device

@@ -87,7 +87,7 @@ class Trainer:
         self.dtype = params_dtype(cfg)
         record = {"format": rundir.RECORD_FORMAT, "base": str(self.base_dir),
                   "base_conversion_sha256": rundir.base_sha256(self.base_dir), "model": cfg.model.to_dict(),
-                  "vae": self._vae_block()}
+                  "vae": self._vae_block(), "diffusion": dataclasses.asdict(cfg.diffusion)}
         c = cfg.checkpoint
         self.checkpointer = self.make_checkpointer(record)
         self._resume()
@@ -182,6 +182,11 @@ class Trainer:
                     raise ValueError(f"{path}: model.image.{key} is {theirs.get(key)!r} in the checkpoint, "
                                      f"{mine.get(key)!r} in this config; image modules cannot load across image "
                                      f"configs")
+            objective = (record.get("diffusion") or {}).get("objective", "epsilon")  # older records: epsilon
+            if objective != self.cfg.diffusion.objective:
+                raise ValueError(f"{path}: diffusion.objective is {objective!r} in the checkpoint, "
+                                 f"{self.cfg.diffusion.objective!r} in this config; the image head predicts another "
+                                 f"quantity: set diffusion.objective={objective}")
 
         state = self.checkpointer.load(found, c.load_optimizer, check)
         self.iteration = int(state["iteration"]) if c.load_optimizer or found.parent == self.run_dir else 0
@@ -232,7 +237,7 @@ class Trainer:
             out.append(prepare_micro_batch(batch, seed=self.cfg.train.seed, step=step, dp_rank=self.rt.dp_rank,
                                            index=i, device=self.rt.device, dtype=self.dtype,
                                            cap=self.cfg.train.image_first_max_timestep,
-                                           density=self.cfg.train.timesteps))
+                                           diffusion=self.cfg.diffusion))
         return out, wait
 
     def train_step(self, step: int) -> dict[str, Any]:

@@ -7,6 +7,8 @@ tokenizer, converted with ``convert_hf``, and a shard set of random 8 x 8 images
 * 1 rank, 30 steps (``torchrun``): the loss falls; its metrics are the TP=PP=DP=1 reference for the layout cases.
 * 2 ranks: layout parity, resume, reshard, frozen text, NaN guard, signal agreement (tests/distributed/workers/
   train.py, one ``torchrun`` launch).
+* 1 rank, ``torchrun``: rectified flow + Min-SNR trains, its checkpoint records the objective, generation uses the
+  flow sampler.
 * 2 ranks, ``torchrun``: SIGTERM to the workers mid-run -> checkpoint written, every process exits 0; a second
   launch resumes at the next step and its losses equal an uninterrupted run's, bit for bit.
 """
@@ -143,6 +145,47 @@ def test_cli_export_and_generate_from_a_training_run(reference, tmp_path, capsys
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] and texts[0].strip()
     assert main(["export-ckpt", str(tmp_path), "--output", str(tmp_path / "x")]) == 2
+
+
+def test_flow_min_snr_run_trains_records_its_objective_and_generates_with_euler(assets, tmp_path, capsys):
+    """diffusion.objective=flow + min_snr weighting through the launcher (1 rank, 20 steps): the diffusion loss falls;
+    the checkpoint records the objective; generation from it uses the flow sampler by default (the same image bytes
+    as --sampler euler) and refuses a DDPM-family sampler with one line; resuming the run as epsilon is refused."""
+    from lmfusion.cli import main
+    from lmfusion.inference.load import load_for_inference
+    from lmfusion.training.checkpointing import CHECKPOINT_JSON
+
+    run_dir = tmp_path / "flow"
+    flow = ("diffusion.objective=flow", "diffusion.loss_weighting=min_snr", "diffusion.flow_shift=2")
+    proc = subprocess.run(_torchrun(1, assets, run_dir, "train.train_iters=20", *flow), cwd=REPO_ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    diff = [r["diffusion_loss"] for r in records]
+    assert len(diff) == 20 and all(math.isfinite(d) for d in diff)
+    assert sum(diff[-5:]) < sum(diff[:5]), diff
+    record = json.loads((run_dir / "iter_0000020" / CHECKPOINT_JSON).read_text())
+    assert record["diffusion"]["objective"] == "flow" and record["diffusion"]["flow_shift"] == 2.0
+    assert load_for_inference(run_dir).diffusion.objective == "flow"
+
+    args = ["generate", "--ckpt", str(run_dir), "--prompt", "w1 w2", "--n", "2", "--steps", "3", "--seed", "0",
+            "--vae", "identity"]
+    grids = []
+    for extra in ((), ("--sampler", "euler")):
+        out = tmp_path / f"{len(grids)}.png"
+        assert main([*args, "--out", str(out), *extra]) == 0
+        grids.append(out.read_bytes())
+    assert grids[0] == grids[1]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "x.png"), "--sampler", "ddim"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "diffusion.objective=flow" in err and "euler" in err, err
+
+    resumed = subprocess.run(_torchrun(1, assets, run_dir, "train.train_iters=21", "diffusion.objective=epsilon"),
+                             cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert resumed.returncode != 0
+    assert "diffusion.objective is 'flow' in the checkpoint, 'epsilon' in this config" in \
+        resumed.stdout + resumed.stderr
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmfusion.config import Config, ModelConfig
+from lmfusion.config import Config, DiffusionConfig, ModelConfig
 from lmfusion.config_io import TEXT_FIELDS, config_from_dict, dump_config, load_config, parse_overrides, write_config
 from lmfusion.model.image_config import ImageIOConfig
 
@@ -76,8 +76,16 @@ def test_overrides_win_and_are_typed(base):
     ("train.global_batch_size=7", "train.global_batch_size 7 is not a multiple of train.micro_batch_size"),
     ("optimizer.lr_warmup_iters=500", "optimizer.lr_warmup_iters 500 must be below the decay length"),
     ("train.precision=fp16", "train.precision must be one of"),
-    ("train.timestep_density=lognormal", "train.timestep_density must be one of ('uniform', 'logit_normal'), got"),
-    ("train.timestep_logit_std=0", "train.timestep_logit_std must be > 0, got 0"),
+    # the old train.timestep_* keys are read as diffusion.* (moved): errors name the new key
+    ("train.timestep_density=lognormal", "config key 'diffusion.timestep_density': expected one of ['uniform', "
+                                         "'logit_normal'], got 'lognormal'"),
+    ("train.timestep_logit_std=0", "diffusion.timestep_logit_std must be > 0, got 0"),
+    ("diffusion.objective=x0", "config key 'diffusion.objective': expected one of ['epsilon', 'v_prediction', "
+                               "'flow'], got 'x0'"),
+    ("diffusion.loss_weighting=snr", "config key 'diffusion.loss_weighting': expected one of ['none', 'min_snr']"),
+    ("diffusion.flow_shift=3", "diffusion.flow_shift=3.0 applies to diffusion.objective=flow only"),
+    ("diffusion.min_snr_gamma=0", "diffusion.min_snr_gamma must be > 0, got 0"),
+    ("optimizer.lr_mult=0", "optimizer.lr_mult must be > 0, got 0"),
     ("checkpoint.exit_signals=[SIGFOO]", "checkpoint.exit_signals: ['SIGFOO'] are not signal names"),
     ("model.hidden_size=128", "model.hidden_size=128 conflicts with the base"),
     ("model.attention_backend=te", "model.attention_backend 'te' is not supported"),
@@ -148,6 +156,32 @@ def test_llama3_8b_example_is_the_paper_recipe_and_fits_its_slurm_layout():
     assert cfg.model.image.latent_size * 8 == 256 and tokens_per_image(cfg.model.image) == 256  # 256 px, VAE /8
     assert cfg.data_parallel_size(64) == 64 // cfg.parallel.tensor_model_parallel_size  # 8 nodes x 8 GPUs
     assert cfg.checkpoint.optimizer_sharding == "dp_reshardable" and cfg.parallel.overlap_grad_reduce
+    # the paper's diffusion recipe: epsilon, uniform noise levels, no loss weighting, one learning rate
+    assert cfg.diffusion == DiffusionConfig() and cfg.diffusion.objective == "epsilon"
+    assert (cfg.diffusion.timestep_density, cfg.diffusion.loss_weighting, o.lr_mult) == ("uniform", "none", 1.0)
+    assert cfg.train.image_first_max_timestep == 500
+
+
+def test_moved_timestep_keys_still_load_and_conflicts_name_both(base):
+    """``train.timestep_*`` (before the ``diffusion`` section) read as ``diffusion.timestep_*``: an older run's
+    config.yaml loads to the same config; the resolved config writes the new keys only."""
+    old = tiny(base, "train.timestep_density=logit_normal", "train.timestep_logit_mean=1.5")
+    new = tiny(base, "diffusion.timestep_density=logit_normal", "diffusion.timestep_logit_mean=1.5")
+    assert old == new and old.diffusion.timestep_logit_mean == 1.5 and old.diffusion.density.kind == "logit_normal"
+    dumped = yaml.safe_load(dump_config(old))
+    assert "timestep_density" not in dumped["train"] and dumped["diffusion"]["timestep_density"] == "logit_normal"
+    assert tiny(base, "train.timestep_logit_std=2", "diffusion.timestep_logit_std=2").diffusion.timestep_logit_std == 2
+    with pytest.raises(ValueError, match=r"config key 'train.timestep_logit_std' moved to "
+                                         r"'diffusion.timestep_logit_std'; both are set \(2 and 3\)"):
+        tiny(base, "train.timestep_logit_std=2", "diffusion.timestep_logit_std=3")
+
+
+def test_quickstart_example_keeps_its_noise_levels_in_the_diffusion_section():
+    cfg = load_config(REPO / "examples" / "configs" / "quickstart.yaml", ["init.base_checkpoint=unread"],
+                      resolve_base=False)
+    d = cfg.diffusion
+    assert (d.objective, d.timestep_density, d.timestep_logit_mean, d.timestep_logit_std) == \
+        ("epsilon", "logit_normal", 1.0, 1.0)
 
 
 def test_world_size_checks(base):
