@@ -182,6 +182,12 @@ class Trainer:
                     raise ValueError(f"{path}: model.image.{key} is {theirs.get(key)!r} in the checkpoint, "
                                      f"{mine.get(key)!r} in this config; image modules cannot load across image "
                                      f"configs")
+            if c.load_optimizer:
+                saved = _saved_lr_mult(path.parent / rundir.CONFIG)
+                if saved != self.cfg.optimizer.lr_mult:
+                    raise ValueError(f"{path.parent}: optimizer.lr_mult is {saved} in the checkpoint, "
+                                     f"{self.cfg.optimizer.lr_mult} in this config: the optimizer's parameter groups "
+                                     f"differ; keep {saved} or set checkpoint.load_optimizer=false")
             objective = (record.get("diffusion") or {}).get("objective", "epsilon")  # older records: epsilon
             if objective != self.cfg.diffusion.objective:
                 raise ValueError(f"{path}: diffusion.objective is {objective!r} in the checkpoint, "
@@ -351,6 +357,19 @@ class Trainer:
             close()
         if hasattr(self, "rt"):
             self.rt.close()
+
+
+def _saved_lr_mult(config_path: Path) -> float:
+    """``optimizer.lr_mult`` of a checkpoint's config.yaml (1 where it predates the key or has no config)."""
+    import yaml
+
+    if not config_path.is_file():
+        return 1.0
+    try:
+        data = yaml.safe_load(config_path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{config_path}: invalid YAML ({e})") from None
+    return float(((data.get("optimizer") if isinstance(data, dict) else None) or {}).get("lr_mult", 1.0))
 
 
 def build_trainer(cfg: Config, loader: Optional[Any] = None) -> Trainer:

@@ -282,12 +282,14 @@ def lr_mult_scales_the_image_io_groups_and_their_update():
     of the image I/O blocks carry lr_mult x the schedule's lr, the twins' groups the schedule's own. Adam's first
     update is lr x g / (|g| + eps), elementwise, from the same start and gradients: the I/O parameters move exactly
     lr_mult x as far as with lr_mult=1 (rounding of p + delta: 1e-4 relative) and the twins as far (1e-6: the global
-    grad norm may be summed in another order). The DeepSpeed engine's groups carry the same max_lr/min_lr."""
+    grad norm may be summed in another order). The DeepSpeed engine's groups carry the same max_lr/min_lr. Resuming
+    the optimizer state under another lr_mult is refused."""
     from lmfusion.training.deepspeed_engine import image_param_groups
 
-    mult, moved = 3.0, {}
+    mult, moved, dirs = 3.0, {}, {}
     for m in (1.0, mult):
-        trainer = Trainer(config(shared_tmpdir(), "train.train_iters=1", "optimizer.lr_warmup_iters=0",
+        dirs[m] = shared_tmpdir()
+        trainer = Trainer(config(dirs[m], "train.train_iters=1", "optimizer.lr_warmup_iters=0",
                                  "optimizer.lr_decay_style=constant", f"optimizer.lr_mult={m}")).setup()
         try:
             before = image_params(trainer)
@@ -316,6 +318,18 @@ def lr_mult_scales_the_image_io_groups_and_their_update():
         torch.testing.assert_close(moved[mult][k], mult * moved[1.0][k], rtol=1e-4, atol=1e-9, msg=k)
     for k in twin_keys:
         torch.testing.assert_close(moved[mult][k], moved[1.0][k], rtol=1e-6, atol=1e-10, msg=k)
+    # resuming the lr_mult=3 run's optimizer state under another lr_mult is refused in one line
+    resumed = Trainer(config(dirs[mult], "train.train_iters=2", "optimizer.lr_warmup_iters=0",
+                             "optimizer.lr_decay_style=constant"))
+    try:
+        resumed.setup()
+    except ValueError as e:
+        message = str(e)
+    else:
+        raise AssertionError("a resume under another optimizer.lr_mult was not refused")
+    finally:
+        resumed.close()
+    assert "optimizer.lr_mult is 3.0 in the checkpoint, 1.0 in this config" in message and "\n" not in message
 
 
 class _NanLoss(StepLoss):
