@@ -64,8 +64,9 @@ def diffusion_loss(pred: Tensor, target: Tensor, image_mask: Tensor | None = Non
 
     ``pred``, ``target``: (..., f), one row of ``f`` latent elements per image token; ``image_mask``: (...) bool,
     which rows count (None: all); ``weight``: broadcastable to (...), each row's weight (e.g. Min-SNR per image, as
-    (n_img, 1) for (n_img, tokens, f) rows; None: unweighted). The count is of rows, not of weights. For image tensors (n, C, H, W), ``image_io.patchify(x, cfg.patch_size *
-    cfg.downsample_factor)`` gives the per-token layout (n, tokens_per_image, f) in the sequence's token order.
+    (n_img, 1) for (n_img, tokens, f) rows; None: unweighted). The count is of rows, not of weights. For image
+    tensors (n, C, H, W), ``image_io.patchify(x, cfg.patch_size * cfg.downsample_factor)`` gives the per-token layout
+    (n, tokens_per_image, f) in the sequence's token order.
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
