@@ -197,6 +197,33 @@ def zero3_matches_megatron_resumes_bit_exact_trains_only_images():
     stage_case(3)
 
 
+@case
+def zero2_honours_lr_mult_on_the_image_io_blocks():
+    """optimizer.lr_mult=3 under ZeRO-2 (no warm-up, constant lr): the groups DeepSpeed steps carry 3 x the lr for the
+    image I/O blocks and the schedule's for the twins, and one step moves the I/O parameters 3 x as far as with
+    lr_mult=1 (Adam's first update is lr x g / (|g| + eps), updates up to 3e-3 here) and the twins as far, to 2.4e-7
+    absolute: two float32 ulps of weights near 1 (norm scales), the rounding of p + delta (measured 1.2e-7)."""
+    moved = {}
+    for m in (1.0, 3.0):
+        t = build_trainer(config(shared_tmpdir(), *ds(2), "train.train_iters=1", "optimizer.lr_warmup_iters=0",
+                                 "optimizer.lr_decay_style=constant", f"optimizer.lr_mult={m}"))
+        try:
+            t.setup()
+            before = full_image_params(t)
+            t.run()
+            moved[m] = {k: v - before[k] for k, v in full_image_params(t).items()}
+            lr = t.cfg.optimizer.lr
+            assert sorted({g["lr"] for g in t.tm.optimizer.param_groups}) == sorted({lr, lr * m}), \
+                [g["lr"] for g in t.tm.optimizer.param_groups]
+        finally:
+            t.close()
+    io = [k for k in moved[1.0] if k.startswith(("image_encoder.", "image_decoder."))]
+    assert io and any(float(moved[1.0][k].abs().max()) > 0 for k in io)
+    for k, d in moved[1.0].items():
+        want = 3.0 * d if k in io else d
+        torch.testing.assert_close(moved[3.0][k], want, rtol=0, atol=2.4e-7, msg=k)
+
+
 def setup_error(cfg) -> str:
     """The one-line ValueError a trainer's setup raises for ``cfg`` (AssertionError if it raises none)."""
     trainer = build_trainer(cfg)
