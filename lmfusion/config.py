@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 
+from lmfusion.ema import EmaConfig
 from lmfusion.model.image_config import ImageIOConfig
 
 __all__ = ["ModelConfig", "RopeScaling", "to_transformer_config", "LLAMA3_BOI", "LLAMA3_EOI", "ParallelConfig",
@@ -248,6 +249,8 @@ class TrainConfig:
     Stable Diffusion 3's; a positive mean weights the loss toward high noise, where the caption matters)."""
     timestep_logit_mean: float = 0.0
     timestep_logit_std: float = 1.0
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    """EMA of the trainable weights (:class:`lmfusion.ema.EmaConfig`; off by default)."""
 
     def __post_init__(self) -> None:
         _check_positive("train", self, "train_iters", "micro_batch_size", "global_batch_size")
@@ -481,6 +484,8 @@ class Config:
                f"Engine); set train.fp8=null")
         _check(not self.checkpoint.async_save, "engine=deepspeed: checkpoint.async_save=true is megatron-only; set "
                "checkpoint.async_save=false")
+        _check(not self.train.ema.enabled, "engine=deepspeed: train.ema.enabled=true is megatron-only (the EMA is "
+               "sharded like megatron's distributed optimizer); set train.ema.enabled=false or engine=megatron")
 
     def data_parallel_size(self, world_size: int) -> int:
         """DP for ``world_size`` ranks; raises naming the keys when the layout does not fit."""
