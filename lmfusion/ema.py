@@ -5,8 +5,8 @@ successful optimizer step the average moves by ``ema <- decay * ema + (1 - decay
 
     s = max(0, n - update_after_step - 1)
     decay = 0                                        s == 0 (the first update copies the weights)
-          = 1 - (1 + s / inv_gamma) ** -power        warmup: true  (diffusers use_ema_warmup=True)
-          = (1 + s) / (10 + s)                       warmup: false (diffusers' default ramp)
+          = 1 - (1 + s / inv_gamma) ** -power        ramp: power      (diffusers use_ema_warmup=True)
+          = (1 + s) / (10 + s)                       ramp: hyperbolic (diffusers use_ema_warmup=False)
     decay = max(min_decay, min(decay, max decay))
 
 With ``power`` 2/3 the decay reaches 0.999 after ~31.6k steps (diffusers' advice for long runs); 3/4 for short ones.
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["EmaConfig", "ema_decay", "WEIGHTS"]
+__all__ = ["EmaConfig", "ema_decay", "RAMPS", "WEIGHTS"]
+
+RAMPS = ("power", "hyperbolic")
 
 WEIGHTS = ("ema", "raw")
 """``--weights`` choices of generation and evaluation."""
@@ -36,9 +38,9 @@ class EmaConfig:
     """The smallest decay after the first update (diffusers ``min_decay``)."""
     update_after_step: int = 0
     """Optimizer steps during which the average only copies the weights (diffusers ``update_after_step``)."""
-    warmup: bool = True
-    """Power warm-up ``1 - (1 + s / inv_gamma) ** -power`` (diffusers ``use_ema_warmup=True``); false: ``(1 + s) /
-    (10 + s)``."""
+    ramp: str = "power"
+    """How the decay rises to ``decay``: 'power', ``1 - (1 + s / inv_gamma) ** -power`` (diffusers
+    ``use_ema_warmup=True``), or 'hyperbolic', ``(1 + s) / (10 + s)`` (``use_ema_warmup=False``)."""
     inv_gamma: float = 1.0
     """Warm-up time scale (diffusers ``inv_gamma``)."""
     power: float = 2 / 3
@@ -49,6 +51,7 @@ class EmaConfig:
             if not ok:
                 raise ValueError(f"train.ema.{message}")
 
+        check(self.ramp in RAMPS, f"ramp must be one of {RAMPS}, got {self.ramp!r}")
         check(0.0 <= self.decay < 1.0, f"decay must be in [0, 1), got {self.decay}")
         check(0.0 <= self.min_decay <= self.decay, f"min_decay must be in [0, train.ema.decay={self.decay}], got "
               f"{self.min_decay}")
@@ -62,7 +65,7 @@ def ema_decay(cfg: EmaConfig, optimization_step: int) -> float:
     step = max(0, optimization_step - cfg.update_after_step - 1)
     if step <= 0:
         return 0.0
-    if cfg.warmup:
+    if cfg.ramp == "power":
         value = 1 - (1 + step / cfg.inv_gamma) ** -cfg.power
     else:
         value = (1 + step) / (10 + step)

@@ -25,9 +25,9 @@ def base(tmp_path):
     return tmp_path / "base"
 
 
-SETTINGS = [dict(), dict(warmup=False), dict(warmup=True, power=3 / 4, inv_gamma=2.0),
-            dict(warmup=False, update_after_step=5, min_decay=0.3, decay=0.95),
-            dict(warmup=True, decay=0.5, update_after_step=2)]
+SETTINGS = [dict(), dict(ramp="hyperbolic"), dict(ramp="power", power=3 / 4, inv_gamma=2.0),
+            dict(ramp="hyperbolic", update_after_step=5, min_decay=0.3, decay=0.95),
+            dict(ramp="power", decay=0.5, update_after_step=2)]
 
 
 @pytest.mark.parametrize("kwargs", SETTINGS, ids=[str(s) for s in SETTINGS])
@@ -40,7 +40,7 @@ def test_decay_schedule_equals_diffusers_ema_model(kwargs):
     cfg = EmaConfig(enabled=True, **kwargs)
     p = torch.nn.Parameter(torch.zeros(8))
     theirs = EMAModel([p], decay=cfg.decay, min_decay=cfg.min_decay, update_after_step=cfg.update_after_step,
-                      use_ema_warmup=cfg.warmup, inv_gamma=cfg.inv_gamma, power=cfg.power)
+                      use_ema_warmup=cfg.ramp == "power", inv_gamma=cfg.inv_gamma, power=cfg.power)
     g = torch.Generator().manual_seed(0)
     ours = torch.zeros(8)
     decays = []
@@ -61,11 +61,12 @@ def test_ema_keys_read_from_overrides_and_are_off_by_default(base):
     assert load_config(TINY, [f"init.base_checkpoint={base}"]).train.ema == EmaConfig()
     assert EmaConfig().enabled is False
     cfg = load_config(TINY, [f"init.base_checkpoint={base}", "train.ema.enabled=true", "train.ema.decay=0.999",
-                             "train.ema.warmup=false", "train.ema.power=0.75"])
-    assert cfg.train.ema == EmaConfig(enabled=True, decay=0.999, warmup=False, power=0.75)
+                             "train.ema.ramp=hyperbolic", "train.ema.power=0.75"])
+    assert cfg.train.ema == EmaConfig(enabled=True, decay=0.999, ramp="hyperbolic", power=0.75)
 
 
 @pytest.mark.parametrize("override, field", [("train.ema.decay=1.0", "decay"), ("train.ema.decay=-0.1", "decay"),
+                                             ("train.ema.ramp=linear", "ramp"),
                                              ("train.ema.min_decay=0.99999", "min_decay"),
                                              ("train.ema.inv_gamma=0", "inv_gamma"), ("train.ema.power=0", "power"),
                                              ("train.ema.update_after_step=-1", "update_after_step")])

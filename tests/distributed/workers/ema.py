@@ -32,7 +32,7 @@ from tests.distributed.workers.train import config, losses, spec
 
 N = 4
 # A decay that moves the average visibly away from the weights within N steps: (1 + s) / (10 + s), capped at 0.5
-EMA = ["train.ema.enabled=true", "train.ema.warmup=false", "train.ema.decay=0.5"]
+EMA = ["train.ema.enabled=true", "train.ema.ramp=hyperbolic", "train.ema.decay=0.5"]
 
 
 class Recording(Trainer):
@@ -47,7 +47,7 @@ class Recording(Trainer):
         self.ref: dict[str, torch.Tensor] = {}
         self.diffusers = EMAModel([torch.nn.Parameter(p.detach().clone()) for p in self._params().values()],
                                   decay=c.decay, min_decay=c.min_decay, update_after_step=c.update_after_step,
-                                  use_ema_warmup=c.warmup, inv_gamma=c.inv_gamma, power=c.power, foreach=False)
+                                  use_ema_warmup=c.ramp == "power", inv_gamma=c.inv_gamma, power=c.power, foreach=False)
         return self
 
     def _params(self) -> dict[str, torch.Tensor]:
