@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from lmfusion.ema import EmaConfig
 from lmfusion.model.image_config import ImageIOConfig
 
 __all__ = ["ModelConfig", "RopeScaling", "to_transformer_config", "LLAMA3_BOI", "LLAMA3_EOI", "ParallelConfig",
@@ -244,6 +245,8 @@ class TrainConfig:
     image_first_max_timestep: int = 500
     """Noise-level cap for images that come before their caption, in steps of the 1000-step cosine DDPM schedule
     (paper: 500). ``diffusion.objective: flow`` caps at the flow noise level with the same signal-to-noise ratio."""
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    """EMA of the trainable weights (:class:`lmfusion.ema.EmaConfig`; off by default)."""
 
     def __post_init__(self) -> None:
         _check_positive("train", self, "train_iters", "micro_batch_size", "global_batch_size")
@@ -517,6 +520,8 @@ class Config:
                f"Engine); set train.fp8=null")
         _check(not self.checkpoint.async_save, "engine=deepspeed: checkpoint.async_save=true is megatron-only; set "
                "checkpoint.async_save=false")
+        _check(not self.train.ema.enabled, "engine=deepspeed: train.ema.enabled=true is megatron-only (the EMA is "
+               "sharded like megatron's distributed optimizer); set train.ema.enabled=false or engine=megatron")
 
     def data_parallel_size(self, world_size: int) -> int:
         """DP for ``world_size`` ranks; raises naming the keys when the layout does not fit."""

@@ -27,6 +27,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available; torchrun: LOCAL_RANK)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--name", default=None, help="row name in table1.md")
+    p.add_argument("--weights", choices=("ema", "raw"), default=None,
+                   help="image set: 'ema' (train.ema's average; the default when the checkpoint has one) or 'raw'")
 
 
 def _codec(args):
@@ -51,7 +53,7 @@ def _run_generation(args: argparse.Namespace) -> int:
     if args.clip_dir is not None:
         fid.clip_dir(args.clip_dir, what="--clip-dir")  # fail before the model loads, without loading CLIP
     codec = _codec(args)
-    bundle = runtime.load_data_parallel(args.ckpt, args.device)
+    bundle = runtime.load_data_parallel(args.ckpt, args.device, weights=args.weights)
     check_vae(codec, bundle.config)
     sampler = args.sampler or default_sampler(bundle.diffusion.objective)
     check_sampler(sampler, bundle.diffusion.objective)
@@ -101,7 +103,7 @@ def _run_caption(args: argparse.Namespace) -> int:
         raise ValueError(f"--images {args.images} is an image folder: pass --references (only a shard set carries "
                          f"its own captions)")
     codec = None if shards else _codec(args)  # shard latents are already encoded: no VAE
-    bundle = runtime.load_data_parallel(args.ckpt, args.device)
+    bundle = runtime.load_data_parallel(args.ckpt, args.device, weights=args.weights)
     if shards:
         caption.check_shards(args.images, bundle.config, checkpoint_vae(args.ckpt)[0])
     else:

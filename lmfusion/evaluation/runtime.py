@@ -49,9 +49,10 @@ def barrier() -> None:
         dist.barrier()
 
 
-def load_data_parallel(ckpt: str | Path, device: Optional[str] = None, dtype: torch.dtype = torch.float32):
+def load_data_parallel(ckpt: str | Path, device: Optional[str] = None, dtype: torch.dtype = torch.float32,
+                       weights: Optional[str] = None):
     """:func:`load_for_inference` with one full model per rank (see the module docstring)."""
     from lmfusion.inference.load import load_for_inference, resolve_device
 
     init_data_parallel(resolve_device(device))
-    return load_for_inference(ckpt, device=device, dtype=dtype)
+    return load_for_inference(ckpt, device=device, dtype=dtype, weights=weights)

@@ -193,7 +193,8 @@ def run_text(args) -> int:
     tasks = load_tasks(task_names(args.tasks), args.include_path)
     from lmfusion.evaluation.lm_adapter import LMFusionLM
 
-    bundle = runtime.load_data_parallel(args.ckpt, args.device)
+    # text runs through the frozen text weights only: the image set (EMA or raw) cannot change a score, so no note
+    bundle = runtime.load_data_parallel(args.ckpt, args.device, weights=args.weights or "raw")
     ours = _evaluate(LMFusionLM(bundle, args.batch_size), tasks, args)
     base, base_name = None, None
     if args.base_hf is not None:

@@ -29,6 +29,8 @@ def _common(p: argparse.ArgumentParser, images: bool) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=_DTYPES, default="fp32", help="parameter dtype (fp32 reproduces HF exactly)")
     p.add_argument("--seed", type=int, default=0, help="seeds image noise and token sampling")
+    p.add_argument("--weights", choices=("ema", "raw"), default=None,
+                   help="image set: 'ema' (train.ema's average; the default when the checkpoint has one) or 'raw'")
     if images:
         p.add_argument("--vae", default=None,
                        help="override the checkpoint's VAE: 'identity' (pixels), a diffusers VAE directory, or a "
@@ -78,7 +80,7 @@ def _load(args: argparse.Namespace):
     from lmfusion.inference.load import load_for_inference
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    return load_for_inference(args.ckpt, device=args.device, dtype=dtype)
+    return load_for_inference(args.ckpt, device=args.device, dtype=dtype, weights=args.weights)
 
 
 def _params(args: argparse.Namespace, default_stops: tuple[int, ...] = ()):

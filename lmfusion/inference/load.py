@@ -42,11 +42,11 @@ from lmfusion import rundir
 from lmfusion.checkpoint.hf import BASE_CONFIG, CONVERSION, load_base_state
 from lmfusion.config import DiffusionConfig, ModelConfig
 from lmfusion.rundir import CHECKPOINT_JSON, LATEST
-from lmfusion.rundir.export import EXPORT_JSON, is_export, load_export, read_export
+from lmfusion.rundir.export import EMA_SET, EXPORT_JSON, IMAGE_SET, is_export, load_export, read_export
 
 __all__ = ["CHECKPOINT_JSON", "LATEST", "TEXT_FIELDS", "CheckpointMeta", "InferenceModel", "init_runtime",
            "resolve_device", "resolve_checkpoint", "record_diffusion", "checkpoint_diffusion", "checkpoint_vae",
-           "load_for_inference", "load_vae", "load_tokenizer"]
+           "load_for_inference", "load_vae", "load_tokenizer", "choose_weights"]
 
 # Fields a training checkpoint's model config must share with its base (they fix the frozen text model's tensors
 # and the meaning of its token ids); image, attention/linear backend and vocabulary padding may differ.
@@ -63,6 +63,7 @@ class CheckpointMeta:
     path: Path  # the directory loaded (an iteration directory for training checkpoints)
     base_dir: Path
     stop_token_ids: tuple[int, ...]  # eos ids of the source model (Llama-3 instruct lists several)
+    weights: str = "raw"  # "ema" (train.ema's average of the image set) or "raw"
 
 
 class InferenceModel(NamedTuple):
@@ -191,10 +192,29 @@ def checkpoint_diffusion(ckpt: str | Path) -> DiffusionConfig:
     return record_diffusion(*_read_record(kind, path))
 
 
+def choose_weights(weights: Optional[str], has_ema: bool, source: Path, kind: str) -> str:
+    """``--weights``: 'ema', 'raw', or None (the EMA when the checkpoint has one, else raw with a note on stderr)."""
+    if weights not in (None, "ema", "raw"):
+        raise ValueError(f"--weights must be 'ema' or 'raw', got {weights!r}")
+    if weights == "raw":
+        return "raw"
+    if has_ema:
+        return "ema"
+    if weights == "ema":
+        raise ValueError(f"--weights ema: {source} holds no EMA weights (trained without train.ema.enabled=true); "
+                         f"use --weights raw")
+    if kind != "base":  # a base has no trained weights at all: nothing to note
+        print(f"lmfusion: {source} holds no EMA weights; using the raw weights", file=sys.stderr, flush=True)
+    return "raw"
+
+
 def load_for_inference(ckpt: str | Path, device: str | torch.device | None = None,
-                       dtype: torch.dtype = torch.float32, attention_backend: str = "sdpa") -> InferenceModel:
+                       dtype: torch.dtype = torch.float32, attention_backend: str = "sdpa",
+                       weights: Optional[str] = None) -> InferenceModel:
     """Build the model for ``ckpt`` (base, export or training checkpoint) in eval mode on ``device`` (default: CUDA if
-    available). ``dtype``: parameter dtype (fp32 reproduces the HF model's greedy text exactly).
+    available). ``dtype``: parameter dtype (fp32 reproduces the HF model's greedy text exactly). ``weights``: the
+    image set to use, 'ema' (``train.ema``'s average), 'raw', or None: 'ema' when the checkpoint has one
+    (:func:`choose_weights`).
 
     ``attention_backend`` defaults to SDPA with a dense mask: decoding steps have few queries (the mask is small) and
     a new key length at every step, which would recompile the shape-specialised compiled FlexAttention each time."""
@@ -202,6 +222,9 @@ def load_for_inference(ckpt: str | Path, device: str | torch.device | None = Non
 
     device = resolve_device(device)
     kind, path = resolve_checkpoint(ckpt)
+    saved = _read_record(kind, path)[0] if kind != "base" else {}
+    ema_key = saved.get("ema_key_prefix") if kind == "training" else saved.get("ema")
+    chosen = choose_weights(weights, bool(ema_key), path, kind)  # `weights` is the base's tensors below
     vae, prefix, diffusion = None, "", DiffusionConfig()
     if kind == "base":
         base_dir = path
@@ -235,14 +258,14 @@ def load_for_inference(ckpt: str | Path, device: str | torch.device | None = Non
     with weights:
         model = build_model(cfg, base=weights, params_dtype=dtype, freeze=False, device=device)
     if kind == "training":
-        rundir.load_image_set(model, path, prefix)
+        rundir.load_image_set(model, path, ema_key if chosen == "ema" else prefix)
     elif kind == "export":
-        load_export(model, path)
+        load_export(model, path, EMA_SET if chosen == "ema" else IMAGE_SET)
     model.requires_grad_(False)
     # params_dtype covers megatron's modules only; the image encoder/decoder (plain torch) follow here, as megatron's
     # Float16Module casts the whole model in training.
     model = model.to(dtype=dtype).eval()
-    meta = CheckpointMeta(kind, path, base_dir, _stop_token_ids(base_dir, cfg))
+    meta = CheckpointMeta(kind, path, base_dir, _stop_token_ids(base_dir, cfg), chosen)
     return InferenceModel(model, cfg, load_tokenizer(base_dir), vae, meta, diffusion)
 
 

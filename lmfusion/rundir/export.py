@@ -6,6 +6,7 @@
     OUT/image.safetensors      the trained image set, whole tensors under their sharded-checkpoint keys (layer index
                                as the first axis of per-layer tensors, as megatron's dist_checkpointing keys them),
                                so any TP/PP size slices its part
+    OUT/ema.safetensors        runs with train.ema: the average of the image set, same keys (the record's "ema")
     OUT/base/                  a copy of the frozen base (safetensors, JSON, tokenizer files)
     OUT/integrity.json         sha256 + size of every other file
 
@@ -28,11 +29,12 @@ from lmfusion.rundir.layout import base_sha256, json_text, read_record, resolve_
 from lmfusion.rundir.trust import CheckpointLoadError
 from lmfusion.utils import atomic_write_text
 
-__all__ = ["EXPORT_JSON", "IMAGE_SET", "EXPORT_FORMAT", "is_export", "export_checkpoint", "image_set_tensors",
-           "load_export"]
+__all__ = ["EXPORT_JSON", "IMAGE_SET", "EMA_SET", "EXPORT_FORMAT", "is_export", "export_checkpoint",
+           "image_set_tensors", "load_export"]
 
 EXPORT_JSON = "lmfusion_export.json"
 IMAGE_SET = "image.safetensors"
+EMA_SET = "ema.safetensors"
 EXPORT_FORMAT, EXPORT_VERSION = "lmfusion-export", 1
 
 
@@ -80,11 +82,14 @@ def image_set_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in sorted(out.items())}
 
 
-def load_export(model: torch.nn.Module, export_dir: Path) -> None:
-    """Copy this rank's part of every image tensor from ``image.safetensors`` into ``model`` (any TP/PP size)."""
+def load_export(model: torch.nn.Module, export_dir: Path, name: str = IMAGE_SET) -> None:
+    """Copy this rank's part of every image tensor from ``name`` (``image.safetensors``, or ``ema.safetensors``: the
+    average) into ``model`` (any TP/PP size)."""
     from safetensors import safe_open
 
-    path = Path(export_dir) / IMAGE_SET
+    if name not in (IMAGE_SET, EMA_SET):
+        raise ValueError(f"{name!r}: expected {IMAGE_SET} or {EMA_SET}")
+    path = Path(export_dir) / name
     shards = _sharded_tensors(model)
     with safe_open(str(path), framework="pt") as f:
         have = set(f.keys())
@@ -108,7 +113,7 @@ def export_checkpoint(iter_dir: Path, output: Path) -> Path:
     if output.exists():
         raise FileExistsError(f"{output}: exists; expected a new directory")
     record = read_record(iter_dir)
-    bundle = load_for_inference(iter_dir, device="cpu")  # verifies files and the base hash
+    bundle = load_for_inference(iter_dir, device="cpu", weights="raw")  # verifies files and the base hash
     base = resolve_base(record, iter_dir / "lmfusion_checkpoint.json")
     tmp = output.with_name(f".tmp_{output.name}")  # a crash leaves no half-written directory under the final name
     if tmp.exists():
@@ -117,11 +122,18 @@ def export_checkpoint(iter_dir: Path, output: Path) -> Path:
     from safetensors.torch import save_file
 
     save_file(image_set_tensors(bundle.model), str(tmp / IMAGE_SET), metadata={"format": "lmfusion-image-set"})
+    ema_key = record.get("ema_key_prefix")
+    if ema_key:  # train.ema: the average, through the same model (megatron reshards it to TP = 1 as the raw set)
+        from lmfusion.rundir.trust import load_image_set
+
+        load_image_set(bundle.model, iter_dir, ema_key)
+        save_file(image_set_tensors(bundle.model), str(tmp / EMA_SET), metadata={"format": "lmfusion-image-set"})
     shutil.copytree(base, tmp / "base")
     files = integrity.hash_files(tmp, distributed=False)
     export = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "iteration": record.get("iteration"),
               "model": record["model"], "vae": record.get("vae"), "diffusion": record.get("diffusion"),
               "base": "base",
+              "ema": EMA_SET if ema_key else None,
               "base_conversion_sha256": base_sha256(tmp / "base"), "source": str(iter_dir.resolve()),
               "integrity": integrity.write_manifest(tmp, files)}
     atomic_write_text(tmp / EXPORT_JSON, json_text(export))

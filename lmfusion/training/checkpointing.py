@@ -5,6 +5,7 @@ frozen base referenced. The run directory's layout, save protocol, integrity man
     iter_0000100/  model.*      the trainable (image) set only: LMFusionModel.sharded_state_dict
                    optimizer.*  distributed-optimizer state ('fully_reshardable' by default)
                    rng_state    per-rank RNG states (ShardedObject)
+                   ema.*        train.ema: the average, model keys prefixed 'ema.' (lmfusion.training.ema)
                    train_state.json  iteration, scheduler, data-loader state (JSON), parallel layout
                    + config.yaml, integrity.json and, last, lmfusion_checkpoint.json (lmfusion.rundir)
 
@@ -117,7 +118,8 @@ class Checkpointer:
 
     def __init__(self, run_dir: Path, chunks: list, optimizer, scheduler, loader, record: dict[str, Any],
                  config_text: str, optimizer_sharding: str, keep_last: Optional[int], async_save: bool,
-                 scheduler_policy: str = "check"):
+                 scheduler_policy: str = "check", ema=None):
+        self.ema = ema  # lmfusion.training.ema.ShardedEMA, or None
         self.run_dir, self.chunks, self.optimizer, self.scheduler, self.loader = (run_dir, chunks, optimizer,
                                                                                    scheduler, loader)
         self.record, self.config_text = record, config_text
@@ -137,7 +139,8 @@ class Checkpointer:
             return {"model": self.chunks[0].module.sharded_state_dict()}
         return {f"model{i}": c.module.sharded_state_dict() for i, c in enumerate(self.chunks)}
 
-    def _sharded(self, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict[str, Any]:
+    def _sharded(self, is_loading: bool, with_optimizer: bool, with_rng: bool, with_ema: bool = False
+                 ) -> dict[str, Any]:
         sd = self._model_sd()
         model_sd = dict(sd)
         if with_optimizer:
@@ -145,6 +148,8 @@ class Checkpointer:
                                                                 metadata=self.metadata)
         if with_rng:
             sd["rng_state"] = _rng_sharded()
+        if with_ema:
+            sd["ema"] = self.ema.sharded_state_dict(list(self._model_sd().values()), is_loading)
         return sd
 
     # ------------------------------------------------------------------ save
@@ -155,12 +160,18 @@ class Checkpointer:
         if dirs is None:
             return
         tmp, final = dirs
-        state = self._sharded(is_loading=False, with_optimizer=True, with_rng=True)
+        state = self._sharded(is_loading=False, with_optimizer=True, with_rng=True, with_ema=self.ema is not None)
+        if self.ema is not None:
+            extra = {**extra, "ema": self.ema.state()}
         train_state = {"format": rundir.STATE_FORMAT, "version": rundir.STATE_VERSION, "iteration": iteration,
                        "scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
                        "parallel": _layout(), "optimizer_sharding": self.metadata["distrib_optim_sharding_type"],
                        **extra}
         record = {**self.record, "iteration": iteration, "model_key_prefix": ""}
+        if self.ema is not None:
+            from lmfusion.training.ema import EMA_PREFIX
+
+            record["ema_key_prefix"] = EMA_PREFIX
 
         def finalize() -> None:  # every rank (megatron's async queue finalizes on all ranks together)
             rundir.finish_save(tmp, final, train_state, record, self.config_text, self.keep_last, self.hash_files)
@@ -217,7 +228,9 @@ class Checkpointer:
                 raise ValueError(f"{iter_dir}: 'dp_reshardable' optimizer state loads only at the saved TP/PP "
                                  f"{saved.get('tp')}/{saved.get('pp')}; set checkpoint.load_optimizer=false to load "
                                  f"the weights alone")
-        sharded = self._sharded(is_loading=True, with_optimizer=load_optimizer, with_rng=same_layout)
+        with_ema = self.ema is not None and load_optimizer and "ema" in state
+        sharded = self._sharded(is_loading=True, with_optimizer=load_optimizer, with_rng=same_layout,
+                                with_ema=with_ema)
         loaded = rundir.load_dist_checkpoint(sharded, iter_dir)
         for i, chunk in enumerate(self.chunks):
             key = "model" if len(self.chunks) == 1 else f"model{i}"
@@ -233,6 +246,13 @@ class Checkpointer:
             restore_scheduler(self.scheduler, state["scheduler"], self.scheduler_policy, iter_dir / TRAIN_STATE)
         if same_layout:
             _set_rng_state(loaded["rng_state"])
+        if with_ema:
+            self.ema.load(loaded["ema"], state["ema"])
+        elif self.ema is not None:
+            self.ema.reset()  # from the loaded weights
+            if dist.get_rank() == 0:
+                why = "holds no EMA" if "ema" not in state else "is loaded without its optimizer state"
+                print(f"lmfusion train: {iter_dir} {why}; train.ema starts from its weights", flush=True)
         self.loader.load_state_dict(state["loader"])
         return state
 

@@ -89,6 +89,7 @@ class Trainer:
                   "base_conversion_sha256": rundir.base_sha256(self.base_dir), "model": cfg.model.to_dict(),
                   "vae": self._vae_block(), "diffusion": dataclasses.asdict(cfg.diffusion)}
         c = cfg.checkpoint
+        self.ema = self.make_ema()
         self.checkpointer = self.make_checkpointer(record)
         self._resume()
         log = cfg.logging
@@ -123,7 +124,15 @@ class Trainer:
         c = self.cfg.checkpoint
         return ckpt.Checkpointer(self.run_dir, self.tm.chunks, self.tm.optimizer, self.tm.scheduler, self.loader,
                                  record, dump_config(self.cfg), c.optimizer_sharding, c.keep_last, c.async_save,
-                                 scheduler_policy=ckpt.scheduler_policy(c))
+                                 scheduler_policy=ckpt.scheduler_policy(c), ema=self.ema)
+
+    def make_ema(self):
+        """``train.ema``: the sharded average (:mod:`lmfusion.training.ema`), or None."""
+        if not self.cfg.train.ema.enabled:
+            return None
+        from lmfusion.training.ema import ShardedEMA
+
+        return ShardedEMA(self.cfg.train.ema, self.tm.chunks, self.tm.optimizer)
 
     def _prepare_base(self) -> Path:
         init = self.cfg.init
@@ -281,6 +290,8 @@ class Trainer:
         if grad_norm is None or not math.isfinite(float(grad_norm)):
             raise TrainingDiverged(f"step {step}: gradient norm is {grad_norm} (loss {loss}); no checkpoint written "
                                    f"({self._last_good()})")
+        if ok and self.ema is not None:  # a skipped update leaves the average (and its decay schedule) alone
+            self.ema.update()
         self.tm.scheduler.step(increment=1)
         elapsed = time.perf_counter() - t0
         flops = step_flops(self.cfg.model, step_counts, "lmfusion")
