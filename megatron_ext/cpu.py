@@ -321,8 +321,8 @@ def fuse_adam(optimizer: Any) -> int:
     many param groups were switched.
 
     Without apex/TE megatron builds ``torch.optim.AdamW`` with default arguments (optimizer/__init__.py), which on
-    CPU runs the per-tensor loop: 0.41-0.56 s per step for the 106M image-side params of SmolLM2-135M on one core,
-    against 0.066 s fused (``benchmarks/cpu_adam.py``); the loop was 10% of a quickstart step. The fused kernel
+    CPU runs the per-tensor loop, several times slower than the fused kernel (docs/performance.md, "AdamW on CPU").
+    The fused kernel
     computes AdamW's update in fp32 in one pass per tensor (rounding differs from the loop's by ~1e-8); torch reads
     ``fused`` from the param group at every ``step``. Groups with a param that is not a floating CPU tensor are left
     as they are.

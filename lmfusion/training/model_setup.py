@@ -30,7 +30,7 @@ from lmfusion.model.model import LMFusionModel
 from megatron_ext import cpu, torch_adam
 from megatron_ext.device import runtime_device
 
-__all__ = ["TrainModel", "params_dtype", "build_train_model", "check_buckets", "unwrap", "text_parameters"]
+__all__ = ["TrainModel", "params_dtype", "build_train_model", "check_buckets", "unwrap"]
 
 
 @dataclass
@@ -150,7 +150,7 @@ def build_train_model(cfg: Config, base, train_text: bool = False, device: torch
         params_dtype=dtype, use_distributed_optimizer=par.use_distributed_optimizer)
     optimizer = get_megatron_optimizer(opt_config, ddp)
     if cpu.is_enabled():
-        cpu.fuse_adam(optimizer)  # torch's fused CPU AdamW: ~6x faster than the per-tensor loop megatron gets
+        cpu.fuse_adam(optimizer)  # torch's fused CPU AdamW, not megatron's per-tensor loop (docs/performance.md)
     decay = o.lr_decay_iters or cfg.train.train_iters
     # Megatron's default parameter groups exempt biases and 1-D weights (norms) from weight decay through a
     # wd_mult of 0 that only the scheduler applies: it is always used.
@@ -167,14 +167,3 @@ def build_train_model(cfg: Config, base, train_text: bool = False, device: torch
     for m in chunks[1:]:
         m.config.grad_scale_func = tconfig.grad_scale_func
     return TrainModel(chunks=ddp, optimizer=optimizer, scheduler=scheduler, config=tconfig)
-
-
-def text_parameters(chunks: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """Frozen (text) parameters of this rank, by local name per chunk (for bit-for-bit checks)."""
-    out = {}
-    for i, chunk in enumerate(chunks):
-        for name, p in unwrap(chunk).named_parameters():
-            if not p.requires_grad:
-                out[f"{i}.{name}"] = p
-    return out
-

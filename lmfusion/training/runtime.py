@@ -33,14 +33,6 @@ class Runtime:
     pp_rank: int
     owns_process_group: bool
 
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == ps.get_pipeline_model_parallel_world_size() - 1
-
     def close(self) -> None:
         ps.destroy_model_parallel()
         if self.owns_process_group and dist.is_initialized():
