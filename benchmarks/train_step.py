@@ -67,10 +67,7 @@ def main(argv=None) -> float:
 
     from _common import init_single_rank
 
-    from megatron_ext import cpu
-
-    cpu.enable()
-    init_single_rank()
+    init_single_rank("cpu")  # megatron CPU mode
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 

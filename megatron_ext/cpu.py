@@ -73,7 +73,6 @@ __all__ = [
     "fuse_adam",
     "split_shared_adam_steps",
     "torch_optimizers",
-    "init_process_group",
 ]
 
 _CUDA_TYPE_NAMES = {
@@ -339,11 +338,3 @@ def fuse_adam(optimizer: Any) -> int:
                 switched += 1
     return switched
 
-
-def init_process_group(backend: str = "gloo") -> tuple[int, int]:
-    """``torch.distributed.init_process_group`` from torchrun's environment; returns (rank, world_size)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return dist.get_rank(), dist.get_world_size()

@@ -30,7 +30,6 @@ TP = world size (every rank runs the same sampling with the same seeds; logits a
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -74,24 +73,14 @@ class InferenceModel(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------------- runtime
 def init_runtime(device: torch.device, tensor_model_parallel_size: Optional[int] = None) -> None:
-    """Process group + megatron parallel state (+ CPU mode on CPU), each only if not set up already.
+    """Process group + megatron parallel state (+ CPU mode on CPU), each only if not set up already
+    (:func:`megatron_ext.device.init_distributed`).
 
     ``tensor_model_parallel_size``: default every rank (one model sharded over all); 1 gives data parallelism
     (every rank a whole model, as sharded evaluation wants)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
+    from megatron_ext.device import init_distributed
 
-    from megatron_ext.device import select
-
-    backend = select(device).backend  # set the CUDA device, or megatron CPU mode on CPU
-    if not dist.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            dist.init_process_group(backend)  # torchrun: rendezvous from the environment
-        else:  # one rank: an in-process store, no port to pick or collide on
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        tp = dist.get_world_size() if tensor_model_parallel_size is None else tensor_model_parallel_size
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    init_distributed(device, tensor_model_parallel_size=tensor_model_parallel_size)
 
 
 # ---------------------------------------------------------------------------------------------------- files
