@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from data_tools import shard_format as fmt
+from lmfusion.data import shard_format as fmt
 
 __all__ = ["ShardError", "ShardSet", "RawSample", "read_shard", "check_same_vae"]
 

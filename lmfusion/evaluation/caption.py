@@ -130,7 +130,7 @@ def list_images(directory: Path) -> list[CaptionItem]:
 
 
 def is_shard_set(directory: Path) -> bool:
-    from data_tools.shard_format import MANIFEST
+    from lmfusion.data.shard_format import MANIFEST
 
     return (Path(directory) / MANIFEST).is_file()
 
@@ -138,7 +138,7 @@ def is_shard_set(directory: Path) -> bool:
 def list_shard_samples(directory: Path) -> list[CaptionItem]:
     """Every sample of a shard set (manifest order, then tar order), with its caption and source; latents are read
     only when captioned."""
-    from data_tools import shard_format as fmt
+    from lmfusion.data import shard_format as fmt
 
     directory = Path(directory)
     manifest = fmt.read_manifest(directory)
@@ -172,7 +172,7 @@ def shard_references(items: list[CaptionItem]) -> dict[str, list[str]]:
 
 def check_shards(directory: Path, model_config, checkpoint_vae: Optional[dict]) -> None:
     """The shard latents must fit the model (``latent.shape``) and come from the checkpoint's VAE (config hash)."""
-    from data_tools import shard_format as fmt
+    from lmfusion.data import shard_format as fmt
 
     manifest = fmt.read_manifest(directory)
     where = Path(directory) / fmt.MANIFEST
@@ -196,7 +196,7 @@ class _ShardLatents:
     def __call__(self, item: CaptionItem):
         import torch
 
-        from data_tools.shard_format import iter_samples, load_npy
+        from lmfusion.data.shard_format import iter_samples, load_npy
 
         if item.path != self._path:
             self._members = {k: f["latent.npy"] for k, f in iter_samples(item.path)}

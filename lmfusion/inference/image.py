@@ -18,7 +18,7 @@ Each step's x0 estimate is clipped to the data's range (:func:`latent_range`: [-
 latents' largest magnitude for a VAE that records it); without it the cosine schedule's first step amplifies the
 noise prediction's error ~2e4-fold (:mod:`lmfusion.diffusion`).
 
-Latents are the shard set's: scaled VAE latents (``data_tools.shard_format``), decoded by the VAE named in the shard
+Latents are the shard set's: scaled VAE latents (``lmfusion.data.shard_format``), decoded by the VAE named in the shard
 manifest, or pixels in [-1, 1] for the identity VAE. Images for captioning get the shard builder's preprocessing
 (RGB on white, centre crop, bicubic resize) and the VAE mean (no sampling).
 """
@@ -176,14 +176,13 @@ def load_image(path: str | Path, size: int) -> Tensor:
     from PIL import Image as PILImage
     from PIL import ImageOps
 
-    from data_tools._sources import _to_rgb, center_crop_box
+    from lmfusion.data.preprocess import square_pixels
 
     path = Path(path)
     with _image_errors(path), PILImage.open(path) as img:
         img.load()
-        img = ImageOps.exif_transpose(img)
-        out = _to_rgb(img).resize((size, size), PILImage.Resampling.BICUBIC, box=center_crop_box(*img.size))
-    pixels = torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+        out, _ = square_pixels(ImageOps.exif_transpose(img), size)
+    pixels = torch.from_numpy(np.array(out)).permute(2, 0, 1)  # (H, W, 3) uint8, writable copy -> (3, H, W)
     return pixels.float() / 127.5 - 1.0
 
 

@@ -213,12 +213,12 @@ def load_for_inference(ckpt: str | Path, device: str | torch.device | None = Non
 
 # ---------------------------------------------------------------------------------------------------- VAE
 def load_vae(spec: Optional[str], info: Optional[dict[str, Any]], device: torch.device, source: str = "checkpoint"):
-    """The latent codec (``data_tools.shard_format.LatentCodec``) to encode/decode images with.
+    """The latent codec (``lmfusion.data.shard_format.LatentCodec``) to encode/decode images with.
 
     ``spec`` (``--vae``) wins: ``identity`` (pixels in [-1, 1]), a shard-set directory (its ``manifest.json``
     names the VAE), or a diffusers VAE directory. Otherwise ``info``: the shard manifest's ``vae`` block recorded in
     the checkpoint; the VAE found at its path must be the one the shards were built with (config hash)."""
-    from data_tools import shard_format as fmt
+    from lmfusion.data import shard_format as fmt
 
     if spec is None and info is None:
         raise ValueError(f"no VAE: {source} names none (base checkpoints never do); pass --vae identity, a "

@@ -218,7 +218,11 @@ class LMFusionModel(MegatronModule):
                               rotary_base=model_config.rope_theta, use_cpu_initialization=True)
         if model_config.rope_scaling is not None:
             rs = model_config.rope_scaling
-            # megatron fixes the Llama-3.1 constants; apply the configured ones with its own formula.
+            # megatron's public switch (RotaryEmbedding(rope_scaling=True, rope_scaling_factor=f)) fixes the Llama-3.1
+            # constants (low/high frequency factors 1 and 4, original context 8192); a base may configure others.
+            # Its private _apply_scaling is that same formula with them as arguments, kept rather than copied here
+            # (megatron-core is pinned to 0.16.1 in setup.py; tests/distributed/workers/model.py's gqa_rope_scaling
+            # case checks the logits against Hugging Face's Llama, which would catch a changed signature).
             self.rotary.inv_freq = self.rotary._apply_scaling(
                 self.rotary.inv_freq, factor=rs.factor, low_freq_factor=rs.low_freq_factor,
                 high_freq_factor=rs.high_freq_factor,

@@ -146,7 +146,7 @@ def build_shards(images: Path, out: Path, resolution: int, log: Callable[[str], 
                  vae: str = "identity") -> Path:
     """``data_tools/build_shards.py IMAGES --output OUT --vae VAE --resolution R`` (skips a complete set)."""
     from data_tools import build_shards as bs
-    from data_tools import shard_format as fmt
+    from lmfusion.data import shard_format as fmt
 
     if (out / fmt.MANIFEST).is_file():
         log(f"shards: {out} (cached)")

@@ -33,6 +33,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from lmfusion import rundir
 from lmfusion.rundir import CHECKPOINT_JSON, LATEST, TRAIN_STATE, find_checkpoint, iter_name
 from lmfusion.training.model_setup import unwrap
+from megatron_ext.torch_adam import torch_optimizers
 
 __all__ = ["CHECKPOINT_JSON", "TRAIN_STATE", "LATEST", "iter_name", "find_checkpoint", "Checkpointer",
            "scheduler_policy", "restore_scheduler"]
@@ -237,20 +238,13 @@ class Checkpointer:
         return state
 
 
-def _torch_optimizers(optimizer) -> list:
-    chained = getattr(optimizer, "chained_optimizers", None)
-    if chained is not None:
-        return [inner for opt in chained for inner in _torch_optimizers(opt)]
-    return [getattr(optimizer, "optimizer", optimizer)]
-
-
 def _restore_adam_steps(optimizer, steps: int) -> None:
     """Per-parameter Adam ``step`` counts of torch's AdamW (megatron's fallback without apex/TE) after a load.
 
     megatron-core 0.16.1 restores them from 'fully_reshardable' state, but its 'dp_reshardable' load leaves the
     freshly initialised 0 (the bias corrections of the next update are then wrong and the resumed run drifts). Every
     trainable parameter is updated at every optimizer step, so its count is the number of steps taken."""
-    for inner in _torch_optimizers(optimizer):
+    for inner in torch_optimizers(optimizer):
         if not isinstance(inner, torch.optim.Optimizer):
             continue
         for param_state in inner.state.values():

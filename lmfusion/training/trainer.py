@@ -156,7 +156,7 @@ class Trainer:
     def _vae_block(self) -> Optional[dict[str, Any]]:
         if not self.cfg.data.datasets:
             return None
-        from data_tools import shard_format
+        from lmfusion.data import shard_format
 
         return shard_format.read_manifest(Path(self.cfg.data.datasets[0])).get("vae")
 

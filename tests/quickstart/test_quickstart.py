@@ -145,7 +145,7 @@ def test_smoke_images_and_checkpoint(smoke_run):
 def test_vae_trained_once_loads_as_a_shard_codec(tmp_path, monkeypatch):
     import torch
 
-    from data_tools.shard_format import load_codec
+    from lmfusion.data.shard_format import load_codec
     from lmfusion.inference.image import latent_range
     from lmfusion.quickstart import vae
 
@@ -175,7 +175,7 @@ def test_vae_trained_once_loads_as_a_shard_codec(tmp_path, monkeypatch):
 def test_latent_range_of_codecs(tmp_path):
     import torch
 
-    from data_tools.shard_format import load_codec
+    from lmfusion.data.shard_format import load_codec
     from lmfusion.inference import clip_x0_arg
     from lmfusion.inference.image import LATENT_RANGE_FILE, latent_range
 

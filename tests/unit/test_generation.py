@@ -346,7 +346,7 @@ def test_real_vae_from_a_shard_manifest(ckpts, trained, tmp_path, capsys):
     from PIL import Image as PILImage
 
     from data_tools import build_shards
-    from data_tools import shard_format as fmt
+    from lmfusion.data import shard_format as fmt
 
     root, _ = ckpts
     factor = 2

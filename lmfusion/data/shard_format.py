@@ -1,4 +1,5 @@
-"""The latent-shard format shared by the builder, the inspector and (later) the training data loader.
+"""The latent-shard format shared by the builder (``data_tools/build_shards.py``), the inspector and the training
+data loader (:mod:`lmfusion.data.shards`).
 
 A shard set is a directory::
 
@@ -37,6 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmfusion.utils import atomic_write_bytes
+
 FORMAT_NAME = "lmfusion-latent-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -55,17 +58,6 @@ def shard_name(index: int) -> str:
 def sample_key(index: int) -> str:
     """WebDataset key of the input with global ``index`` (no dots: WebDataset splits key and field at a dot)."""
     return f"{index:0{KEY_DIGITS}d}"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a per-process temporary name and ``os.replace`` (readers never see half)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def dumps_json(obj: Any) -> str:
