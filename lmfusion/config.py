@@ -14,15 +14,29 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
+from lmfusion.data.config import DataConfig
 from lmfusion.model.image_config import ImageIOConfig
+from lmfusion.utils import literal_choices
 
 __all__ = ["ModelConfig", "RopeScaling", "to_transformer_config", "LLAMA3_BOI", "LLAMA3_EOI", "ParallelConfig",
            "TrainConfig", "OptimConfig", "InitConfig", "CheckpointConfig", "LoggingConfig", "DeepSpeedConfig",
            "ENGINES", "Config"]
+
+# Choice fields: the annotation is the one list of allowed values (config_io and __post_init__ both read it).
+AttentionBackend = Literal["auto", "sdpa", "flex", "te"]  # 'te' is typed so that the refusal can say why
+LinearBackend = Literal["auto", "local", "te"]
+Precision = Literal["auto", "bf16", "fp32"]
+Recompute = Literal["none", "full"]
+Fp8 = Optional[Literal["hybrid", "e4m3"]]
+Fp8Recipe = Literal["delayed", "tensorwise", "mxfp8", "blockwise"]
+LrDecayStyle = Literal["cosine", "linear", "constant", "inverse-square-root"]
+OptimizerSharding = Literal["fully_reshardable", "dp_reshardable"]
+Engine = Literal["megatron", "deepspeed"]
+ENGINES = literal_choices(Engine)
 
 LLAMA3_BOI = 128002  # <|reserved_special_token_0|>
 LLAMA3_EOI = 128003  # <|reserved_special_token_1|>
@@ -71,10 +85,10 @@ class ModelConfig:
     bos_token_id: int = 128000
     eos_token_id: int = 128001
     image: ImageIOConfig = field(default_factory=ImageIOConfig)
-    attention_backend: str = "auto"
+    attention_backend: AttentionBackend = "auto"
     """'sdpa' (explicit mask; CPU), 'flex' (GPU default), or 'auto'. ('te' is refused: Transformer Engine has no
     fused kernel for this arbitrary mask; see lmfusion/model/attention.py.)"""
-    linear_backend: str = "auto"
+    linear_backend: LinearBackend = "auto"
     """'local' (pure torch), 'te' (Transformer Engine), or 'auto' (TE when it imports and a GPU is present)."""
 
     def __post_init__(self) -> None:
@@ -105,10 +119,7 @@ class ModelConfig:
             from lmfusion.model.attention import TE_REFUSED
 
             raise ValueError(f"model.{TE_REFUSED}")
-        for name, allowed in (("attention_backend", ("auto", "sdpa", "flex")),
-                              ("linear_backend", ("auto", "local", "te"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        _check_choices("model", self, attention_backend=AttentionBackend, linear_backend=LinearBackend)
 
     # ------------------------------------------------------------------ derived
     def padded_vocab_size(self, tp: int) -> int:
@@ -180,6 +191,12 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _check_choices(section: str, obj: Any, **annotations: Any) -> None:
+    for name, tp in annotations.items():
+        allowed, value = literal_choices(tp), getattr(obj, name)
+        _check(value in allowed, f"{section}.{name} must be one of {allowed}, got {value!r}")
+
+
 def _check_positive(section: str, obj: Any, *names: str) -> None:
     for name in names:
         _check(getattr(obj, name) >= 1, f"{section}.{name} must be >= 1, got {getattr(obj, name)}")
@@ -231,13 +248,13 @@ class TrainConfig:
     """Packed rows per optimizer step over all DP ranks; gradient accumulation = global / (micro x DP)."""
     seed: int = 1234
     """Seeds model init (U-Net), megatron's RNG tracker and the per-image diffusion noise."""
-    precision: str = "auto"
+    precision: Precision = "auto"
     """'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
-    recompute: str = "none"
+    recompute: Recompute = "none"
     """Activation recompute: 'none' or 'full' (each transformer layer re-runs its forward in backward)."""
-    fp8: Optional[str] = None
+    fp8: Fp8 = None
     """Transformer Engine FP8: None, 'hybrid' (E4M3 forward, E5M2 gradients) or 'e4m3'. Needs TE and a GPU."""
-    fp8_recipe: str = "delayed"
+    fp8_recipe: Fp8Recipe = "delayed"
     """TE recipe: 'delayed' (DelayedScaling), 'tensorwise' (Float8CurrentScaling), 'mxfp8' or 'blockwise'."""
     diffusion_loss_weight: float = 5.0
     """lambda: loss = LM cross-entropy + lambda x diffusion MSE (paper: 5)."""
@@ -254,11 +271,7 @@ class TrainConfig:
         _check(self.global_batch_size % self.micro_batch_size == 0,
                f"train.global_batch_size {self.global_batch_size} is not a multiple of train.micro_batch_size "
                f"{self.micro_batch_size}")
-        for name, allowed in (("precision", ("auto", "bf16", "fp32")), ("recompute", ("none", "full")),
-                              ("fp8", (None, "hybrid", "e4m3")),
-                              ("fp8_recipe", ("delayed", "tensorwise", "mxfp8", "blockwise"))):
-            value = getattr(self, name)
-            _check(value in allowed, f"train.{name} must be one of {allowed}, got {value!r}")
+        _check_choices("train", self, precision=Precision, recompute=Recompute, fp8=Fp8, fp8_recipe=Fp8Recipe)
         _check(self.diffusion_loss_weight >= 0, f"train.diffusion_loss_weight must be >= 0, got "
                f"{self.diffusion_loss_weight}")
         _check(0 <= self.image_first_max_timestep < 1000,
@@ -285,7 +298,7 @@ class OptimConfig:
     """Linear warm-up from 0 over this many steps."""
     lr_decay_iters: Optional[int] = None
     """Steps over which lr decays to min_lr (None: train.train_iters)."""
-    lr_decay_style: str = "cosine"
+    lr_decay_style: LrDecayStyle = "cosine"
     """'cosine', 'linear', 'constant' or 'inverse-square-root'."""
     weight_decay: float = 0.1
     """Decoupled weight decay (biases and norm weights are exempt, as in Megatron)."""
@@ -299,9 +312,7 @@ class OptimConfig:
         _check(self.lr > 0 and 0 <= self.min_lr <= self.lr,
                f"optimizer.lr must be > 0 and optimizer.min_lr in [0, lr], got lr={self.lr} min_lr={self.min_lr}")
         _check(self.lr_warmup_iters >= 0, f"optimizer.lr_warmup_iters must be >= 0, got {self.lr_warmup_iters}")
-        _check(self.lr_decay_style in ("cosine", "linear", "constant", "inverse-square-root"),
-               f"optimizer.lr_decay_style must be cosine|linear|constant|inverse-square-root, got "
-               f"{self.lr_decay_style!r}")
+        _check_choices("optimizer", self, lr_decay_style=LrDecayStyle)
         for name in ("adam_beta1", "adam_beta2"):
             _check(0 <= getattr(self, name) < 1, f"optimizer.{name} must be in [0, 1), got {getattr(self, name)}")
         _check(self.adam_eps > 0 and self.weight_decay >= 0 and self.clip_grad >= 0,
@@ -340,7 +351,7 @@ class CheckpointConfig:
     """Keep the newest K iteration directories (None: all)."""
     async_save: bool = False
     """Write checkpoints in the background (GPU only); ``latest`` moves once every rank finished writing."""
-    optimizer_sharding: str = "fully_reshardable"
+    optimizer_sharding: OptimizerSharding = "fully_reshardable"
     """Distributed-optimizer state layout: 'fully_reshardable' (loads at any TP/PP/DP; needs one grad bucket, i.e.
     parallel.overlap_grad_reduce=false, in megatron-core 0.16.1) or 'dp_reshardable' (any bucketing; same TP/PP)."""
     load_optimizer: bool = True
@@ -362,9 +373,7 @@ class CheckpointConfig:
                "checkpoint.override_scheduler and checkpoint.use_checkpoint_scheduler are both true: choose one")
         _check(self.keep_last is None or self.keep_last >= 1,
                f"checkpoint.keep_last must be >= 1 or null, got {self.keep_last}")
-        _check(self.optimizer_sharding in ("fully_reshardable", "dp_reshardable"),
-               f"checkpoint.optimizer_sharding must be fully_reshardable|dp_reshardable, got "
-               f"{self.optimizer_sharding!r}")
+        _check_choices("checkpoint", self, optimizer_sharding=OptimizerSharding)
         import signal
 
         bad = [s for s in self.exit_signals if not isinstance(getattr(signal, str(s), None), signal.Signals)]
@@ -386,9 +395,6 @@ class LoggingConfig:
 
     def __post_init__(self) -> None:
         _check_positive("logging", self, "log_interval")
-
-
-ENGINES = ("megatron", "deepspeed")
 
 
 @dataclass
@@ -418,27 +424,21 @@ class DeepSpeedConfig:
         _check_positive("deepspeed", self, "reduce_bucket_size", "allgather_bucket_size")
 
 
-def _default_data():
-    from lmfusion.data.config import DataConfig  # lazy: lmfusion.data imports this module
-
-    return DataConfig()
-
-
 @dataclass
 class Config:
     """Everything a training run reads. Build it with :func:`lmfusion.config_io.load_config`."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: Any = field(default_factory=_default_data)
-    """:class:`lmfusion.data.DataConfig`; its batch sizes are set from ``train``."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The loader's settings; its batch sizes are set from ``train``."""
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimConfig = field(default_factory=OptimConfig)
     # Placeholders so that Config() constructs; a run always names its base and run directory (load_config).
     init: InitConfig = field(default_factory=lambda: InitConfig(base_checkpoint=""))
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(save=""))
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    engine: str = "megatron"
+    engine: Engine = "megatron"
     """Training engine: 'megatron' (megatron-core DDP + distributed optimizer; TP/PP/SP/DP) or 'deepspeed' (ZeRO
     stage ``deepspeed.zero_stage`` over data-parallel ranks only; needs the ``deepspeed`` package)."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

@@ -30,9 +30,11 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import yaml
 
-from lmfusion.config import (CheckpointConfig, Config, DeepSpeedConfig, InitConfig, LoggingConfig, ModelConfig,
+from lmfusion.config import (CheckpointConfig, Config, DeepSpeedConfig, Engine, InitConfig, LoggingConfig, ModelConfig,
                              OptimConfig, ParallelConfig, RopeScaling, TrainConfig)
+from lmfusion.data.config import DataConfig
 from lmfusion.model.image_config import ImageIOConfig
+from lmfusion.utils import literal_choices
 
 __all__ = ["TEXT_FIELDS", "load_config", "config_from_dict", "parse_overrides", "dump_config", "write_config",
            "resolve_model"]
@@ -44,18 +46,12 @@ TEXT_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "nu
                "eoi_token_id")
 _SECTIONS = {"parallel": ParallelConfig, "train": TrainConfig, "optimizer": OptimConfig, "init": InitConfig,
              "checkpoint": CheckpointConfig, "logging": LoggingConfig, "deepspeed": DeepSpeedConfig}
-_SCALARS = {"engine": str}  # top-level keys that are values, not sections
+_SCALARS = {"engine": Engine}  # top-level keys that are values, not sections
 _TRAIN_OWNED = ("micro_batch_size", "global_batch_size")
 
 
-def _data_config_cls():
-    from lmfusion.data.config import DataConfig
-
-    return DataConfig
-
-
 def _section_classes() -> dict[str, type]:
-    return {"model": ModelConfig, "data": _data_config_cls(), **_SECTIONS}
+    return {"model": ModelConfig, "data": DataConfig, **_SECTIONS}
 
 
 # ---------------------------------------------------------------------------------------------------- key paths
@@ -112,6 +108,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
     if tp is Any:
         return value
+    choices = literal_choices(tp)
+    if choices is not None:  # the same one line as the dataclasses' own checks
+        if value not in choices:
+            raise ValueError(f"{key} must be one of {choices}, got {value!r}")
+        return value
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if _is_union(tp):
         if value is None and type(None) in args:
@@ -123,10 +124,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError as e:
                 errors.append(e)
         raise errors[0] if len(errors) == 1 else bad(" or ".join(str(a) for a in args))
-    if origin is typing.Literal:
-        if value not in args:
-            raise bad(f"one of {list(args)}")
-        return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

@@ -25,20 +25,22 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Iterator, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lmfusion.config import ModelConfig
 from lmfusion.data.batch import Batch
 from lmfusion.data.config import DataConfig
 from lmfusion.data.sequence import SequenceBuilder
 from lmfusion.data.shards import ShardSet, check_same_vae
 from lmfusion.data.stream import (DataError, Stream, StreamContext, initial_stream_state, load_tokenizer,
                                   tokenizer_fingerprint)
-from lmfusion.model.image_io import tokens_per_image
+from lmfusion.model.image_config import tokens_per_image
+
+if TYPE_CHECKING:  # a type only: lmfusion.config imports this package (its data section)
+    from lmfusion.config import ModelConfig
 
 __all__ = ["MultimodalLoader", "merge_states", "DataError", "STATE_FORMAT"]
 
