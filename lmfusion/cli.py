@@ -12,8 +12,7 @@ import argparse
 import sys
 from typing import Callable, Optional, Sequence
 
-from lmfusion import evaluation, inference, quickstart
-from lmfusion.checkpoint import hf
+from lmfusion import evaluation, hf, inference, quickstart
 from lmfusion.training import cli as training_cli
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]

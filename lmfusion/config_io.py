@@ -226,7 +226,7 @@ def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- model
 def _base_model_fields(init: InitConfig, user_model: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
     """The text fields of the base named by ``init`` and where they were read."""
-    from lmfusion.checkpoint import hf
+    from lmfusion import hf
 
     if init.base_checkpoint is not None:
         path = Path(init.base_checkpoint).expanduser() / hf.BASE_CONFIG
@@ -244,7 +244,7 @@ def _base_model_fields(init: InitConfig, user_model: Mapping[str, Any]) -> tuple
         if name in user_model:
             fields[name] = _coerce(user_model[name], int, f"model.{name}")
         else:
-            token_id = hf._tokenizer_token_id(hf_dir, token)
+            token_id = hf.tokenizer_token_id(hf_dir, token)
             if token_id is None:
                 raise ValueError(f"init.hf_dir: the tokenizer of {hf_dir} does not define {token}; set "
                                  f"model.{name}")

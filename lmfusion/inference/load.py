@@ -37,7 +37,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from lmfusion import rundir
-from lmfusion.checkpoint.hf import BASE_CONFIG, CONVERSION, load_base_state
+from lmfusion.hf import BASE_CONFIG, CONVERSION, load_base_state
 from lmfusion.config import ModelConfig
 from lmfusion.rundir import CHECKPOINT_JSON, LATEST
 from lmfusion.rundir.export import EXPORT_JSON, is_export, load_export, read_export

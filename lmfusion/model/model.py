@@ -230,7 +230,7 @@ class LMFusionModel(MegatronModule):
 
         encoder, decoder = build_image_io(model_config.image, model_config.hidden_size)
         # Module names follow megatron's GPTModel (embedding.word_embeddings, decoder.layers.N..., output_layer),
-        # which is also the naming of a converted base checkpoint (lmfusion/checkpoint/hf.py).
+        # which is also the naming of a converted base checkpoint (lmfusion/hf/llama.py).
         if pre_process:
             self.embedding = TextEmbedding(config, self.padded_vocab_size, model_config.hidden_size)
             self.image_encoder = encoder

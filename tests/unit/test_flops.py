@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from lmfusion.checkpoint.hf import base_shapes
 from lmfusion.config import ModelConfig
+from lmfusion.hf import base_shapes
 from lmfusion.model.attention import AttentionMask
 from lmfusion.model.image_config import ImageIOConfig, tokens_per_image
 from lmfusion.training import flops

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from lmfusion.checkpoint.hf import load_base_state
+from lmfusion.hf import load_base_state
 from lmfusion.cli import main
 from lmfusion.inference.chat import Conversation, ImageOptions
 from lmfusion.inference.image import caption_image, commit_image, encode_image, text_to_image

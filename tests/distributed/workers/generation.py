@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
-from lmfusion.checkpoint.hf import load_base_state
+from lmfusion.hf import load_base_state
 from lmfusion.inference.image import text_to_image
 from lmfusion.inference.load import CHECKPOINT_JSON, load_for_inference
 from lmfusion.inference.text import SamplingParams, generate_text

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lmfusion.checkpoint.hf import convert_hf, load_base_state
+from lmfusion.hf import convert_hf, load_base_state
 
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0)
