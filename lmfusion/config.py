@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from lmfusion.data.config import DataConfig
+from lmfusion.errors import UserError
 from lmfusion.model.image_config import ImageIOConfig
 from lmfusion.utils import literal_choices
 
@@ -53,8 +54,8 @@ class RopeScaling:
 
     def __post_init__(self) -> None:
         if self.high_freq_factor <= self.low_freq_factor:
-            raise ValueError(f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must exceed "
-                             f"low_freq_factor ({self.low_freq_factor})")
+            raise UserError(f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must exceed "
+                            f"low_freq_factor ({self.low_freq_factor})")
 
 
 @dataclass
@@ -102,23 +103,23 @@ class ModelConfig:
             self.image = ImageIOConfig(**img)
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
-                raise ValueError(f"model.hidden_size {self.hidden_size} is not divisible by "
-                                 f"model.num_attention_heads {self.num_attention_heads}; set model.head_dim")
+                raise UserError(f"model.hidden_size {self.hidden_size} is not divisible by "
+                                f"model.num_attention_heads {self.num_attention_heads}; set model.head_dim")
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(f"model.num_attention_heads {self.num_attention_heads} is not a multiple of "
-                             f"model.num_query_groups {self.num_query_groups}")
+            raise UserError(f"model.num_attention_heads {self.num_attention_heads} is not a multiple of "
+                            f"model.num_query_groups {self.num_query_groups}")
         for name in ("boi_token_id", "eoi_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if not 0 <= value < self.vocab_size:
-                raise ValueError(f"model.{name} {value} is outside the vocabulary [0, {self.vocab_size}); "
-                                 f"set it to a token id the tokenizer reserves")
+                raise UserError(f"model.{name} {value} is outside the vocabulary [0, {self.vocab_size}); "
+                                f"set it to a token id the tokenizer reserves")
         if self.boi_token_id == self.eoi_token_id:
-            raise ValueError(f"model.boi_token_id and model.eoi_token_id are both {self.boi_token_id}")
+            raise UserError(f"model.boi_token_id and model.eoi_token_id are both {self.boi_token_id}")
         if self.attention_backend == "te":
             from lmfusion.model.attention import TE_REFUSED
 
-            raise ValueError(f"model.{TE_REFUSED}")
+            raise UserError(f"model.{TE_REFUSED}")
         _check_choices("model", self, attention_backend=AttentionBackend, linear_backend=LinearBackend)
 
     # ------------------------------------------------------------------ derived
@@ -130,10 +131,10 @@ class ModelConfig:
         """Clear errors for TP/PP sizes that do not divide the model."""
         for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
             if getattr(self, name) % tp:
-                raise ValueError(f"tensor_model_parallel_size {tp} does not divide model.{name} "
-                                 f"{getattr(self, name)}")
+                raise UserError(f"tensor_model_parallel_size {tp} does not divide model.{name} "
+                                f"{getattr(self, name)}")
         if self.num_layers % pp:
-            raise ValueError(f"pipeline_model_parallel_size {pp} does not divide model.num_layers {self.num_layers}")
+            raise UserError(f"pipeline_model_parallel_size {pp} does not divide model.num_layers {self.num_layers}")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -144,7 +145,7 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"{source}: unknown model key(s) {unknown}")
+            raise UserError(f"{source}: unknown model key(s) {unknown}")
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
@@ -158,7 +159,7 @@ class ModelConfig:
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read model config ({e})") from e
+            raise UserError(f"{path}: cannot read model config ({e})") from e
         return cls.from_dict(data, source=str(path))
 
 
@@ -188,7 +189,7 @@ def to_transformer_config(model: ModelConfig, *, tp: int = 1, pp: int = 1, seque
 # ---------------------------------------------------------------------------------------------------- training sections
 def _check(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise UserError(message)
 
 
 def _check_choices(section: str, obj: Any, **annotations: Any) -> None:
@@ -452,7 +453,7 @@ class Config:
         try:
             model.check_parallel(tp, pp * par.vpp)
         except ValueError as e:
-            raise ValueError(f"parallel: {e}" + (f" (pipeline {pp} x virtual {par.vpp} chunks)" if par.vpp > 1
+            raise UserError(f"parallel: {e}" + (f" (pipeline {pp} x virtual {par.vpp} chunks)" if par.vpp > 1
                                                  else "")) from None
         _check(not par.sequence_parallel or self.data.seq_length % tp == 0,
                f"parallel.sequence_parallel: data.seq_length {self.data.seq_length} is not a multiple of "

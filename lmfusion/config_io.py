@@ -33,6 +33,7 @@ import yaml
 from lmfusion.config import (CheckpointConfig, Config, DeepSpeedConfig, Engine, InitConfig, LoggingConfig, ModelConfig,
                              OptimConfig, ParallelConfig, RopeScaling, TrainConfig)
 from lmfusion.data.config import DataConfig
+from lmfusion.errors import UserError
 from lmfusion.model.image_config import ImageIOConfig
 from lmfusion.utils import literal_choices
 
@@ -74,7 +75,7 @@ def _all_known_keys() -> list[str]:
     return keys + list(_SCALARS)
 
 
-def _unknown(key: str) -> ValueError:
+def _unknown(key: str) -> UserError:
     known = _all_known_keys()
     leaf = key.rsplit(".", 1)[-1]
     # a key whose own name contains the unknown one's (train.warmup -> optimizer.lr_warmup_iters) beats a similar
@@ -83,7 +84,7 @@ def _unknown(key: str) -> ValueError:
     close = difflib.get_close_matches(key, named, n=1, cutoff=0.0) if named else \
         difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ValueError(f"unknown config key '{key}'{hint}")
+    return UserError(f"unknown config key '{key}'{hint}")
 
 
 def _dataclass_of(tp: Any) -> Optional[type]:
@@ -103,15 +104,15 @@ def _is_union(tp: Any) -> bool:
 # ---------------------------------------------------------------------------------------------------- typed values
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """``value`` as type ``tp`` (the field's annotation), or ValueError naming ``key``."""
-    def bad(expected: str) -> ValueError:
-        return ValueError(f"config key '{key}': expected {expected}, got {value!r}")
+    def bad(expected: str) -> UserError:
+        return UserError(f"config key '{key}': expected {expected}, got {value!r}")
 
     if tp is Any:
         return value
     choices = literal_choices(tp)
     if choices is not None:  # the same one line as the dataclasses' own checks
         if value not in choices:
-            raise ValueError(f"{key} must be one of {choices}, got {value!r}")
+            raise UserError(f"{key} must be one of {choices}, got {value!r}")
         return value
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if _is_union(tp):
@@ -173,7 +174,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type, data: Mapping[str, Any], prefix: str):
     """``cls(**data)`` with every value converted to its field's type; unknown keys refused with a suggestion."""
     if not isinstance(data, Mapping):
-        raise ValueError(f"config section '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
+        raise UserError(f"config section '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
@@ -183,7 +184,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str):
     try:
         return cls(**kwargs)
     except TypeError as e:
-        raise ValueError(f"config section '{prefix.rstrip('.')}': {e}") from None
+        raise UserError(f"config section '{prefix.rstrip('.')}': {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------- overrides
@@ -194,11 +195,11 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"override {item!r} is not key=value (e.g. train.train_iters=100)")
+            raise UserError(f"override {item!r} is not key=value (e.g. train.train_iters=100)")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
-            raise ValueError(f"override {item!r}: value is not valid YAML ({e})") from None
+            raise UserError(f"override {item!r}: value is not valid YAML ({e})") from None
         _set_path(out, key.split("."), value, key)
     return out
 
@@ -208,7 +209,7 @@ def _set_path(tree: dict[str, Any], parts: list[str], value: Any, key: str) -> N
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ValueError(f"override '{key}': '{part}' is a value, not a section")
+            raise UserError(f"override '{key}': '{part}' is a value, not a section")
     node[parts[-1]] = value
 
 
@@ -246,8 +247,8 @@ def _base_model_fields(init: InitConfig, user_model: Mapping[str, Any]) -> tuple
         else:
             token_id = hf.tokenizer_token_id(hf_dir, token)
             if token_id is None:
-                raise ValueError(f"init.hf_dir: the tokenizer of {hf_dir} does not define {token}; set "
-                                 f"model.{name}")
+                raise UserError(f"init.hf_dir: the tokenizer of {hf_dir} does not define {token}; set "
+                                f"model.{name}")
             fields[name] = token_id
     return fields, str(path)
 
@@ -259,8 +260,8 @@ def resolve_model(init: InitConfig, user_model: Mapping[str, Any]) -> ModelConfi
     model = _build(ModelConfig, _merge(dataclasses.asdict(base_model), user_model), "model.")
     for key in TEXT_FIELDS:
         if key in user_model and getattr(model, key) != getattr(base_model, key):
-            raise ValueError(f"model.{key}={getattr(model, key)!r} conflicts with the base ({source}: "
-                             f"{getattr(base_model, key)!r}); the frozen text model fixes it, remove the key")
+            raise UserError(f"model.{key}={getattr(model, key)!r} conflicts with the base ({source}: "
+                            f"{getattr(base_model, key)!r}); the frozen text model fixes it, remove the key")
     return model
 
 
@@ -269,7 +270,7 @@ def config_from_dict(data: Mapping[str, Any], resolve_base: bool = True) -> Conf
     """A :class:`Config` from a nested dict (YAML + overrides merged). ``resolve_base=False`` takes the model
     section as given (no base read): for a resolved config, or tests."""
     if not isinstance(data, Mapping):
-        raise ValueError(f"config must be a mapping of sections, got {type(data).__name__}")
+        raise UserError(f"config must be a mapping of sections, got {type(data).__name__}")
     classes = _section_classes()
     for key in data:
         if key not in classes and key not in _SCALARS:
@@ -277,7 +278,7 @@ def config_from_dict(data: Mapping[str, Any], resolve_base: bool = True) -> Conf
     data_section = dict(data.get("data") or {})
     for key in _TRAIN_OWNED:
         if key in data_section:
-            raise ValueError(f"config key 'data.{key}': set train.{key} instead (the loader takes it from there)")
+            raise UserError(f"config key 'data.{key}': set train.{key} instead (the loader takes it from there)")
     sections = {name: _build(cls, data.get(name) or {}, f"{name}.") for name, cls in _SECTIONS.items()}
     model_dict = dict(data.get("model") or {})
     if resolve_base:
@@ -300,9 +301,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), resolve_
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"{path}: invalid YAML ({e})") from None
+            raise UserError(f"{path}: invalid YAML ({e})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+            raise UserError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     return config_from_dict(_merge(data, parse_overrides(overrides)), resolve_base=resolve_base)
 
 

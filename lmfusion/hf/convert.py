@@ -21,6 +21,7 @@ from typing import Iterator, Mapping, Optional
 import torch
 
 from lmfusion.config import ModelConfig
+from lmfusion.errors import UserError
 from lmfusion.hf.llama import (BASE_CONFIG, BOI_TOKEN, CONVERSION, DEFAULT_MAX_SHARD_SIZE, EOI_TOKEN, HF_CONFIG,
                                TOKENIZER_FILES, hf_config_of, hf_eos_token_ids, hf_to_megatron, load_base_state,
                                megatron_to_hf, read_hf_llama, read_json, tokenizer_token_id, write_safetensors)
@@ -36,7 +37,7 @@ def _resolve_dtype(dtype: str | torch.dtype | None, source: str = "--dtype") -> 
         return dtype
     key = str(dtype).removeprefix("torch.")
     if key not in _DTYPES:
-        raise ValueError(f"{source}: dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        raise UserError(f"{source}: dtype {dtype!r} is not one of {sorted(_DTYPES)}")
     return _DTYPES[key]
 
 
@@ -105,12 +106,12 @@ def convert_hf(hf_dir: str | Path, output: str | Path, *, tp: int = 1, pp: int =
         ids[name] = given if given is not None else tokenizer_token_id(hf_dir, token)
         id_sources[name] = "flag" if given is not None else f"tokenizer {token}"
         if ids[name] is None:
-            raise ValueError(f"{hf_dir}: the tokenizer files do not define {token}; pass {flag} (a token id the "
-                             f"tokenizer reserves)")
+            raise UserError(f"{hf_dir}: the tokenizer files do not define {token}; pass {flag} (a token id the "
+                            f"tokenizer reserves)")
     cfg = ModelConfig(**kwargs, boi_token_id=ids["boi"], eoi_token_id=ids["eoi"])
     clash = {ids["boi"], ids["eoi"]} & {cfg.bos_token_id, *hf_eos_token_ids(hf_config)}
     if clash:
-        raise ValueError(f"boi/eoi token id(s) {sorted(clash)} equal the bos/eos ids of {hf_dir / HF_CONFIG}")
+        raise UserError(f"boi/eoi token id(s) {sorted(clash)} equal the bos/eos ids of {hf_dir / HF_CONFIG}")
     cfg.check_parallel(tp, pp)
     target = _resolve_dtype(dtype) or _resolve_dtype(hf_config.get("dtype") or hf_config.get("torch_dtype"),
                                                       source=str(hf_dir / HF_CONFIG))

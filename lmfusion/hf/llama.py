@@ -33,6 +33,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from lmfusion.config import ModelConfig, RopeScaling
+from lmfusion.errors import UserError
 
 __all__ = ["HF_CONFIG", "BASE_CONFIG", "CONVERSION", "SINGLE_FILE", "INDEX_FILE", "TOKENIZER_FILES", "BOI_TOKEN",
            "EOI_TOKEN", "DEFAULT_MAX_SHARD_SIZE", "read_hf_llama", "hf_config_to_model_kwargs", "hf_eos_token_ids",
@@ -62,8 +63,8 @@ def hf_config_to_model_kwargs(hf: Mapping[str, Any], source: str = HF_CONFIG) ->
     """
     from transformers import LlamaConfig
 
-    def unsupported(key: str, need: str) -> ValueError:
-        return ValueError(f"{source}: {key}={hf.get(key)!r} is not supported ({need})")
+    def unsupported(key: str, need: str) -> UserError:
+        return UserError(f"{source}: {key}={hf.get(key)!r} is not supported ({need})")
 
     if hf.get("model_type") != "llama":
         raise unsupported("model_type", "need 'llama'")
@@ -77,7 +78,7 @@ def hf_config_to_model_kwargs(hf: Mapping[str, Any], source: str = HF_CONFIG) ->
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "bos_token_id", "eos_token_id"):
         if hf.get(key) is None:
-            raise ValueError(f"{source}: {key!r} is missing or null")
+            raise UserError(f"{source}: {key!r} is missing or null")
     defaults = LlamaConfig()  # transformers' defaults for keys an older config.json may omit
     rope_theta, rope_scaling = _rope(hf, source, defaults.rope_parameters["rope_theta"])
     return dict(
@@ -96,7 +97,7 @@ def hf_eos_token_ids(hf: Mapping[str, Any], source: str = HF_CONFIG) -> list[int
     eos = hf.get("eos_token_id")
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     if not eos or not all(isinstance(e, int) for e in eos):
-        raise ValueError(f"{source}: eos_token_id={hf.get('eos_token_id')!r} must be an int or a non-empty list")
+        raise UserError(f"{source}: eos_token_id={hf.get('eos_token_id')!r} must be an int or a non-empty list")
     return eos
 
 
@@ -108,16 +109,16 @@ def _rope(hf: Mapping[str, Any], source: str, default_theta: float) -> tuple[flo
         key, params = "rope_scaling", dict(hf.get("rope_scaling") or {})
         theta = hf.get("rope_theta", default_theta)
     if any(isinstance(v, Mapping) for v in params.values()):
-        raise ValueError(f"{source}: {key} holds per-layer-type parameters {sorted(params)}; Llama has one set")
+        raise UserError(f"{source}: {key} holds per-layer-type parameters {sorted(params)}; Llama has one set")
     rope_type = params.get("rope_type", params.get("type")) or "default"
     if rope_type == "default":
         return theta, None
     if rope_type != "llama3":
-        raise ValueError(f"{source}: {key}.rope_type={rope_type!r} is not supported (need 'default' or 'llama3')")
+        raise UserError(f"{source}: {key}.rope_type={rope_type!r} is not supported (need 'default' or 'llama3')")
     names = [f.name for f in fields(RopeScaling)]
     missing = [n for n in names if n not in params]
     if missing:
-        raise ValueError(f"{source}: {key} (rope_type 'llama3') lacks {missing}")
+        raise UserError(f"{source}: {key} (rope_type 'llama3') lacks {missing}")
     return theta, RopeScaling(**{n: params[n] for n in names})
 
 
@@ -165,18 +166,18 @@ class _Reader:
 
     def __call__(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         if key not in self.state:
-            raise ValueError(f"{self.source}: missing tensor {key!r}")
+            raise UserError(f"{self.source}: missing tensor {key!r}")
         t = self.state[key]
         if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{self.source}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+            raise UserError(f"{self.source}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
         self.used.add(key)
         return t
 
     def check_all_used(self, ignorable: tuple[str, ...] = ()) -> None:
         extra = sorted(k for k in self.state if k not in self.used and not k.endswith(ignorable))
         if extra:
-            raise ValueError(f"{self.source}: unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''} "
-                             f"for a {len(self.used)}-tensor model of this config")
+            raise UserError(f"{self.source}: unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''} "
+                            f"for a {len(self.used)}-tensor model of this config")
 
 
 def hf_to_megatron(hf_state: Mapping[str, torch.Tensor], cfg: ModelConfig,
@@ -244,7 +245,7 @@ def write_safetensors(directory: Path, state: Mapping[str, torch.Tensor], max_sh
     try:
         split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
     except ValueError as e:
-        raise ValueError(f"max_shard_size {max_shard_size!r}: {e}") from e
+        raise UserError(f"max_shard_size {max_shard_size!r}: {e}") from e
     for fname, names in split.filename_to_tensors.items():
         save_file({k: tensors[k] for k in names}, str(directory / fname), metadata={"format": "pt"})
     if split.is_sharded:
@@ -278,14 +279,14 @@ class BaseWeights:
         from safetensors import safe_open
 
         if name not in self._file_of:
-            raise ValueError(f"{self.directory}: no tensor {name!r}")
+            raise UserError(f"{self.directory}: no tensor {name!r}")
         path = self._file_of[name]
         if path not in self._handles:
             handle = safe_open(str(path), framework="pt")
             self._handles[path] = (handle, set(handle.keys()))
         handle, names = self._handles[path]
         if name not in names:
-            raise ValueError(f"{self.directory / INDEX_FILE}: maps {name!r} to {path.name}, which lacks it")
+            raise UserError(f"{self.directory / INDEX_FILE}: maps {name!r} to {path.name}, which lacks it")
         return handle
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -324,7 +325,7 @@ def _weight_files(directory: Path) -> dict[str, Path]:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index_path}: not a safetensors index with a 'weight_map' ({e!r})") from e
+            raise UserError(f"{index_path}: not a safetensors index with a 'weight_map' ({e!r})") from e
         for fname in sorted(set(weight_map.values())):
             if not (directory / fname).is_file():
                 raise FileNotFoundError(f"{index_path}: shard {fname} does not exist")
@@ -334,8 +335,8 @@ def _weight_files(directory: Path) -> dict[str, Path]:
             return {name: directory / SINGLE_FILE for name in f.keys()}
     pickles = [p for p in ("pytorch_model.bin", "pytorch_model.bin.index.json") if (directory / p).exists()]
     if pickles:
-        raise ValueError(f"{directory}: only {pickles[0]} (a torch pickle) found; LMFusion never unpickles weights. "
-                         f"Re-save it as safetensors: LlamaForCausalLM.from_pretrained(dir).save_pretrained(new_dir)")
+        raise UserError(f"{directory}: only {pickles[0]} (a torch pickle) found; LMFusion never unpickles weights. "
+                        f"Re-save it as safetensors: LlamaForCausalLM.from_pretrained(dir).save_pretrained(new_dir)")
     raise FileNotFoundError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
@@ -345,7 +346,7 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from e
+        raise UserError(f"{path}: invalid JSON ({e})") from e
 
 
 def read_hf_llama(hf_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -367,12 +368,12 @@ def load_base_state(base_dir: str | Path) -> tuple[ModelConfig, BaseWeights]:
         expected = base_shapes(cfg)
         for name, shape in expected.items():
             if name not in weights:
-                raise ValueError(f"{base_dir}: missing tensor {name!r}")
+                raise UserError(f"{base_dir}: missing tensor {name!r}")
             if weights.shape(name) != shape:
-                raise ValueError(f"{base_dir}: tensor {name!r} has shape {weights.shape(name)}, expected {shape}")
+                raise UserError(f"{base_dir}: tensor {name!r} has shape {weights.shape(name)}, expected {shape}")
         extra = sorted(set(weights.keys()) - set(expected))
         if extra:
-            raise ValueError(f"{base_dir}: unexpected tensor(s) {extra[:5]} for {BASE_CONFIG}")
+            raise UserError(f"{base_dir}: unexpected tensor(s) {extra[:5]} for {BASE_CONFIG}")
     except BaseException:
         weights.close()
         raise

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from lmfusion.diffusion import cfg_combine, make_sampler
+from lmfusion.errors import UserError
 from lmfusion.inference.text import Image, SamplingParams, Session, generate_text
 
 __all__ = ["DEFAULT_CFG_SCALE", "DEFAULT_STEPS", "LATENT_RANGE_FILE", "latent_range", "denoise", "commit_image",
@@ -60,9 +61,9 @@ def latent_range(codec) -> Optional[float]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))["abs_max"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: expected a JSON object with a positive number under 'abs_max' ({e})") from e
+        raise UserError(f"{path}: expected a JSON object with a positive number under 'abs_max' ({e})") from e
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{path}: 'abs_max' must be a positive number, got {value!r}")
+        raise UserError(f"{path}: 'abs_max' must be a positive number, got {value!r}")
     return float(value)
 
 
@@ -142,8 +143,8 @@ def check_vae(codec, model_config) -> None:
     have = 3 if codec.model is None else int(codec.model.config.latent_channels)
     want = model_config.image.latent_channels
     if have != want:
-        raise ValueError(f"VAE {codec.vae_id} has {have} latent channels but the model takes {want}; pass the VAE "
-                         f"the training shards were built with (--vae)")
+        raise UserError(f"VAE {codec.vae_id} has {have} latent channels but the model takes {want}; pass the VAE "
+                        f"the training shards were built with (--vae)")
 
 
 @contextlib.contextmanager
@@ -157,9 +158,9 @@ def _image_errors(path: Path) -> Iterator[None]:
     try:
         yield
     except UnidentifiedImageError:
-        raise ValueError(f"{path}: not an image Pillow can read") from None
+        raise UserError(f"{path}: not an image Pillow can read") from None
     except (OSError, SyntaxError, EOFError, PILImage.DecompressionBombError) as e:
-        raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
+        raise UserError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
 
 
 def check_image_file(path: str | Path) -> None:
@@ -193,8 +194,8 @@ def encode_image(codec, model_config, path: str | Path) -> Tensor:
     mean, _ = codec.encode(load_image(path, size)[None].to(codec.device))
     want = (img.latent_channels, img.latent_size, img.latent_size)
     if tuple(mean.shape[1:]) != want:
-        raise ValueError(f"VAE {codec.vae_id} encodes a {size}px image to {tuple(mean.shape[1:])}, the model "
-                         f"expects latents {want}; checkpoint and VAE mismatch")
+        raise UserError(f"VAE {codec.vae_id} encodes a {size}px image to {tuple(mean.shape[1:])}, the model "
+                        f"expects latents {want}; checkpoint and VAE mismatch")
     return mean[0]
 
 
@@ -212,8 +213,8 @@ def to_pil(codec, latents: Tensor) -> list:
 
     images = codec.decode(latents.to(codec.device))  # (n, c, H, W) in [-1, 1]
     if images.shape[1] not in (1, 3):
-        raise ValueError(f"decoded images have {images.shape[1]} channels; need 1 or 3 to write PNGs (is the VAE "
-                         f"the one the model was trained with?)")
+        raise UserError(f"decoded images have {images.shape[1]} channels; need 1 or 3 to write PNGs (is the VAE "
+                        f"the one the model was trained with?)")
     arr = ((images.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     arr = arr.permute(0, 2, 3, 1).numpy()  # (n, H, W, c)
     return [PILImage.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]  # uint8: "L" or "RGB"
@@ -238,7 +239,7 @@ def save_images(images: Sequence, grid_path: str | Path, cols: Optional[int] = N
     """Write ``grid_path`` (the grid) and each image as ``<stem>-<i>.png`` beside it; returns all paths."""
     grid_path = Path(grid_path)
     if grid_path.suffix.lower() != ".png":
-        raise ValueError(f"--out {grid_path}: must end in .png")
+        raise UserError(f"--out {grid_path}: must end in .png")
     grid_path.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, im in enumerate(images):

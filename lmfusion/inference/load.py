@@ -37,6 +37,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from lmfusion import rundir
+from lmfusion.errors import UserError
 from lmfusion.hf import BASE_CONFIG, CONVERSION, load_base_state
 from lmfusion.config import ModelConfig
 from lmfusion.rundir import CHECKPOINT_JSON, LATEST
@@ -100,8 +101,8 @@ def resolve_checkpoint(ckpt: str | Path) -> tuple[str, Path]:
     if found is not None:
         return "training", found
     if (ckpt / "config.json").is_file():
-        raise ValueError(f"{ckpt}: a Hugging Face directory, not an LMFusion checkpoint; convert it first with "
-                         f"`lmfusion convert-hf --hf-dir {ckpt} --output BASE_DIR`")
+        raise UserError(f"{ckpt}: a Hugging Face directory, not an LMFusion checkpoint; convert it first with "
+                        f"`lmfusion convert-hf --hf-dir {ckpt} --output BASE_DIR`")
     raise FileNotFoundError(f"{ckpt}: expected a base ({BASE_CONFIG}), an export ({EXPORT_JSON}) or a training "
                             f"checkpoint (iter_*/{CHECKPOINT_JSON}), found none")
 
@@ -122,15 +123,15 @@ def load_tokenizer(base_dir: Path):
     try:
         return AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{base_dir}: cannot load the tokenizer files ({e})") from e
+        raise UserError(f"{base_dir}: cannot load the tokenizer files ({e})") from e
 
 
 def _check_text_fields(trained: ModelConfig, base: ModelConfig, source: Path, base_dir: Path) -> None:
     for key in TEXT_FIELDS:
         a, b = getattr(trained, key), getattr(base, key)
         if a != b:
-            raise ValueError(f"{source}: model.{key}={a!r} does not match the base {base_dir / BASE_CONFIG} "
-                             f"({b!r}); checkpoint and base config mismatch")
+            raise UserError(f"{source}: model.{key}={a!r} does not match the base {base_dir / BASE_CONFIG} "
+                            f"({b!r}); checkpoint and base config mismatch")
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -138,7 +139,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``device``, or this rank's CUDA device when CUDA is available, else CPU (:mod:`megatron_ext.device`)."""
     from megatron_ext.device import placement
 
-    return placement(device).device
+    try:
+        return placement(device).device
+    except ValueError as e:  # megatron_ext sits below lmfusion: here a bad device is the user's --device
+        raise UserError(str(e)) from None
 
 
 def _read_record(kind: str, path: Path) -> tuple[dict[str, Any], Path]:
@@ -221,12 +225,12 @@ def load_vae(spec: Optional[str], info: Optional[dict[str, Any]], device: torch.
     from lmfusion.data import shard_format as fmt
 
     if spec is None and info is None:
-        raise ValueError(f"no VAE: {source} names none (base checkpoints never do); pass --vae identity, a "
-                         f"diffusers VAE directory, or the shard directory the model was trained on")
+        raise UserError(f"no VAE: {source} names none (base checkpoints never do); pass --vae identity, a "
+                        f"diffusers VAE directory, or the shard directory the model was trained on")
     if spec is not None and spec != "identity" and (Path(spec) / fmt.MANIFEST).is_file():
         info, source, spec = fmt.read_manifest(Path(spec)).get("vae"), str(Path(spec) / fmt.MANIFEST), None
         if not isinstance(info, dict):
-            raise ValueError(f"{source}: key 'vae' is missing")
+            raise UserError(f"{source}: key 'vae' is missing")
     if spec is not None:
         if spec != "identity" and not Path(spec).expanduser().exists():
             raise FileNotFoundError(f"--vae {spec}: no such directory (expected 'identity', a diffusers VAE "
@@ -240,6 +244,6 @@ def load_vae(spec: Optional[str], info: Optional[dict[str, Any]], device: torch.
     codec = fmt.load_codec(str(path), device, torch.float32)
     want = info.get("config_hash")
     if want and codec.config_hash != want:
-        raise ValueError(f"{source}: the VAE at {path} (config hash {codec.config_hash[:12]}) is not the one the "
-                         f"shards were built with ({want[:12]})")
+        raise UserError(f"{source}: the VAE at {path} (config hash {codec.config_hash[:12]}) is not the one the "
+                        f"shards were built with ({want[:12]})")
     return codec

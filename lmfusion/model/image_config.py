@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from lmfusion.errors import UserError
+
 __all__ = ["ImageIOConfig", "tokens_per_image"]
 
 ImageIOKind = Literal["unet", "linear"]
@@ -48,27 +50,27 @@ class ImageIOConfig:
         self.block_channels = tuple(self.block_channels)
         self.downsample = tuple(bool(d) for d in self.downsample)
         if self.kind not in get_args(ImageIOKind):
-            raise ValueError(f"image_io kind must be 'unet' or 'linear', got {self.kind!r}")
+            raise UserError(f"image_io kind must be 'unet' or 'linear', got {self.kind!r}")
         for name in ("latent_channels", "latent_size", "patch_size", "layers_per_block", "norm_groups"):
             if getattr(self, name) < 1:
-                raise ValueError(f"image_io {name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"image_io {name} must be >= 1, got {getattr(self, name)}")
         if self.kind == "unet":
             if not self.block_channels or len(self.block_channels) != len(self.downsample):
-                raise ValueError(f"block_channels {self.block_channels} and downsample {self.downsample} must be "
-                                 f"non-empty and of equal length")
+                raise UserError(f"block_channels {self.block_channels} and downsample {self.downsample} must be "
+                                f"non-empty and of equal length")
             bad = [c for c in self.block_channels if c % self.norm_groups]
             if bad:
-                raise ValueError(f"norm_groups={self.norm_groups} must divide every block channel; {bad} do not")
+                raise UserError(f"norm_groups={self.norm_groups} must divide every block channel; {bad} do not")
             if self.down_block_type not in get_args(DownBlock) or self.up_block_type not in get_args(UpBlock):
-                raise ValueError(f"block types must be in {get_args(DownBlock)} / {get_args(UpBlock)}; got "
-                                 f"{self.down_block_type!r} / {self.up_block_type!r}")
+                raise UserError(f"block types must be in {get_args(DownBlock)} / {get_args(UpBlock)}; got "
+                                f"{self.down_block_type!r} / {self.up_block_type!r}")
         if self.latent_size % self.downsample_factor:
-            raise ValueError(f"latent_size={self.latent_size} not divisible by the U-Net downsampling factor "
-                             f"{self.downsample_factor}")
+            raise UserError(f"latent_size={self.latent_size} not divisible by the U-Net downsampling factor "
+                            f"{self.downsample_factor}")
         reduced = self.latent_size // self.downsample_factor
         if reduced % self.patch_size:
-            raise ValueError(f"latent_size={self.latent_size} / downsampling {self.downsample_factor} = {reduced} "
-                             f"not divisible by patch_size={self.patch_size}")
+            raise UserError(f"latent_size={self.latent_size} / downsampling {self.downsample_factor} = {reduced} "
+                            f"not divisible by patch_size={self.patch_size}")
 
     @property
     def downsample_factor(self) -> int:

@@ -36,6 +36,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from lmfusion.config import ModelConfig
+from lmfusion.errors import UserError
 from lmfusion.model.attention import AttentionMask
 from lmfusion.model.image_io import build_image_io, tokens_per_image
 from lmfusion.model.kv_cache import KVCache
@@ -208,8 +209,8 @@ class LMFusionModel(MegatronModule):
         self.attention_backend = resolve_attention_backend(model_config.attention_backend)
         linear_backend = resolve_backend(model_config.linear_backend)
         if config.fp8 and linear_backend != "te":
-            raise ValueError(f"fp8={config.fp8!r} needs model.linear_backend 'te' (Transformer Engine linears); "
-                             f"it resolved to {linear_backend!r}")
+            raise UserError(f"fp8={config.fp8!r} needs model.linear_backend 'te' (Transformer Engine linears); "
+                            f"it resolved to {linear_backend!r}")
         # Under FP8 every routed GEMM's token count must be a multiple of 16: the plan pads each modality group.
         self.routing_pad_multiple = fp8_pad_multiple(bool(config.fp8))
         self.input_tensor: Optional[Tensor] = None

@@ -25,6 +25,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from lmfusion.config import Config
+from lmfusion.errors import UserError
 from lmfusion.model.builder import build_model
 from lmfusion.model.model import LMFusionModel
 from megatron_ext import cpu, torch_adam
@@ -102,9 +103,9 @@ def check_buckets(cfg: Config, chunks: list[DistributedDataParallel]) -> None:
         return
     buckets = sum(len(buf.buckets) for chunk in chunks for buf in chunk.buffers)
     if buckets > len(chunks):
-        raise ValueError(f"checkpoint.optimizer_sharding=fully_reshardable with {buckets} gradient buckets: megatron-"
-                         f"core 0.16.1 saves such optimizer state corrupt; use checkpoint.optimizer_sharding="
-                         f"dp_reshardable or parallel.overlap_grad_reduce=false")
+        raise UserError(f"checkpoint.optimizer_sharding=fully_reshardable with {buckets} gradient buckets: megatron-"
+                        f"core 0.16.1 saves such optimizer state corrupt; use checkpoint.optimizer_sharding="
+                        f"dp_reshardable or parallel.overlap_grad_reduce=false")
 
 
 def build_train_model(cfg: Config, base, train_text: bool = False, device: torch.device | None = None) -> TrainModel:
@@ -115,7 +116,7 @@ def build_train_model(cfg: Config, base, train_text: bool = False, device: torch
         from megatron_ext.te_linear import HAVE_TE
 
         if not (HAVE_TE and torch.cuda.is_available()):
-            raise ValueError(f"train.fp8={cfg.train.fp8!r} needs Transformer Engine and a GPU")
+            raise UserError(f"train.fp8={cfg.train.fp8!r} needs Transformer Engine and a GPU")
     # megatron's torch-AdamW fallback (no apex/TE: CPU, or a GPU container without them) checkpoints its `step` state
     # wrongly; the fixes apply on every device, not only in CPU mode.
     torch_adam.install()

@@ -27,6 +27,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from lmfusion import rundir
 from lmfusion.config import Config, ModelConfig
 from lmfusion.config_io import TEXT_FIELDS, dump_config
+from lmfusion.errors import UserError
 from lmfusion.training import checkpointing as ckpt
 from lmfusion.training.flops import TokenCounts, peak_tflops, step_flops
 from lmfusion.training.metrics import MetricsWriter
@@ -143,7 +144,7 @@ class Trainer:
         mine = dataclasses.asdict(self.cfg.model)
         for key in TEXT_FIELDS:
             if mine[key] != other.get(key):
-                raise ValueError(f"model.{key}={mine[key]!r} does not match {source} ({other.get(key)!r})")
+                raise UserError(f"model.{key}={mine[key]!r} does not match {source} ({other.get(key)!r})")
 
     def _make_loader(self):
         from lmfusion.data import MultimodalLoader
@@ -179,9 +180,9 @@ class Trainer:
             mine, theirs = dataclasses.asdict(self.cfg.model.image), dataclasses.asdict(saved.image)
             for key in sorted(set(mine) | set(theirs)):
                 if mine.get(key) != theirs.get(key):
-                    raise ValueError(f"{path}: model.image.{key} is {theirs.get(key)!r} in the checkpoint, "
-                                     f"{mine.get(key)!r} in this config; image modules cannot load across image "
-                                     f"configs")
+                    raise UserError(f"{path}: model.image.{key} is {theirs.get(key)!r} in the checkpoint, "
+                                    f"{mine.get(key)!r} in this config; image modules cannot load across image "
+                                    f"configs")
 
         state = self.checkpointer.load(found, c.load_optimizer, check)
         self.iteration = int(state["iteration"]) if c.load_optimizer or found.parent == self.run_dir else 0
