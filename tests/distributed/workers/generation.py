@@ -24,7 +24,7 @@ from lmfusion.model.image_io import ImageIOConfig
 from lmfusion.model.weights import is_image_param
 from tests.distributed.harness import case, worker_main
 from tests.distributed.workers.model import shared_tmpdir
-from tests.distributed.workers.model_fixtures import convert_tiny_llama
+from tests.fixtures import convert_tiny_llama
 
 IMAGE = ImageIOConfig(latent_channels=3, latent_size=8, patch_size=2, kind="unet", block_channels=(16, 16),
                       norm_groups=8, layers_per_block=1)

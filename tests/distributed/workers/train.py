@@ -27,7 +27,7 @@ from lmfusion.training.step import StepLoss
 from lmfusion.training.trainer import Trainer, TrainingDiverged
 from tests.distributed.harness import case, worker_main
 from tests.distributed.workers.megatron_common import shared_tmpdir
-from tests.unit.test_data_fixtures import SPECIALS
+from tests.fixtures import SPECIALS
 
 PARITY_TOL = 1e-5
 TINY_CONFIG = Path(__file__).resolve().parents[3] / "examples" / "configs" / "tiny_cpu.yaml"
@@ -46,7 +46,7 @@ def make_tiny_assets(root: Path, num_layers: int = 2) -> dict[str, str]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lmfusion.hf import convert_hf
-    from tests.unit.test_data_fixtures import SPECIALS, WORDS, build_set, make_images, make_tokenizer
+    from tests.fixtures import SPECIALS, WORDS, build_set, make_images, make_tokenizer
 
     make_images(root / "img", 40, seed=7)
     shards = build_set(root / "shards", root / "img", 8)
