@@ -55,10 +55,10 @@ if __package__ in (None, ""):  # run as a script: make `data_tools` and `lmfusio
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from data_tools._sources import REASONS, Item, Loaded, Rejected, enumerate_inputs, load_item
 from lmfusion.data import shard_format as fmt
+from lmfusion.progress import progress
 from lmfusion.utils import atomic_write_bytes
 
 STORES = ("auto", "mean_std", "mean", "sample")
@@ -355,8 +355,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None)
     die_after = int(os.environ.get(DIE_AFTER_ENV, "0") or 0)
     written, writer, t0 = 0, None, time.perf_counter()
-    bar = tqdm(total=n_pending, unit="img", desc=f"rank {rank}", disable=args.no_progress or n_pending == 0,
-               dynamic_ncols=True, mininterval=1.0)
+    bar = progress(total=n_pending, unit="img", desc=f"rank {rank}", disable=args.no_progress or n_pending == 0,
+                   dynamic_ncols=True, mininterval=1.0)
     for (shard, indices, last), batch in zip(batches, loader):
         if writer is None:
             lo = shard * args.samples_per_shard

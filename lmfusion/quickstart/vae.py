@@ -51,7 +51,8 @@ def to_pixels(images: np.ndarray, resolution: int = 32) -> torch.Tensor:
 def train_vae(pixels: torch.Tensor, *, epochs: int = 2, batch_size: int = 64, lr: float = 2e-3, seed: int = 0):
     """A fresh AutoencoderKL (:data:`VAE_CONFIG`) fitted to ``pixels`` (n, 3, H, W) in [-1, 1]: MSE + KL."""
     from diffusers import AutoencoderKL
-    from tqdm import tqdm
+
+    from lmfusion.progress import progress
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(**VAE_CONFIG)
@@ -60,7 +61,7 @@ def train_vae(pixels: torch.Tensor, *, epochs: int = 2, batch_size: int = 64, lr
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(seed)
     vae.train()
-    bar = tqdm(total=steps, desc="VAE", leave=False)
+    bar = progress(total=steps, desc="VAE", leave=False)
     for _ in range(epochs):
         order = torch.randperm(len(pixels), generator=gen)
         for i in range(0, len(pixels), batch_size):
