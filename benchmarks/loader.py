@@ -122,11 +122,8 @@ def tiny_step_seconds(mc: ModelConfig, loader: MultimodalLoader, reps: int) -> f
     from lmfusion.losses import diffusion_loss, lm_loss, total_loss
     from lmfusion.model.builder import build_model
     from lmfusion.model.image_io import patchify
-    from megatron_ext import cpu
 
-    init_single_rank()
-    if not torch.cuda.is_available():
-        cpu.enable()
+    init_single_rank()  # megatron CPU mode without a GPU
     model = build_model(mc)
     p = mc.image.patch_size * mc.image.downsample_factor
     times = []

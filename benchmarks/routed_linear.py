@@ -44,7 +44,7 @@ def main(argv=None) -> float:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     sync = torch.cuda.synchronize if device.type == "cuda" else None
 
-    init_single_rank()
+    init_single_rank(args.device)
     from megatron.core.model_parallel_config import ModelParallelConfig
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 

@@ -7,7 +7,7 @@ length range of COCO/CC-style captions in Llama-3 tokens) with random token ids 
 same micro-batches. Timing: median of interleaved repetitions of a whole optimizer step.
 
 Printed: the measured time ratio frozen / everything-trainable; the FLOP model's prediction of that ratio for the
-batch's actual token classes (lmfusion.training.flops: DESIGN.md's 6n / 4n / 2n rule: no backward through text
+batch's actual token classes (lmfusion.training.flops's 6n / 4n / 2n rule: no backward through text
 that precedes every image of its document, whose data gradient the routed GEMMs skip); the prediction "as
 implemented" (autograd still runs attention's backward for that text and the LM head's GEMMs on every position);
 and last, the headline ``measured_over_predicted`` (target <= 1.05). Neither prediction counts the optimizer step
@@ -67,10 +67,7 @@ def main(argv=None) -> float:
 
     from _common import init_single_rank
 
-    from megatron_ext import cpu
-
-    cpu.enable()
-    init_single_rank()
+    init_single_rank("cpu")  # megatron CPU mode
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -134,7 +131,7 @@ def main(argv=None) -> float:
     for k in variants:
         print(f"step time {k:<14} median {med[k]:.3f} s  ({', '.join(f'{t:.3f}' for t in times[k])})")
     print(f"measured_ratio (frozen / all trainable): {measured:.4f}")
-    print(f"predicted_ratio (FLOP model, DESIGN.md rule): {predicted:.4f}")
+    print(f"predicted_ratio (FLOP model, 6n/4n/2n rule): {predicted:.4f}")
     print(f"predicted_ratio_as_implemented (attention backward for pre-image text, LM head on every position): "
           f"{implemented:.4f}")
     print(f"measured_over_as_implemented: {measured / implemented:.4f}")

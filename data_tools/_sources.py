@@ -29,6 +29,8 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from lmfusion.data.preprocess import square_pixels
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 CAPTION_EXTS = ("txt", "json")
 MANIFEST_EXTS = (".jsonl", ".csv", ".parquet")
@@ -277,22 +279,6 @@ def _caption(item: Item, caption_key: str) -> tuple[str | None, str, str]:
     return text, "", ""
 
 
-def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
-    """The largest centred square, (left, top, right, bottom) in source pixels."""
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return left, top, left + side, top + side
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB; transparent images are composited on white (dropping alpha would expose arbitrary hidden colours)."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
 def load_item(item: Item, resolution: int, min_size: int, caption_key: str = "caption") -> Loaded | Rejected:
     """Caption + decoded, RGB, centre-cropped, resized image; or why not. Never raises on bad data."""
     if item.reject:
@@ -316,9 +302,7 @@ def load_item(item: Item, resolution: int, min_size: int, caption_key: str = "ca
             if min(width, height) < min_size:
                 return Rejected(item.index, item.source, "too_small",
                                 f"{item.source}: {width}x{height} is below --min-size {min_size}")
-            box = center_crop_box(width, height)
-            out = _to_rgb(img).resize((resolution, resolution), Image.Resampling.BICUBIC, box=box)
-            pixels = np.asarray(out, dtype=np.uint8)
+            pixels, box = square_pixels(img, resolution)
     except UnidentifiedImageError:
         return Rejected(item.index, item.source, "not_an_image", f"{item.source}: not an image Pillow can identify")
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:

@@ -9,7 +9,7 @@ Usage::
 
 INPUT is a directory of images with ``.txt``/``.json`` sidecar captions, a ``.jsonl``/``.csv``/``.parquet``
 manifest of (image, caption) rows, or an img2dataset-style ``.tar`` (see ``_sources.py``). The format of the output
-is described in ``shard_format.py``.
+is described in ``lmfusion/data/shard_format.py``.
 
 Design:
 
@@ -49,16 +49,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make `data_tools` importable
+if __package__ in (None, ""):  # run as a script: make `data_tools` and `lmfusion` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from data_tools import shard_format as fmt
 from data_tools._sources import REASONS, Item, Loaded, Rejected, enumerate_inputs, load_item
+from lmfusion.data import shard_format as fmt
+from lmfusion.progress import progress
+from lmfusion.utils import atomic_write_bytes
 
 STORES = ("auto", "mean_std", "mean", "sample")
 DIE_AFTER_ENV = "LMFUSION_BUILD_SHARDS_DIE_AFTER"
@@ -251,7 +252,7 @@ def merge(out: Path, max_reject_fraction: float) -> dict[str, Any] | None:
     totals = {"inputs": sum(s["inputs"] for s in stats), "samples": sum(s["samples"] for s in stats),
               "rejected": sum(s["rejected"] for s in stats), "shards": len(stats)}
     rejects = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for s in stats for r in s["rejects"])
-    fmt.atomic_write_bytes(out / fmt.REJECTS, rejects.encode("utf-8"))
+    atomic_write_bytes(out / fmt.REJECTS, rejects.encode("utf-8"))
     by_reason = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()) if v) or "none"
     if totals["samples"] == 0:
         raise BuildError(f"no valid samples: all {totals['inputs']} inputs rejected ({by_reason}); "
@@ -354,8 +355,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None)
     die_after = int(os.environ.get(DIE_AFTER_ENV, "0") or 0)
     written, writer, t0 = 0, None, time.perf_counter()
-    bar = tqdm(total=n_pending, unit="img", desc=f"rank {rank}", disable=args.no_progress or n_pending == 0,
-               dynamic_ncols=True, mininterval=1.0)
+    bar = progress(total=n_pending, unit="img", desc=f"rank {rank}", disable=args.no_progress or n_pending == 0,
+                   dynamic_ncols=True, mininterval=1.0)
     for (shard, indices, last), batch in zip(batches, loader):
         if writer is None:
             lo = shard * args.samples_per_shard

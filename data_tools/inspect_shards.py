@@ -28,14 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make `data_tools` importable
+if __package__ in (None, ""):  # run as a script: make `data_tools` and `lmfusion` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
 from PIL import Image
 
-from data_tools import shard_format as fmt
+from lmfusion.data import shard_format as fmt
+from lmfusion.utils import atomic_write_bytes
 
 
 @dataclass
@@ -181,7 +182,7 @@ def decode_grid(directory: Path, out_png: Path, n: int = 16, vae: str | None = N
         grid[r * height:(r + 1) * height, c * width:(c + 1) * width] = img
     buf = io.BytesIO()
     Image.fromarray(grid).save(buf, format="PNG")
-    fmt.atomic_write_bytes(Path(out_png), buf.getvalue())
+    atomic_write_bytes(Path(out_png), buf.getvalue())
     return Path(out_png)
 
 

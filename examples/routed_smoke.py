@@ -21,7 +21,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_ext.device import select
+from megatron_ext.device import init_distributed
 from megatron_ext.routing import RoutingPlan
 from megatron_ext.spec import routed_mlp_spec
 
@@ -51,11 +51,9 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     args = p.parse_args(argv)
 
-    place = select()  # cuda:LOCAL_RANK (NCCL), or CPU (gloo) with megatron's CPU mode
-    dist.init_process_group(place.backend)
+    place, _ = init_distributed()  # cuda:LOCAL_RANK (NCCL), or CPU (gloo) with megatron's CPU mode; TP = world
     dev = place.device
     tp = dist.get_world_size()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     rank = parallel_state.get_tensor_model_parallel_rank()
     config = TransformerConfig(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
                                num_attention_heads=4, tensor_model_parallel_size=tp, sequence_parallel=tp > 1,

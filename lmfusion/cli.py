@@ -2,8 +2,9 @@
 
 Each subcommand lives with its code: a module exposes ``add_subparser(subparsers)``, which adds its parser(s) and
 sets ``run=<function(args) -> int | None>`` with ``set_defaults``. To add a command, append that module's
-``add_subparser`` to :data:`SUBCOMMANDS`. User errors (``ValueError``, ``FileNotFoundError``, ``FileExistsError``)
-print one line to stderr and exit with status 2, without a traceback; anything else is a bug and keeps its traceback.
+``add_subparser`` to :data:`SUBCOMMANDS`. User errors (:data:`lmfusion.errors.USER_ERRORS`: ``UserError``,
+``FileNotFoundError``, ``FileExistsError``) print one line to stderr and exit with status 2, without a traceback;
+anything else (a plain ``ValueError`` or ``AssertionError`` included) is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import argparse
 import sys
 from typing import Callable, Optional, Sequence
 
-from lmfusion import evaluation, inference, quickstart
-from lmfusion.checkpoint import hf
+from lmfusion import evaluation, hf, inference, quickstart
+from lmfusion.errors import USER_ERRORS
 from lmfusion.training import cli as training_cli
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
@@ -25,7 +26,6 @@ SUBCOMMANDS: list[Callable[["argparse._SubParsersAction"], None]] = [
     training_cli.add_subparser,  # train, flops, plot, export-ckpt
     quickstart.add_subparser,  # quickstart
 ]
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 USER_ERROR_EXIT = 2  # argparse's status for usage errors
 
 

@@ -18,12 +18,27 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from lmfusion.data.config import DataConfig
+from lmfusion.errors import UserError
 from lmfusion.ema import EmaConfig
 from lmfusion.model.image_config import ImageIOConfig
+from lmfusion.utils import literal_choices
 
 __all__ = ["ModelConfig", "RopeScaling", "to_transformer_config", "LLAMA3_BOI", "LLAMA3_EOI", "ParallelConfig",
            "TrainConfig", "OptimConfig", "InitConfig", "CheckpointConfig", "LoggingConfig", "DeepSpeedConfig",
            "ENGINES", "OBJECTIVES", "DiffusionConfig", "Config"]
+
+# Choice fields: the annotation is the one list of allowed values (config_io and __post_init__ both read it).
+AttentionBackend = Literal["auto", "sdpa", "flex", "te"]  # 'te' is typed so that the refusal can say why
+LinearBackend = Literal["auto", "local", "te"]
+Precision = Literal["auto", "bf16", "fp32"]
+Recompute = Literal["none", "full"]
+Fp8 = Optional[Literal["hybrid", "e4m3"]]
+Fp8Recipe = Literal["delayed", "tensorwise", "mxfp8", "blockwise"]
+LrDecayStyle = Literal["cosine", "linear", "constant", "inverse-square-root"]
+OptimizerSharding = Literal["fully_reshardable", "dp_reshardable"]
+Engine = Literal["megatron", "deepspeed"]
+ENGINES = literal_choices(Engine)
 
 LLAMA3_BOI = 128002  # <|reserved_special_token_0|>
 LLAMA3_EOI = 128003  # <|reserved_special_token_1|>
@@ -40,8 +55,8 @@ class RopeScaling:
 
     def __post_init__(self) -> None:
         if self.high_freq_factor <= self.low_freq_factor:
-            raise ValueError(f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must exceed "
-                             f"low_freq_factor ({self.low_freq_factor})")
+            raise UserError(f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must exceed "
+                            f"low_freq_factor ({self.low_freq_factor})")
 
 
 @dataclass
@@ -72,10 +87,10 @@ class ModelConfig:
     bos_token_id: int = 128000
     eos_token_id: int = 128001
     image: ImageIOConfig = field(default_factory=ImageIOConfig)
-    attention_backend: str = "auto"
+    attention_backend: AttentionBackend = "auto"
     """'sdpa' (explicit mask; CPU), 'flex' (GPU default), or 'auto'. ('te' is refused: Transformer Engine has no
     fused kernel for this arbitrary mask; see lmfusion/model/attention.py.)"""
-    linear_backend: str = "auto"
+    linear_backend: LinearBackend = "auto"
     """'local' (pure torch), 'te' (Transformer Engine), or 'auto' (TE when it imports and a GPU is present)."""
 
     def __post_init__(self) -> None:
@@ -89,27 +104,24 @@ class ModelConfig:
             self.image = ImageIOConfig(**img)
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
-                raise ValueError(f"model.hidden_size {self.hidden_size} is not divisible by "
-                                 f"model.num_attention_heads {self.num_attention_heads}; set model.head_dim")
+                raise UserError(f"model.hidden_size {self.hidden_size} is not divisible by "
+                                f"model.num_attention_heads {self.num_attention_heads}; set model.head_dim")
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(f"model.num_attention_heads {self.num_attention_heads} is not a multiple of "
-                             f"model.num_query_groups {self.num_query_groups}")
+            raise UserError(f"model.num_attention_heads {self.num_attention_heads} is not a multiple of "
+                            f"model.num_query_groups {self.num_query_groups}")
         for name in ("boi_token_id", "eoi_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if not 0 <= value < self.vocab_size:
-                raise ValueError(f"model.{name} {value} is outside the vocabulary [0, {self.vocab_size}); "
-                                 f"set it to a token id the tokenizer reserves")
+                raise UserError(f"model.{name} {value} is outside the vocabulary [0, {self.vocab_size}); "
+                                f"set it to a token id the tokenizer reserves")
         if self.boi_token_id == self.eoi_token_id:
-            raise ValueError(f"model.boi_token_id and model.eoi_token_id are both {self.boi_token_id}")
+            raise UserError(f"model.boi_token_id and model.eoi_token_id are both {self.boi_token_id}")
         if self.attention_backend == "te":
             from lmfusion.model.attention import TE_REFUSED
 
-            raise ValueError(f"model.{TE_REFUSED}")
-        for name, allowed in (("attention_backend", ("auto", "sdpa", "flex")),
-                              ("linear_backend", ("auto", "local", "te"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+            raise UserError(f"model.{TE_REFUSED}")
+        _check_choices("model", self, attention_backend=AttentionBackend, linear_backend=LinearBackend)
 
     # ------------------------------------------------------------------ derived
     def padded_vocab_size(self, tp: int) -> int:
@@ -120,10 +132,10 @@ class ModelConfig:
         """Clear errors for TP/PP sizes that do not divide the model."""
         for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
             if getattr(self, name) % tp:
-                raise ValueError(f"tensor_model_parallel_size {tp} does not divide model.{name} "
-                                 f"{getattr(self, name)}")
+                raise UserError(f"tensor_model_parallel_size {tp} does not divide model.{name} "
+                                f"{getattr(self, name)}")
         if self.num_layers % pp:
-            raise ValueError(f"pipeline_model_parallel_size {pp} does not divide model.num_layers {self.num_layers}")
+            raise UserError(f"pipeline_model_parallel_size {pp} does not divide model.num_layers {self.num_layers}")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -134,7 +146,7 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"{source}: unknown model key(s) {unknown}")
+            raise UserError(f"{source}: unknown model key(s) {unknown}")
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
@@ -148,7 +160,7 @@ class ModelConfig:
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read model config ({e})") from e
+            raise UserError(f"{path}: cannot read model config ({e})") from e
         return cls.from_dict(data, source=str(path))
 
 
@@ -178,7 +190,13 @@ def to_transformer_config(model: ModelConfig, *, tp: int = 1, pp: int = 1, seque
 # ---------------------------------------------------------------------------------------------------- training sections
 def _check(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise UserError(message)
+
+
+def _check_choices(section: str, obj: Any, **annotations: Any) -> None:
+    for name, tp in annotations.items():
+        allowed, value = literal_choices(tp), getattr(obj, name)
+        _check(value in allowed, f"{section}.{name} must be one of {allowed}, got {value!r}")
 
 
 def _check_positive(section: str, obj: Any, *names: str) -> None:
@@ -232,13 +250,13 @@ class TrainConfig:
     """Packed rows per optimizer step over all DP ranks; gradient accumulation = global / (micro x DP)."""
     seed: int = 1234
     """Seeds model init (U-Net), megatron's RNG tracker and the per-image diffusion noise."""
-    precision: str = "auto"
+    precision: Precision = "auto"
     """'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
-    recompute: str = "none"
+    recompute: Recompute = "none"
     """Activation recompute: 'none' or 'full' (each transformer layer re-runs its forward in backward)."""
-    fp8: Optional[str] = None
+    fp8: Fp8 = None
     """Transformer Engine FP8: None, 'hybrid' (E4M3 forward, E5M2 gradients) or 'e4m3'. Needs TE and a GPU."""
-    fp8_recipe: str = "delayed"
+    fp8_recipe: Fp8Recipe = "delayed"
     """TE recipe: 'delayed' (DelayedScaling), 'tensorwise' (Float8CurrentScaling), 'mxfp8' or 'blockwise'."""
     diffusion_loss_weight: float = 5.0
     """lambda: loss = LM cross-entropy + lambda x diffusion MSE (paper: 5)."""
@@ -253,11 +271,7 @@ class TrainConfig:
         _check(self.global_batch_size % self.micro_batch_size == 0,
                f"train.global_batch_size {self.global_batch_size} is not a multiple of train.micro_batch_size "
                f"{self.micro_batch_size}")
-        for name, allowed in (("precision", ("auto", "bf16", "fp32")), ("recompute", ("none", "full")),
-                              ("fp8", (None, "hybrid", "e4m3")),
-                              ("fp8_recipe", ("delayed", "tensorwise", "mxfp8", "blockwise"))):
-            value = getattr(self, name)
-            _check(value in allowed, f"train.{name} must be one of {allowed}, got {value!r}")
+        _check_choices("train", self, precision=Precision, recompute=Recompute, fp8=Fp8, fp8_recipe=Fp8Recipe)
         _check(self.diffusion_loss_weight >= 0, f"train.diffusion_loss_weight must be >= 0, got "
                f"{self.diffusion_loss_weight}")
         _check(0 <= self.image_first_max_timestep < 1000,
@@ -274,7 +288,7 @@ class OptimConfig:
     """Linear warm-up from 0 over this many steps."""
     lr_decay_iters: Optional[int] = None
     """Steps over which lr decays to min_lr (None: train.train_iters)."""
-    lr_decay_style: str = "cosine"
+    lr_decay_style: LrDecayStyle = "cosine"
     """'cosine', 'linear', 'constant' or 'inverse-square-root'."""
     weight_decay: float = 0.1
     """Decoupled weight decay (biases and norm weights are exempt, as in Megatron)."""
@@ -292,9 +306,7 @@ class OptimConfig:
         _check(self.lr > 0 and 0 <= self.min_lr <= self.lr,
                f"optimizer.lr must be > 0 and optimizer.min_lr in [0, lr], got lr={self.lr} min_lr={self.min_lr}")
         _check(self.lr_warmup_iters >= 0, f"optimizer.lr_warmup_iters must be >= 0, got {self.lr_warmup_iters}")
-        _check(self.lr_decay_style in ("cosine", "linear", "constant", "inverse-square-root"),
-               f"optimizer.lr_decay_style must be cosine|linear|constant|inverse-square-root, got "
-               f"{self.lr_decay_style!r}")
+        _check_choices("optimizer", self, lr_decay_style=LrDecayStyle)
         for name in ("adam_beta1", "adam_beta2"):
             _check(0 <= getattr(self, name) < 1, f"optimizer.{name} must be in [0, 1), got {getattr(self, name)}")
         _check(self.adam_eps > 0 and self.weight_decay >= 0 and self.clip_grad >= 0,
@@ -334,7 +346,7 @@ class CheckpointConfig:
     """Keep the newest K iteration directories (None: all)."""
     async_save: bool = False
     """Write checkpoints in the background (GPU only); ``latest`` moves once every rank finished writing."""
-    optimizer_sharding: str = "fully_reshardable"
+    optimizer_sharding: OptimizerSharding = "fully_reshardable"
     """Distributed-optimizer state layout: 'fully_reshardable' (loads at any TP/PP/DP; needs one grad bucket, i.e.
     parallel.overlap_grad_reduce=false, in megatron-core 0.16.1) or 'dp_reshardable' (any bucketing; same TP/PP)."""
     load_optimizer: bool = True
@@ -356,9 +368,7 @@ class CheckpointConfig:
                "checkpoint.override_scheduler and checkpoint.use_checkpoint_scheduler are both true: choose one")
         _check(self.keep_last is None or self.keep_last >= 1,
                f"checkpoint.keep_last must be >= 1 or null, got {self.keep_last}")
-        _check(self.optimizer_sharding in ("fully_reshardable", "dp_reshardable"),
-               f"checkpoint.optimizer_sharding must be fully_reshardable|dp_reshardable, got "
-               f"{self.optimizer_sharding!r}")
+        _check_choices("checkpoint", self, optimizer_sharding=OptimizerSharding)
         import signal
 
         bad = [s for s in self.exit_signals if not isinstance(getattr(signal, str(s), None), signal.Signals)]
@@ -380,9 +390,6 @@ class LoggingConfig:
 
     def __post_init__(self) -> None:
         _check_positive("logging", self, "log_interval")
-
-
-ENGINES = ("megatron", "deepspeed")
 
 
 @dataclass
@@ -456,27 +463,21 @@ class DiffusionConfig:
         return TimestepDensity(self.timestep_density, self.timestep_logit_mean, self.timestep_logit_std)
 
 
-def _default_data():
-    from lmfusion.data.config import DataConfig  # lazy: lmfusion.data imports this module
-
-    return DataConfig()
-
-
 @dataclass
 class Config:
     """Everything a training run reads. Build it with :func:`lmfusion.config_io.load_config`."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: Any = field(default_factory=_default_data)
-    """:class:`lmfusion.data.DataConfig`; its batch sizes are set from ``train``."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The loader's settings; its batch sizes are set from ``train``."""
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimConfig = field(default_factory=OptimConfig)
     # Placeholders so that Config() constructs; a run always names its base and run directory (load_config).
     init: InitConfig = field(default_factory=lambda: InitConfig(base_checkpoint=""))
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(save=""))
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    engine: str = "megatron"
+    engine: Engine = "megatron"
     """Training engine: 'megatron' (megatron-core DDP + distributed optimizer; TP/PP/SP/DP) or 'deepspeed' (ZeRO
     stage ``deepspeed.zero_stage`` over data-parallel ranks only; needs the ``deepspeed`` package)."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -491,7 +492,7 @@ class Config:
         try:
             model.check_parallel(tp, pp * par.vpp)
         except ValueError as e:
-            raise ValueError(f"parallel: {e}" + (f" (pipeline {pp} x virtual {par.vpp} chunks)" if par.vpp > 1
+            raise UserError(f"parallel: {e}" + (f" (pipeline {pp} x virtual {par.vpp} chunks)" if par.vpp > 1
                                                  else "")) from None
         _check(not par.sequence_parallel or self.data.seq_length % tp == 0,
                f"parallel.sequence_parallel: data.seq_length {self.data.seq_length} is not a multiple of "

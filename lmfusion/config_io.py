@@ -32,9 +32,12 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import yaml
 
-from lmfusion.config import (CheckpointConfig, Config, DeepSpeedConfig, DiffusionConfig, InitConfig, LoggingConfig,
-                             ModelConfig, OptimConfig, ParallelConfig, RopeScaling, TrainConfig)
+from lmfusion.config import (CheckpointConfig, Config, DeepSpeedConfig, DiffusionConfig, Engine, InitConfig,
+                             LoggingConfig, ModelConfig, OptimConfig, ParallelConfig, RopeScaling, TrainConfig)
+from lmfusion.data.config import DataConfig
+from lmfusion.errors import UserError
 from lmfusion.model.image_config import ImageIOConfig
+from lmfusion.utils import literal_choices
 
 __all__ = ["TEXT_FIELDS", "load_config", "config_from_dict", "parse_overrides", "dump_config", "write_config",
            "resolve_model"]
@@ -47,21 +50,15 @@ TEXT_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "nu
 _SECTIONS = {"parallel": ParallelConfig, "train": TrainConfig, "optimizer": OptimConfig, "init": InitConfig,
              "checkpoint": CheckpointConfig, "logging": LoggingConfig, "deepspeed": DeepSpeedConfig,
              "diffusion": DiffusionConfig}
-_SCALARS = {"engine": str}  # top-level keys that are values, not sections
+_SCALARS = {"engine": Engine}  # top-level keys that are values, not sections
 _TRAIN_OWNED = ("micro_batch_size", "global_batch_size")
 # Keys that moved: old (section, name) -> new. A config (or an older run's config.yaml) using the old key still loads.
 _MOVED = {("train", name): ("diffusion", name)
           for name in ("timestep_density", "timestep_logit_mean", "timestep_logit_std")}
 
 
-def _data_config_cls():
-    from lmfusion.data.config import DataConfig
-
-    return DataConfig
-
-
 def _section_classes() -> dict[str, type]:
-    return {"model": ModelConfig, "data": _data_config_cls(), **_SECTIONS}
+    return {"model": ModelConfig, "data": DataConfig, **_SECTIONS}
 
 
 # ---------------------------------------------------------------------------------------------------- key paths
@@ -84,7 +81,7 @@ def _all_known_keys() -> list[str]:
     return keys + list(_SCALARS)
 
 
-def _unknown(key: str) -> ValueError:
+def _unknown(key: str) -> UserError:
     known = _all_known_keys()
     leaf = key.rsplit(".", 1)[-1]
     # a key whose own name contains the unknown one's (train.warmup -> optimizer.lr_warmup_iters) beats a similar
@@ -93,7 +90,7 @@ def _unknown(key: str) -> ValueError:
     close = difflib.get_close_matches(key, named, n=1, cutoff=0.0) if named else \
         difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ValueError(f"unknown config key '{key}'{hint}")
+    return UserError(f"unknown config key '{key}'{hint}")
 
 
 def _dataclass_of(tp: Any) -> Optional[type]:
@@ -113,10 +110,15 @@ def _is_union(tp: Any) -> bool:
 # ---------------------------------------------------------------------------------------------------- typed values
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """``value`` as type ``tp`` (the field's annotation), or ValueError naming ``key``."""
-    def bad(expected: str) -> ValueError:
-        return ValueError(f"config key '{key}': expected {expected}, got {value!r}")
+    def bad(expected: str) -> UserError:
+        return UserError(f"config key '{key}': expected {expected}, got {value!r}")
 
     if tp is Any:
+        return value
+    choices = literal_choices(tp)
+    if choices is not None:  # the same one line as the dataclasses' own checks
+        if value not in choices:
+            raise UserError(f"{key} must be one of {choices}, got {value!r}")
         return value
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if _is_union(tp):
@@ -129,10 +131,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError as e:
                 errors.append(e)
         raise errors[0] if len(errors) == 1 else bad(" or ".join(str(a) for a in args))
-    if origin is typing.Literal:
-        if value not in args:
-            raise bad(f"one of {list(args)}")
-        return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -182,7 +180,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type, data: Mapping[str, Any], prefix: str):
     """``cls(**data)`` with every value converted to its field's type; unknown keys refused with a suggestion."""
     if not isinstance(data, Mapping):
-        raise ValueError(f"config section '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
+        raise UserError(f"config section '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
@@ -192,7 +190,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str):
     try:
         return cls(**kwargs)
     except TypeError as e:
-        raise ValueError(f"config section '{prefix.rstrip('.')}': {e}") from None
+        raise UserError(f"config section '{prefix.rstrip('.')}': {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------- overrides
@@ -203,11 +201,11 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"override {item!r} is not key=value (e.g. train.train_iters=100)")
+            raise UserError(f"override {item!r} is not key=value (e.g. train.train_iters=100)")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
-            raise ValueError(f"override {item!r}: value is not valid YAML ({e})") from None
+            raise UserError(f"override {item!r}: value is not valid YAML ({e})") from None
         _set_path(out, key.split("."), value, key)
     return out
 
@@ -217,7 +215,7 @@ def _set_path(tree: dict[str, Any], parts: list[str], value: Any, key: str) -> N
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ValueError(f"override '{key}': '{part}' is a value, not a section")
+            raise UserError(f"override '{key}': '{part}' is a value, not a section")
     node[parts[-1]] = value
 
 
@@ -235,7 +233,7 @@ def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- model
 def _base_model_fields(init: InitConfig, user_model: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
     """The text fields of the base named by ``init`` and where they were read."""
-    from lmfusion.checkpoint import hf
+    from lmfusion import hf
 
     if init.base_checkpoint is not None:
         path = Path(init.base_checkpoint).expanduser() / hf.BASE_CONFIG
@@ -253,10 +251,10 @@ def _base_model_fields(init: InitConfig, user_model: Mapping[str, Any]) -> tuple
         if name in user_model:
             fields[name] = _coerce(user_model[name], int, f"model.{name}")
         else:
-            token_id = hf._tokenizer_token_id(hf_dir, token)
+            token_id = hf.tokenizer_token_id(hf_dir, token)
             if token_id is None:
-                raise ValueError(f"init.hf_dir: the tokenizer of {hf_dir} does not define {token}; set "
-                                 f"model.{name}")
+                raise UserError(f"init.hf_dir: the tokenizer of {hf_dir} does not define {token}; set "
+                                f"model.{name}")
             fields[name] = token_id
     return fields, str(path)
 
@@ -268,8 +266,8 @@ def resolve_model(init: InitConfig, user_model: Mapping[str, Any]) -> ModelConfi
     model = _build(ModelConfig, _merge(dataclasses.asdict(base_model), user_model), "model.")
     for key in TEXT_FIELDS:
         if key in user_model and getattr(model, key) != getattr(base_model, key):
-            raise ValueError(f"model.{key}={getattr(model, key)!r} conflicts with the base ({source}: "
-                             f"{getattr(base_model, key)!r}); the frozen text model fixes it, remove the key")
+            raise UserError(f"model.{key}={getattr(model, key)!r} conflicts with the base ({source}: "
+                            f"{getattr(base_model, key)!r}); the frozen text model fixes it, remove the key")
     return model
 
 
@@ -278,7 +276,7 @@ def config_from_dict(data: Mapping[str, Any], resolve_base: bool = True) -> Conf
     """A :class:`Config` from a nested dict (YAML + overrides merged). ``resolve_base=False`` takes the model
     section as given (no base read): for a resolved config, or tests."""
     if not isinstance(data, Mapping):
-        raise ValueError(f"config must be a mapping of sections, got {type(data).__name__}")
+        raise UserError(f"config must be a mapping of sections, got {type(data).__name__}")
     classes = _section_classes()
     for key in data:
         if key not in classes and key not in _SCALARS:
@@ -287,7 +285,7 @@ def config_from_dict(data: Mapping[str, Any], resolve_base: bool = True) -> Conf
     data_section = dict(data.get("data") or {})
     for key in _TRAIN_OWNED:
         if key in data_section:
-            raise ValueError(f"config key 'data.{key}': set train.{key} instead (the loader takes it from there)")
+            raise UserError(f"config key 'data.{key}': set train.{key} instead (the loader takes it from there)")
     sections = {name: _build(cls, data.get(name) or {}, f"{name}.") for name, cls in _SECTIONS.items()}
     model_dict = dict(data.get("model") or {})
     if resolve_base:
@@ -328,9 +326,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), resolve_
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"{path}: invalid YAML ({e})") from None
+            raise UserError(f"{path}: invalid YAML ({e})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+            raise UserError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     return config_from_dict(_merge(data, parse_overrides(overrides)), resolve_base=resolve_base)
 
 

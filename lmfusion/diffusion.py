@@ -71,6 +71,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from torch import Tensor
 
 from lmfusion.config import DiffusionConfig
+from lmfusion.errors import UserError
 
 __all__ = [
     "NUM_TRAIN_TIMESTEPS",
@@ -122,9 +123,9 @@ class TimestepDensity:
 
     def __post_init__(self) -> None:
         if self.kind not in TIMESTEP_DENSITIES:
-            raise ValueError(f"timestep density must be one of {TIMESTEP_DENSITIES}, got {self.kind!r}")
+            raise UserError(f"timestep density must be one of {TIMESTEP_DENSITIES}, got {self.kind!r}")
         if not self.logit_std > 0:
-            raise ValueError(f"timestep logit_std must be > 0, got {self.logit_std}")
+            raise UserError(f"timestep logit_std must be > 0, got {self.logit_std}")
 
 
 def sample_timesteps(
@@ -145,7 +146,7 @@ def sample_timesteps(
         raise ValueError(f"image_first must be a ({n_images},) bool tensor, got {tuple(image_first.shape)} "
                          f"{image_first.dtype}")
     if not 0 <= cap < num_train_timesteps:
-        raise ValueError(f"cap={cap} must be in [0, {num_train_timesteps - 1}]")
+        raise UserError(f"cap={cap} must be in [0, {num_train_timesteps - 1}]")
     u = torch.rand(n_images, generator=generator, dtype=torch.float64)  # one draw per image, [0, 1)
     high = torch.where(image_first.cpu(), cap + 1, num_train_timesteps).to(torch.float64)
     if density.kind != "uniform":  # a second draw per image, used where the image comes after its caption
@@ -212,7 +213,7 @@ def noise_levels(image_first: Tensor, spec: DiffusionConfig, cap: int = IMAGE_FI
     DDPM steps (flow: :func:`flow_cap`)."""
     if spec.objective == "flow":
         if not 0 <= cap < NUM_TRAIN_TIMESTEPS:
-            raise ValueError(f"cap={cap} must be in [0, {NUM_TRAIN_TIMESTEPS - 1}]")
+            raise UserError(f"cap={cap} must be in [0, {NUM_TRAIN_TIMESTEPS - 1}]")
         return _sample_flow_levels(image_first, cap, generator, spec)
     return sample_timesteps(image_first.shape[0], image_first, cap=cap, generator=generator, density=spec.density)
 
@@ -266,9 +267,9 @@ def default_sampler(objective: str) -> str:
 def check_sampler(kind: str, objective: str) -> None:
     """Refuse a sampler that does not fit the objective the model was trained with."""
     if kind not in SAMPLERS[objective]:
-        raise ValueError(f"sampler {kind!r} does not fit the checkpoint's diffusion.objective={objective}; its "
-                         f"sampler{'s are' if len(SAMPLERS[objective]) > 1 else ' is'} "
-                         f"{' or '.join(SAMPLERS[objective])}")
+        raise UserError(f"sampler {kind!r} does not fit the checkpoint's diffusion.objective={objective}; its "
+                        f"sampler{'s are' if len(SAMPLERS[objective]) > 1 else ' is'} "
+                        f"{' or '.join(SAMPLERS[objective])}")
 
 
 def make_sampler(
@@ -284,14 +285,14 @@ def make_sampler(
     """
     spec = diffusion if diffusion is not None else DiffusionConfig()
     if kind not in ("ddpm", "ddim", "euler"):
-        raise ValueError(f"sampler kind must be 'ddpm', 'ddim' or 'euler', got {kind!r}")
+        raise UserError(f"sampler kind must be 'ddpm', 'ddim' or 'euler', got {kind!r}")
     check_sampler(kind, spec.objective)
     base = train_scheduler if train_scheduler is not None else make_train_scheduler()
     n_train = base.config.num_train_timesteps
     if not 1 <= steps <= n_train:
-        raise ValueError(f"sampling steps={steps} must be in [1, {n_train}]")
+        raise UserError(f"sampling steps={steps} must be in [1, {n_train}]")
     if clip_x0 is not None and not clip_x0 > 0:
-        raise ValueError(f"clip_x0 must be a positive number or None, got {clip_x0!r}")
+        raise UserError(f"clip_x0 must be a positive number or None, got {clip_x0!r}")
     if kind == "euler":
         sampler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=n_train, shift=spec.flow_shift)
     else:

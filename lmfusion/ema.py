@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lmfusion.errors import UserError
+
 __all__ = ["EmaConfig", "ema_decay", "RAMPS", "WEIGHTS"]
 
 RAMPS = ("power", "hyperbolic")
@@ -49,7 +51,7 @@ class EmaConfig:
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
             if not ok:
-                raise ValueError(f"train.ema.{message}")
+                raise UserError(f"train.ema.{message}")
 
         check(self.ramp in RAMPS, f"ramp must be one of {RAMPS}, got {self.ramp!r}")
         check(0.0 <= self.decay < 1.0, f"decay must be in [0, 1), got {self.decay}")

@@ -1,23 +1,15 @@
 """LMFusion loss: LM cross-entropy + lambda x diffusion MSE, each normalised by its global token count.
 
-The model returns per-token outputs; these functions turn them into local *sums* and *counts*, and
-:func:`total_loss` normalises each sum by its count summed over the data-parallel group, so the gradient of a step
-is that of the global-batch mean loss whatever each rank holds (a rank may have no image tokens at all).
+The model returns per-token outputs; :func:`lm_loss` and :func:`diffusion_loss` turn them into local *sums* and
+*counts*, and :func:`total_loss` divides each sum by the count it is given: the caller passes global counts, so the
+gradient is that of the global token mean whatever each rank holds (a rank may have no image tokens at all).
 
-**Scaling rule under data parallelism.** Megatron DDP (``calculate_per_token_loss=False``, with or without
-``average_in_collective``) reduces gradients to their *mean* over the ``dp`` ranks. The global mean loss is
-``L = sum_r S_r / N`` (``S_r``: rank r's loss sum, ``N = sum_r n_r``: the global count), so
-``grad L = (1/dp) * sum_r grad(dp * S_r / N)``: each rank must back-propagate ``dp * S_r / N``, which is what
-:func:`total_loss` returns as ``loss`` (``grads_averaged_over_dp=True``). If gradients are *summed* over ranks
-(``calculate_per_token_loss=True``-style reduction, or a plain all-reduce SUM), pass ``grads_averaged_over_dp=False``
-to back-propagate ``S_r / N``. Only the counts are all-reduced; the loss is not.
-
-**Micro-batches.** Counts are those of one micro-batch. Megatron's schedule divides a loss_func's 2-tuple output by
-``num_microbatches``, so with gradient accumulation the step's gradient is the mean over micro-batches of each
-micro-batch's global-mean loss; it equals the whole step's token mean when micro-batches have equal global counts.
+The trainer (:mod:`lmfusion.training.step`) passes the step's counts, summed over its micro-batches and the
+data-parallel group once per step, and scales the loss by ``dp x num_microbatches``, which undoes megatron DDP's mean
+over DP ranks and the schedule's mean over micro-batches: the gradient is then the step's global token mean.
 
 **Reported values** (``LossTerms.lm``, ``.diffusion``) are detached local contributions ``S_r / N``: summed over the
-DP group (not averaged) they give the global mean of each term.
+DP group and the step's micro-batches (not averaged) they give the step's global mean of each term.
 """
 
 from __future__ import annotations
@@ -25,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch import Tensor
 
@@ -93,9 +84,9 @@ def diffusion_loss(pred: Tensor, target: Tensor, image_mask: Tensor | None = Non
 class LossTerms:
     """What :func:`total_loss` returns.
 
-    ``loss``: the tensor to back-propagate (scaled for the DP gradient reduction; see module docstring).
+    ``loss``: the tensor to back-propagate (the caller scales it for its gradient reduction; see module docstring).
     ``lm``, ``diffusion``: detached local contributions S_r / N of each unweighted term (sum over DP = global mean).
-    ``lm_tokens``, ``image_tokens``: global (DP-summed) counts, int64.
+    ``lm_tokens``, ``image_tokens``: the counts given, int64.
     """
 
     loss: Tensor
@@ -111,25 +102,14 @@ def total_loss(
     diff_sum: Tensor,
     diff_count: Tensor,
     lam: float = DIFFUSION_LOSS_WEIGHT,
-    dp_group: dist.ProcessGroup | None = None,
-    grads_averaged_over_dp: bool = True,
 ) -> LossTerms:
-    """lm_sum / N_lm + lam * diff_sum / N_diff, with N the counts summed over ``dp_group``, scaled for DDP.
+    """lm_sum / N_lm + lam * diff_sum / N_diff for the (global) counts ``N`` given.
 
-    ``dp_group``: the group DDP reduces gradients over (megatron: ``parallel_state.get_data_parallel_group()``);
-    None means a single data-parallel rank (no communication). A term whose global count is 0 contributes exactly
-    0 (its sum is then 0 too), never NaN.
+    A term whose count is 0 contributes exactly 0 (its sum is then 0 too), never NaN.
     """
     counts = torch.stack([lm_count.reshape(()), diff_count.reshape(())]).to(torch.int64)  # (2,)
-    dp_size = 1
-    if dp_group is not None:
-        dp_size = dist.get_world_size(dp_group)
-        if dp_size > 1:
-            counts = counts.clone()
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=dp_group)  # int64: exact for any token count
     n_lm, n_diff = counts.clamp(min=1).to(lm_sum.dtype).unbind()  # clamp: 0/0 -> 0/1 = 0
     lm_term, diff_term = lm_sum / n_lm, diff_sum / n_diff
-    scale = dp_size if grads_averaged_over_dp else 1
-    loss = scale * (lm_term + lam * diff_term)
+    loss = lm_term + lam * diff_term
     return LossTerms(loss=loss, lm=lm_term.detach(), diffusion=diff_term.detach(),
                      lm_tokens=counts[0], image_tokens=counts[1])

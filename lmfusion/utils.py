@@ -1,12 +1,15 @@
-"""Small shared helpers: atomic writes."""
+"""Small shared helpers: atomic writes, the values a ``Literal`` annotation allows."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+import types
+import typing
 from pathlib import Path
+from typing import Any, Optional
 
-__all__ = ["atomic_write_text", "atomic_write_bytes"]
+__all__ = ["atomic_write_text", "atomic_write_bytes", "literal_choices"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -32,3 +35,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def literal_choices(tp: Any) -> Optional[tuple]:
+    """The values a ``Literal[...]`` or ``Optional[Literal[...]]`` annotation allows (None first when optional), or
+    None when ``tp`` is not such an annotation. Config checks and the YAML reader both ask here."""
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and typing.get_origin(rest[0]) is typing.Literal:
+            return ((None,) if len(rest) < len(args) else ()) + typing.get_args(rest[0])
+    return None

@@ -1,7 +1,7 @@
 """The parameter contract of routed modules: one answer for every backend (local, Transformer Engine).
 
 Which parameter is text or image, which base tensor it loads from, how it is TP-sharded and under which key it is
-checkpointed is decided here, never per backend (DESIGN.md "One device, one parameter contract"):
+checkpointed is decided here, never per backend:
 
 * **Names.** A routed module registers, as its own direct parameters, ``weight`` (and ``bias``) for text and
   ``image_weight`` (and ``image_bias``) for image. Text names are megatron's dense names, so a dense megatron

@@ -73,7 +73,6 @@ __all__ = [
     "fuse_adam",
     "split_shared_adam_steps",
     "torch_optimizers",
-    "init_process_group",
 ]
 
 _CUDA_TYPE_NAMES = {
@@ -321,8 +320,8 @@ def fuse_adam(optimizer: Any) -> int:
     many param groups were switched.
 
     Without apex/TE megatron builds ``torch.optim.AdamW`` with default arguments (optimizer/__init__.py), which on
-    CPU runs the per-tensor loop: 0.41-0.56 s per step for the 106M image-side params of SmolLM2-135M on one core,
-    against 0.066 s fused (``benchmarks/cpu_adam.py``); the loop was 10% of a quickstart step. The fused kernel
+    CPU runs the per-tensor loop, several times slower than the fused kernel (docs/performance.md, "AdamW on CPU").
+    The fused kernel
     computes AdamW's update in fp32 in one pass per tensor (rounding differs from the loop's by ~1e-8); torch reads
     ``fused`` from the param group at every ``step``. Groups with a param that is not a floating CPU tensor are left
     as they are.
@@ -339,11 +338,3 @@ def fuse_adam(optimizer: Any) -> int:
                 switched += 1
     return switched
 
-
-def init_process_group(backend: str = "gloo") -> tuple[int, int]:
-    """``torch.distributed.init_process_group`` from torchrun's environment; returns (rank, world_size)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return dist.get_rank(), dist.get_world_size()

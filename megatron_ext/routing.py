@@ -70,7 +70,7 @@ class RoutingPlan:
         text weights frozen, text that comes before every image of its document depends on no trainable
         parameter, so the gradient reaching it would flow on to frozen weights only. They are grouped first
         within the text group (the others keep their sequence order after them) and routed GEMMs skip their
-        data-gradient rows: a caption-first document's caption then costs a forward only, DESIGN.md's 2n.
+        data-gradient rows: a caption-first document's caption then costs a forward only (2n in lmfusion/training/flops.py).
         Marks on image tokens are ignored.
 
         Raises ValueError naming the offending value for ids outside {0, 1}, a non-integer tensor or a bad

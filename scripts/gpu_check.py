@@ -139,8 +139,8 @@ def routed_parity(ctx) -> dict:
 
 
 def model_parity(ctx) -> dict:
-    from lmfusion.checkpoint.hf import load_base_state
     from lmfusion.config_io import load_config
+    from lmfusion.hf import load_base_state
     from lmfusion.model.builder import build_model
     from lmfusion.model.weights import is_image_param
     from lmfusion.training.step import prepare_micro_batch

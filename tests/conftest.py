@@ -1,5 +1,6 @@
 """Shared pytest setup: GPU-marked tests skip with a reason where no CUDA device is present, and any other skip
-fails the run (the allowed reasons live in ``tests/skips.py``)."""
+fails the run (the allowed reasons live in ``tests/skips.py``); fixtures several test modules use (``runtime``,
+``ckpts``; their helpers live in ``tests/fixtures.py``)."""
 
 import pytest
 import torch
@@ -71,3 +72,22 @@ def _isolate_process_state():
         dist.destroy_process_group()
     if not had[2] and cpu.is_enabled():
         cpu.disable()
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    """One gloo rank, megatron TP=PP=1, CPU mode: what an in-process inference command sets up. Undone after the
+    module by ``_isolate_process_state``."""
+    from megatron_ext.device import init_distributed
+
+    init_distributed("cpu", tensor_model_parallel_size=1)
+
+
+@pytest.fixture(scope="module")
+def ckpts(runtime, tmp_path_factory):
+    """``(root, params)``: root/hf (a tiny HF Llama + tokenizer), root/base (convert-hf), root/run (a training
+    checkpoint on root/base, image set perturbed); params: that checkpoint's parameters by name."""
+    from tests.fixtures import write_generation_checkpoints
+
+    root = tmp_path_factory.mktemp("gen")
+    return root, write_generation_checkpoints(root)

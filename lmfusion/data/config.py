@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from lmfusion.errors import UserError
+
 __all__ = ["DataConfig"]
 
 
@@ -49,29 +51,29 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.weights is not None:
             if len(self.weights) != len(self.datasets):
-                raise ValueError(f"data.weights has {len(self.weights)} entries for {len(self.datasets)} data.datasets")
+                raise UserError(f"data.weights has {len(self.weights)} entries for {len(self.datasets)} data.datasets")
             if any(w < 0 for w in self.weights) or not sum(self.weights) > 0:
-                raise ValueError(f"data.weights must be >= 0 with a positive sum, got {self.weights}")
+                raise UserError(f"data.weights must be >= 0 with a positive sum, got {self.weights}")
         for name in ("caption_first_prob", "caption_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"data.{name} must lie in [0, 1], got {getattr(self, name)}")
+                raise UserError(f"data.{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.seed < 0:
-            raise ValueError(f"data.seed must be >= 0, got {self.seed}")
+            raise UserError(f"data.seed must be >= 0, got {self.seed}")
         for name in ("seq_length", "micro_batch_size", "global_batch_size", "max_consecutive_failures"):
             if getattr(self, name) < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0 or self.prefetch_factor < 1:
-            raise ValueError(f"data.num_workers must be >= 0 and data.prefetch_factor >= 1, got "
-                             f"{self.num_workers} / {self.prefetch_factor}")
+            raise UserError(f"data.num_workers must be >= 0 and data.prefetch_factor >= 1, got "
+                            f"{self.num_workers} / {self.prefetch_factor}")
         if self.global_batch_size % self.micro_batch_size:
-            raise ValueError(f"data.global_batch_size {self.global_batch_size} is not a multiple of "
-                             f"data.micro_batch_size {self.micro_batch_size}")
+            raise UserError(f"data.global_batch_size {self.global_batch_size} is not a multiple of "
+                            f"data.micro_batch_size {self.micro_batch_size}")
         if self.streams is not None:
             rows = self.global_batch_size // self.streams if self.streams > 0 else 0
             if self.streams < 1 or self.global_batch_size % self.streams or rows % self.micro_batch_size:
-                raise ValueError(f"data.streams {self.streams} must divide data.global_batch_size "
-                                 f"{self.global_batch_size} into a multiple of data.micro_batch_size "
-                                 f"{self.micro_batch_size} rows per stream")
+                raise UserError(f"data.streams {self.streams} must divide data.global_batch_size "
+                                f"{self.global_batch_size} into a multiple of data.micro_batch_size "
+                                f"{self.micro_batch_size} rows per stream")
 
     @property
     def blend_weights(self) -> list[float]:

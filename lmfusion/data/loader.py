@@ -25,20 +25,23 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Iterator, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lmfusion.config import ModelConfig
 from lmfusion.data.batch import Batch
 from lmfusion.data.config import DataConfig
 from lmfusion.data.sequence import SequenceBuilder
 from lmfusion.data.shards import ShardSet, check_same_vae
 from lmfusion.data.stream import (DataError, Stream, StreamContext, initial_stream_state, load_tokenizer,
                                   tokenizer_fingerprint)
-from lmfusion.model.image_io import tokens_per_image
+from lmfusion.errors import UserError
+from lmfusion.model.image_config import tokens_per_image
+
+if TYPE_CHECKING:  # a type only: lmfusion.config imports this package (its data section)
+    from lmfusion.config import ModelConfig
 
 __all__ = ["MultimodalLoader", "merge_states", "DataError", "STATE_FORMAT"]
 
@@ -75,11 +78,11 @@ class _StreamDataset(IterableDataset):
 
 def _check_format(state: dict[str, Any]) -> None:
     if not isinstance(state, dict):
-        raise ValueError(f"loader state: expected a dict, got {type(state).__name__}")
+        raise UserError(f"loader state: expected a dict, got {type(state).__name__}")
     if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"loader state: field 'format' is {state.get('format')!r}, expected {STATE_FORMAT!r}")
+        raise UserError(f"loader state: field 'format' is {state.get('format')!r}, expected {STATE_FORMAT!r}")
     if state.get("version") != STATE_VERSION:
-        raise ValueError(f"loader state: field 'version' is {state.get('version')!r}, this code reads {STATE_VERSION}")
+        raise UserError(f"loader state: field 'version' is {state.get('version')!r}, this code reads {STATE_VERSION}")
 
 
 def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
@@ -129,7 +132,7 @@ class MultimodalLoader:
     def __init__(self, config: DataConfig, model_config: ModelConfig, *, dp_rank: int = 0, dp_size: int = 1,
                  dp_group=None):
         if not config.datasets:
-            raise ValueError("data.datasets is empty: name at least one shard-set directory")
+            raise UserError("data.datasets is empty: name at least one shard-set directory")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} must lie in [0, dp_size {dp_size})")
         self.config, self.model_config = config, model_config
@@ -140,8 +143,8 @@ class MultimodalLoader:
         check_same_vae(sets)
         tokenizer = load_tokenizer(config.tokenizer)
         if len(tokenizer) > model_config.vocab_size:
-            raise ValueError(f"data.tokenizer {config.tokenizer} has {len(tokenizer)} tokens, more than "
-                             f"model.vocab_size {model_config.vocab_size}")
+            raise UserError(f"data.tokenizer {config.tokenizer} has {len(tokenizer)} tokens, more than "
+                            f"model.vocab_size {model_config.vocab_size}")
         T = tokens_per_image(img)
         mc = model_config
         builder = SequenceBuilder(bos=mc.bos_token_id, eos=mc.eos_token_id, boi=mc.boi_token_id,
@@ -178,11 +181,11 @@ class MultimodalLoader:
     def _set_layout(self, streams: int) -> None:
         G, b, D = self.config.global_batch_size, self.config.micro_batch_size, self.dp_size
         if streams < 1 or G % streams or (G // streams) % b:
-            raise ValueError(f"streams {streams} must divide data.global_batch_size {G} into a multiple of "
-                             f"data.micro_batch_size {b} rows per stream")
+            raise UserError(f"streams {streams} must divide data.global_batch_size {G} into a multiple of "
+                            f"data.micro_batch_size {b} rows per stream")
         if streams % D:
-            raise ValueError(f"dp_size {D} does not divide the {streams} streams (data.global_batch_size {G} / "
-                             f"micro_batch_size {b} by default): each rank must own whole streams")
+            raise UserError(f"dp_size {D} does not divide the {streams} streams (data.global_batch_size {G} / "
+                            f"micro_batch_size {b} by default): each rank must own whole streams")
         self.num_streams = streams
         self.rows_per_stream_step = G // streams
         per_rank = streams // D
@@ -272,20 +275,20 @@ class MultimodalLoader:
         mine = {**self._identity, "streams": self.num_streams}
         diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if diff:
-            raise ValueError(f"loader state: saved with other data settings ({', '.join(diff)}); the stream contents "
-                             f"would differ, so an exact resume is impossible")
+            raise UserError(f"loader state: saved with other data settings ({', '.join(diff)}); the stream contents "
+                            f"would differ, so an exact resume is impossible")
         missing = [k for k in self.local_streams if str(k) not in state["streams"]]
         if missing:
-            raise ValueError(f"loader state lacks streams {missing} of dp rank {self.dp_rank}: save it with "
-                             f"state_dict() on every rank (or merge_states) to resume at another dp_size")
+            raise UserError(f"loader state lacks streams {missing} of dp rank {self.dp_rank}: save it with "
+                            f"state_dict() on every rank (or merge_states) to resume at another dp_size")
         b = self.config.micro_batch_size
         if (state.get("dp_size"), state.get("micro_batch_size")) != (self.dp_size, b):
             rows = {v["rows"] for v in state["streams"].values()}
             if len(rows) != 1 or next(iter(rows)) % self.rows_per_stream_step or next(iter(rows)) % b:
-                raise ValueError(f"loader state: saved at dp_size {state.get('dp_size')} / micro_batch_size "
-                                 f"{state.get('micro_batch_size')}, resumed at {self.dp_size} / {b}: that needs a "
-                                 f"state saved at an optimizer-step boundary (rows per stream {sorted(rows)[:4]}, "
-                                 f"{self.rows_per_stream_step} per step)")
+                raise UserError(f"loader state: saved at dp_size {state.get('dp_size')} / micro_batch_size "
+                                f"{state.get('micro_batch_size')}, resumed at {self.dp_size} / {b}: that needs a "
+                                f"state saved at an optimizer-step boundary (rows per stream {sorted(rows)[:4]}, "
+                                f"{self.rows_per_stream_step} per step)")
 
     def stats(self) -> dict[str, int]:
         """Counters over this rank's delivered data: documents, truncated captions, skipped shards, rows."""

@@ -37,6 +37,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from lmfusion.errors import UserError
+
 __all__ = ["IGNORE_INDEX", "Document", "SequenceBuilder", "Packer", "RowArrays", "row_arrays"]
 
 IGNORE_INDEX = -100
@@ -65,8 +67,8 @@ class SequenceBuilder:
     def __init__(self, *, bos: int, eos: int, boi: int, eoi: int, placeholder: int, tokens_per_image: int,
                  seq_length: int, caption_first_prob: float, caption_dropout: float):
         if seq_length < tokens_per_image + SPECIAL:
-            raise ValueError(f"data.seq_length {seq_length} cannot hold one image: it needs tokens_per_image "
-                             f"{tokens_per_image} + {SPECIAL} (<bos> <boi> <eoi> <eos>)")
+            raise UserError(f"data.seq_length {seq_length} cannot hold one image: it needs tokens_per_image "
+                            f"{tokens_per_image} + {SPECIAL} (<bos> <boi> <eoi> <eos>)")
         self.bos, self.eos, self.boi, self.eoi = bos, eos, boi, eoi
         self.placeholder = placeholder
         self.T = tokens_per_image

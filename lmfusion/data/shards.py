@@ -19,7 +19,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from data_tools import shard_format as fmt
+from lmfusion.data import shard_format as fmt
+from lmfusion.errors import UserError
 
 __all__ = ["ShardError", "ShardSet", "RawSample", "read_shard", "check_same_vae"]
 
@@ -56,15 +57,15 @@ class ShardSet:
         latent = self._field(self.manifest, "latent", where)
         shape = list(self._field(latent, "shape", where, "latent."))
         if shape != list(latent_shape):
-            raise ValueError(f"{where}: latent.shape {shape} does not match the model config "
-                             f"(model.image latent_channels, latent_size, latent_size) = {list(latent_shape)}")
+            raise UserError(f"{where}: latent.shape {shape} does not match the model config "
+                            f"(model.image latent_channels, latent_size, latent_size) = {list(latent_shape)}")
         self.vae: dict[str, Any] = dict(self._field(self.manifest, "vae", where))
         if not self.vae.get("factors_applied", False):
-            raise ValueError(f"{where}: vae.factors_applied is not true; these latents are not scaled for training")
+            raise UserError(f"{where}: vae.factors_applied is not true; these latents are not scaled for training")
         if expected_vae is not None and expected_vae not in (self.vae.get("id"), self.vae.get("path"),
                                                              self.vae.get("weights_hash")):
-            raise ValueError(f"{where}: vae {self.vae.get('id')!r} (path {self.vae.get('path')!r}) is not the "
-                             f"expected data.vae {expected_vae!r}")
+            raise UserError(f"{where}: vae {self.vae.get('id')!r} (path {self.vae.get('path')!r}) is not the "
+                            f"expected data.vae {expected_vae!r}")
         self.store = str(self._field(latent, "store", where, "latent."))
         self.has_std = bool(latent.get("std", self.store == "mean_std"))
         self.fingerprint = str(self.manifest.get("fingerprint", ""))
@@ -73,14 +74,14 @@ class ShardSet:
         self.shards = [ShardEntry(str(self.directory / s["name"]), int(s["samples"]), str(s.get("sha256", "")))
                        for s in shards if int(s["samples"]) > 0]
         if not self.shards:
-            raise ValueError(f"{where}: no shard holds a sample")
+            raise UserError(f"{where}: no shard holds a sample")
         self.num_samples = sum(s.samples for s in self.shards)
         self.latent_shape = tuple(shape)
 
     @staticmethod
     def _field(obj: dict[str, Any], key: str, where: Path, prefix: str = "") -> Any:
         if not isinstance(obj, dict) or key not in obj:
-            raise ValueError(f"{where}: missing field '{prefix}{key}'")
+            raise UserError(f"{where}: missing field '{prefix}{key}'")
         return obj[key]
 
     def vae_identity(self) -> dict[str, Any]:
@@ -93,9 +94,9 @@ def check_same_vae(sets: Sequence[ShardSet]) -> None:
     for other in sets[1:]:
         if other.vae_identity() != first.vae_identity():
             diff = [k for k in _VAE_IDENTITY if other.vae.get(k) != first.vae.get(k)]
-            raise ValueError(f"{other.directory / fmt.MANIFEST}: vae differs from {first.directory / fmt.MANIFEST} "
-                             f"in {diff} ({other.vae.get('id')!r} vs {first.vae.get('id')!r}); blended shard sets "
-                             f"must share one VAE")
+            raise UserError(f"{other.directory / fmt.MANIFEST}: vae differs from {first.directory / fmt.MANIFEST} "
+                            f"in {diff} ({other.vae.get('id')!r} vs {first.vae.get('id')!r}); blended shard sets "
+                            f"must share one VAE")
 
 
 def read_shard(entry: ShardEntry, latent_shape: tuple[int, ...], has_std: bool, verify_checksum: bool

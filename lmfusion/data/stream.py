@@ -34,6 +34,7 @@ import numpy as np
 from lmfusion.data.batch import Batch, collate
 from lmfusion.data.sequence import Document, Packer, SequenceBuilder
 from lmfusion.data.shards import RawSample, ShardError, ShardSet, read_shard
+from lmfusion.errors import UserError
 
 __all__ = ["DataError", "StreamContext", "Stream", "initial_stream_state", "load_tokenizer", "tokenizer_fingerprint"]
 
@@ -54,7 +55,7 @@ def load_tokenizer(path: str):
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ValueError(f"data.tokenizer {path}: cannot load a Hugging Face tokenizer there ({e})") from e
+        raise UserError(f"data.tokenizer {path}: cannot load a Hugging Face tokenizer there ({e})") from e
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -129,8 +130,8 @@ class Stream:
         self.k, self.ctx = k, ctx
         self.state = copy.deepcopy(state) if state is not None else initial_stream_state(len(ctx.sets))
         if len(self.state["source"]["readers"]) != len(ctx.sets):
-            raise ValueError(f"stream {k}: state has {len(self.state['source']['readers'])} dataset readers, "
-                             f"config has {len(ctx.sets)} datasets")
+            raise UserError(f"stream {k}: state has {len(self.state['source']['readers'])} dataset readers, "
+                            f"config has {len(ctx.sets)} datasets")
         self._open: dict[int, _OpenShard] = {}
         self.packer = Packer(ctx.seq_length, self.next_document)
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lmfusion.errors import UserError
+
 __all__ = ["add_subparser"]
 
 
@@ -100,8 +102,8 @@ def _run_caption(args: argparse.Namespace) -> int:
     elif shards:
         refs = caption.shard_references(images)
     else:
-        raise ValueError(f"--images {args.images} is an image folder: pass --references (only a shard set carries "
-                         f"its own captions)")
+        raise UserError(f"--images {args.images} is an image folder: pass --references (only a shard set carries "
+                        f"its own captions)")
     codec = None if shards else _codec(args)  # shard latents are already encoded: no VAE
     bundle = runtime.load_data_parallel(args.ckpt, args.device, weights=args.weights)
     if shards:

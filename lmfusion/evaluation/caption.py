@@ -39,6 +39,8 @@ __all__ = ["PUNCTUATIONS", "CaptionItem", "simple_tokenize", "tokenize_captions"
 # pycocoevalcap.tokenizer.ptbtokenizer.PUNCTUATIONS (importing it is fine, it is a plain list)
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS  # noqa: E402
 
+from lmfusion.errors import UserError
+
 _TOKEN = re.compile(r"[a-z0-9]+|'[a-z]+|[^\sa-z0-9]+")
 _IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -52,7 +54,7 @@ def simple_tokenize(text: str) -> str:
 def tokenize_captions(captions: dict[str, list[str]], tokenizer: str = "auto") -> tuple[dict[str, list[str]], str]:
     """``{id: [caption, ...]}`` tokenized; returns it and the tokenizer used (``ptb`` or ``simple``)."""
     if tokenizer not in ("auto", "ptb", "simple"):
-        raise ValueError(f"tokenizer must be auto, ptb or simple, got {tokenizer!r}")
+        raise UserError(f"tokenizer must be auto, ptb or simple, got {tokenizer!r}")
     if tokenizer == "ptb" or (tokenizer == "auto" and shutil.which("java")):
         if not shutil.which("java"):
             raise FileNotFoundError("--tokenizer ptb needs 'java' on the PATH (pycocoevalcap runs Stanford CoreNLP)")
@@ -70,12 +72,12 @@ def caption_scores(candidates: dict[str, str], references: dict[str, list[str]],
 
     missing = sorted(set(candidates) - set(references))
     if missing:
-        raise ValueError(f"{len(missing)} captioned image(s) have no references, e.g. {missing[:3]}")
+        raise UserError(f"{len(missing)} captioned image(s) have no references, e.g. {missing[:3]}")
     if not candidates:
-        raise ValueError("no captions to score")
+        raise UserError("no captions to score")
     refs = {k: references[k] for k in candidates}
     if any(not v for v in refs.values()):
-        raise ValueError("every image needs at least one reference caption")
+        raise UserError("every image needs at least one reference caption")
     gts, tok = tokenize_captions(refs, tokenizer)
     res, _ = tokenize_captions({k: [v] for k, v in candidates.items()}, tok)
     cider, per_image = Cider().compute_score(gts, res)
@@ -91,7 +93,7 @@ def read_references(path: Path) -> dict[str, list[str]]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such references file") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read JSON ({e})") from e
+        raise UserError(f"{path}: cannot read JSON ({e})") from e
     if isinstance(data, dict) and "annotations" in data:
         names = {img["id"]: img["file_name"] for img in data.get("images", [])}
         out: dict[str, list[str]] = {}
@@ -101,7 +103,7 @@ def read_references(path: Path) -> dict[str, list[str]]:
         return out
     if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
         return {str(k): [str(c) for c in v] for k, v in data.items()}
-    raise ValueError(f"{path}: expected COCO caption annotations or {{image: [captions]}}")
+    raise UserError(f"{path}: expected COCO caption annotations or {{image: [captions]}}")
 
 
 @dataclass(frozen=True)
@@ -124,13 +126,13 @@ def list_images(directory: Path) -> list[CaptionItem]:
         raise FileNotFoundError(f"--images {directory}: no such directory")
     images = sorted(p for p in directory.iterdir() if p.suffix.lower() in _IMAGE_EXT)
     if not images:
-        raise ValueError(f"--images {directory}: no image files ({', '.join(_IMAGE_EXT)}) and no shard "
-                         f"manifest.json")
+        raise UserError(f"--images {directory}: no image files ({', '.join(_IMAGE_EXT)}) and no shard "
+                        f"manifest.json")
     return [CaptionItem(p.name, p) for p in images]
 
 
 def is_shard_set(directory: Path) -> bool:
-    from data_tools.shard_format import MANIFEST
+    from lmfusion.data.shard_format import MANIFEST
 
     return (Path(directory) / MANIFEST).is_file()
 
@@ -138,7 +140,7 @@ def is_shard_set(directory: Path) -> bool:
 def list_shard_samples(directory: Path) -> list[CaptionItem]:
     """Every sample of a shard set (manifest order, then tar order), with its caption and source; latents are read
     only when captioned."""
-    from data_tools import shard_format as fmt
+    from lmfusion.data import shard_format as fmt
 
     directory = Path(directory)
     manifest = fmt.read_manifest(directory)
@@ -149,14 +151,14 @@ def list_shard_samples(directory: Path) -> list[CaptionItem]:
             raise FileNotFoundError(f"{path}: listed in {directory / fmt.MANIFEST} but missing")
         for key, fields in fmt.iter_samples(path):
             if "latent.npy" not in fields or "txt" not in fields:
-                raise ValueError(f"{path}:{key}: sample has no latent.npy or txt member ({sorted(fields)})")
+                raise UserError(f"{path}:{key}: sample has no latent.npy or txt member ({sorted(fields)})")
             try:
                 source = json.loads(fields["json"]).get("source") if "json" in fields else None
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}:{key}.json: not valid JSON ({e})") from e
+                raise UserError(f"{path}:{key}.json: not valid JSON ({e})") from e
             items.append(CaptionItem(key, path, fields["txt"].decode("utf-8").strip(), source))
     if not items:
-        raise ValueError(f"--images {directory}: the shard set holds no samples")
+        raise UserError(f"--images {directory}: the shard set holds no samples")
     return items
 
 
@@ -172,7 +174,7 @@ def shard_references(items: list[CaptionItem]) -> dict[str, list[str]]:
 
 def check_shards(directory: Path, model_config, checkpoint_vae: Optional[dict]) -> None:
     """The shard latents must fit the model (``latent.shape``) and come from the checkpoint's VAE (config hash)."""
-    from data_tools import shard_format as fmt
+    from lmfusion.data import shard_format as fmt
 
     manifest = fmt.read_manifest(directory)
     where = Path(directory) / fmt.MANIFEST
@@ -180,11 +182,11 @@ def check_shards(directory: Path, model_config, checkpoint_vae: Optional[dict]) 
     want = [img.latent_channels, img.latent_size, img.latent_size]
     have = list((manifest.get("latent") or {}).get("shape") or [])
     if have != want:
-        raise ValueError(f"{where}: field 'latent.shape' is {have}, the model takes latents {want}")
+        raise UserError(f"{where}: field 'latent.shape' is {have}, the model takes latents {want}")
     vae = manifest.get("vae") or {}
     if checkpoint_vae and vae.get("config_hash") != checkpoint_vae.get("config_hash"):
-        raise ValueError(f"{where}: field 'vae' names {vae.get('id')!r}, but the checkpoint was trained on latents "
-                         f"of {checkpoint_vae.get('id')!r}; build the shards with that VAE")
+        raise UserError(f"{where}: field 'vae' names {vae.get('id')!r}, but the checkpoint was trained on latents "
+                        f"of {checkpoint_vae.get('id')!r}; build the shards with that VAE")
 
 
 class _ShardLatents:
@@ -196,7 +198,7 @@ class _ShardLatents:
     def __call__(self, item: CaptionItem):
         import torch
 
-        from data_tools.shard_format import iter_samples, load_npy
+        from lmfusion.data.shard_format import iter_samples, load_npy
 
         if item.path != self._path:
             self._members = {k: f["latent.npy"] for k, f in iter_samples(item.path)}
@@ -218,7 +220,7 @@ def match_references(items: list[CaptionItem], references: dict[str, list[str]])
         else:
             out[it.name] = refs
     if missing:
-        raise ValueError(f"{len(missing)} image(s) have no reference captions, e.g. {missing[:3]}")
+        raise UserError(f"{len(missing)} image(s) have no reference captions, e.g. {missing[:3]}")
     return out
 
 
@@ -253,7 +255,7 @@ def caption_folder(bundle, codec, images: list[CaptionItem], out_dir: Path, *, r
         if item.is_latent:
             return shard_latent(item).to(device)
         if codec is None:
-            raise ValueError(f"{item.path}: an image file needs a VAE to encode it")
+            raise UserError(f"{item.path}: an image file needs a VAE to encode it")
         return encode_image(codec, cfg, item.path)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -275,7 +277,7 @@ def collect_captions(out_dir: Path, images: Iterable[CaptionItem]) -> dict[str, 
     done = _read_done(out_dir)
     missing = [it.name for it in images if it.name not in done]
     if missing:
-        raise ValueError(f"{out_dir}: {len(missing)} image(s) not captioned, e.g. {missing[:3]}")
+        raise UserError(f"{out_dir}: {len(missing)} image(s) not captioned, e.g. {missing[:3]}")
     return {it.name: done[it.name] for it in images}
 
 

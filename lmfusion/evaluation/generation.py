@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lmfusion.errors import UserError
+
 __all__ = ["Prompt", "read_prompts", "image_path", "cfg_dir", "pending", "generate_images"]
 
 
@@ -41,15 +43,15 @@ def read_prompts(path: Path, limit: Optional[int] = None) -> list[Prompt]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e})") from e
+            raise UserError(f"{path}:{n}: not JSON ({e})") from e
         text = next((rec[k] for k in ("prompt", "caption", "text") if isinstance(rec, dict) and k in rec), None)
         if not isinstance(text, str):
-            raise ValueError(f"{path}:{n}: needs a string 'prompt' (or 'caption' / 'text')")
+            raise UserError(f"{path}:{n}: needs a string 'prompt' (or 'caption' / 'text')")
         out.append(Prompt(len(out), text))
         if limit is not None and len(out) >= limit:
             break
     if not out:
-        raise ValueError(f"--prompts {path}: no prompts")
+        raise UserError(f"--prompts {path}: no prompts")
     return out
 
 
@@ -78,7 +80,7 @@ def generate_images(bundle, codec, prompts: Sequence[Prompt], out_dir: Path, *, 
     from lmfusion.inference import image
 
     if n < 1 or batch_size < 1:
-        raise ValueError(f"--n and --batch-size must be >= 1, got {n} and {batch_size}")
+        raise UserError(f"--n and --batch-size must be >= 1, got {n} and {batch_size}")
     tok = bundle.tokenizer
     if tok is None:
         raise FileNotFoundError(f"{bundle.meta.base_dir}: no tokenizer files; prompts need them")

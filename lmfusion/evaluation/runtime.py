@@ -3,7 +3,8 @@
 ``lmfusion generate`` under ``torchrun`` runs tensor parallel (TP = world size, every rank the same batch). Evaluation
 wants the opposite: many independent prompts, so each rank loads the full model and takes items ``rank, rank +
 world, ...`` (round-robin: no item is dropped and none runs twice, whatever ``len(items) % world``). Setting up the
-parallel state here, before :func:`lmfusion.inference.load.load_for_inference`, makes its ``init_runtime`` a no-op.
+parallel state here, before :func:`lmfusion.inference.load.load_for_inference`, makes its ``init_runtime`` a no-op
+(both go through :func:`megatron_ext.device.init_distributed`, which sets up only what is not set up yet).
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
 
 def init_data_parallel(device: torch.device) -> None:
     """Process group (torchrun's, or a one-rank in-process one) and megatron state with TP=PP=1 on every rank."""
-    from lmfusion.inference.load import init_runtime
+    from megatron_ext.device import init_distributed
 
-    init_runtime(device, tensor_model_parallel_size=1)
+    init_distributed(device, tensor_model_parallel_size=1)
 
 
 def rank_world() -> tuple[int, int]:

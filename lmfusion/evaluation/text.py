@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from lmfusion.errors import UserError
+
 __all__ = ["LM_EVAL_TASKS", "LOGLIK_TOL", "task_names", "offline_datasets", "load_tasks", "task_metrics",
            "task_responses", "headline", "compare", "run_text"]
 
@@ -37,7 +39,7 @@ _OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 def task_names(spec: str) -> list[str]:
     names = [t.strip() for t in spec.split(",") if t.strip()]
     if not names:
-        raise ValueError("--tasks: no task names")
+        raise UserError("--tasks: no task names")
     return names
 
 
@@ -92,8 +94,8 @@ def load_tasks(names: list[str], include_path: Optional[Path] = None) -> dict[st
     for short in names:
         name = LM_EVAL_TASKS.get(short, short)
         if name not in manager.task_index:
-            raise ValueError(f"--tasks {short}: not an lm-eval task{' (' + name + ')' if name != short else ''}; "
-                             f"add its YAML with --include-path DIR")
+            raise UserError(f"--tasks {short}: not an lm-eval task{' (' + name + ')' if name != short else ''}; "
+                            f"add its YAML with --include-path DIR")
         try:
             loaded = manager.load([name])["tasks"]
         except (ConnectionError, FileNotFoundError) as e:  # datasets' offline miss / local data_files missing
@@ -185,9 +187,9 @@ def run_text(args) -> int:
     from lmfusion.evaluation.report import merge_results
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("eval text runs in one process: start it without torchrun")
+        raise UserError("eval text runs in one process: start it without torchrun")
     if args.base is not None and args.base_hf is not None:
-        raise ValueError("--base and --base-hf: give one (the base to compare with)")
+        raise UserError("--base and --base-hf: give one (the base to compare with)")
     if args.base_hf is not None and not (Path(args.base_hf) / "config.json").is_file():
         raise FileNotFoundError(f"--base-hf {args.base_hf}: no config.json (a Hugging Face model directory)")
     tasks = load_tasks(task_names(args.tasks), args.include_path)

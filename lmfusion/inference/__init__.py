@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from lmfusion.errors import UserError
+
 __all__ = ["add_subparser"]
 
 _DTYPES = ("fp32", "bf16")
@@ -70,7 +72,7 @@ def clip_x0_arg(value: str, codec) -> "float | None":
     except ValueError:
         out = None
     if out is None or not out > 0:  # not a number, <= 0 or NaN
-        raise ValueError(f"--clip-x0 must be 'auto', 'none' or a positive number, got {value!r}")
+        raise UserError(f"--clip-x0 must be 'auto', 'none' or a positive number, got {value!r}")
     return out
 
 
@@ -123,20 +125,20 @@ def _check_context(cfg, encoded: list, args: argparse.Namespace) -> None:
     for i, ids in enumerate(encoded):
         need = len(ids) + extra + (1 if args.text else 0)
         if need > limit:
-            raise ValueError(f"--prompt {i + 1}: {len(ids)} tokens plus {what} need {need} positions, expected at "
-                             f"most {limit} (the model's max_position_embeddings); shorten the prompt (nothing is "
-                             f"truncated)")
+            raise UserError(f"--prompt {i + 1}: {len(ids)} tokens plus {what} need {need} positions, expected at "
+                            f"most {limit} (the model's max_position_embeddings); shorten the prompt (nothing is "
+                            f"truncated)")
 
 
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
     if not args.text and args.out is None:
-        raise ValueError("--out GRID.png is required for image generation (or pass --text for a text continuation)")
+        raise UserError("--out GRID.png is required for image generation (or pass --text for a text continuation)")
     if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
+        raise UserError(f"--n must be >= 1, got {args.n}")
     if args.out is not None and args.out.suffix.lower() != ".png":
-        raise ValueError(f"--out {args.out}: must end in .png")
+        raise UserError(f"--out {args.out}: must end in .png")
     _params(args)
     codec = None if args.text else _codec(args)
     if not args.text and args.sampler is not None:  # fail before the model is built

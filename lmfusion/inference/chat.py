@@ -16,6 +16,7 @@ from typing import IO, Optional, Union
 import torch
 from torch import Tensor
 
+from lmfusion.errors import UserError
 from lmfusion.inference.image import DEFAULT_CFG_SCALE, commit_image, denoise, unconditional_session
 from lmfusion.config import DiffusionConfig
 from lmfusion.inference.text import SamplingParams, Session, sample_next
@@ -51,7 +52,7 @@ class Conversation:
         cfg = self.model.model_config
         chunk = self.pending + list(tokens)
         if not chunk:
-            raise ValueError("nothing to respond to: empty prompt")
+            raise UserError("nothing to respond to: empty prompt")
         logits = self.session.next_logits([chunk])
         self.pending = []
         segments: list[Segment] = []

@@ -22,7 +22,7 @@ latents' largest magnitude for a VAE that records it); without it the cosine sch
 noise prediction's error ~2e4-fold (:mod:`lmfusion.diffusion`). For flow the implied ``x0 = x_s - s v`` is clipped
 and ``v`` re-derived (:func:`lmfusion.diffusion.sampler_step`).
 
-Latents are the shard set's: scaled VAE latents (``data_tools.shard_format``), decoded by the VAE named in the shard
+Latents are the shard set's: scaled VAE latents (``lmfusion.data.shard_format``), decoded by the VAE named in the shard
 manifest, or pixels in [-1, 1] for the identity VAE. Images for captioning get the shard builder's preprocessing
 (RGB on white, centre crop, bicubic resize) and the VAE mean (no sampling).
 """
@@ -41,6 +41,7 @@ from torch import Tensor
 from lmfusion.config import DiffusionConfig
 from lmfusion.diffusion import (cfg_combine, check_sampler, default_sampler, initial_noise_sigma, make_sampler,
                                 sampler_step)
+from lmfusion.errors import UserError
 from lmfusion.inference.text import Image, SamplingParams, Session, generate_text
 
 __all__ = ["DEFAULT_CFG_SCALE", "DEFAULT_STEPS", "LATENT_RANGE_FILE", "latent_range", "denoise", "commit_image",
@@ -66,9 +67,9 @@ def latent_range(codec) -> Optional[float]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))["abs_max"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: expected a JSON object with a positive number under 'abs_max' ({e})") from e
+        raise UserError(f"{path}: expected a JSON object with a positive number under 'abs_max' ({e})") from e
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{path}: 'abs_max' must be a positive number, got {value!r}")
+        raise UserError(f"{path}: 'abs_max' must be a positive number, got {value!r}")
     return float(value)
 
 
@@ -93,7 +94,7 @@ def denoise(cond: Session, uncond: Optional[Session], *, sampler: Optional[str] 
     diffusion = diffusion if diffusion is not None else DiffusionConfig()
     sampler = sampler if sampler is not None else default_sampler(diffusion.objective)
     if sampler not in DEFAULT_STEPS:
-        raise ValueError(f"sampler must be one of {sorted(DEFAULT_STEPS)}, got {sampler!r}")
+        raise UserError(f"sampler must be one of {sorted(DEFAULT_STEPS)}, got {sampler!r}")
     check_sampler(sampler, diffusion.objective)
     if uncond is not None and uncond.batch_size != n:
         raise ValueError(f"unconditional branch has {uncond.batch_size} rows, conditional {n}")
@@ -133,7 +134,7 @@ def text_to_image(model: torch.nn.Module, captions: Sequence[Sequence[int]], *, 
     ``<bos>``/``<boi>``. ``cfg_scale=None`` samples from the conditional branch only; ``clip_x0``, ``sampler``,
     ``diffusion`` (the model's objective): see :func:`denoise`."""
     if n_per_caption < 1 or not captions:
-        raise ValueError(f"need at least one caption and n_per_caption >= 1, got {len(captions)} and {n_per_caption}")
+        raise UserError(f"need at least one caption and n_per_caption >= 1, got {len(captions)} and {n_per_caption}")
     cfg = model.model_config
     rows = [[cfg.bos_token_id, *cap, cfg.boi_token_id] for cap in captions for _ in range(n_per_caption)]
     cond = Session(model, len(rows))
@@ -157,8 +158,8 @@ def check_vae(codec, model_config) -> None:
     have = 3 if codec.model is None else int(codec.model.config.latent_channels)
     want = model_config.image.latent_channels
     if have != want:
-        raise ValueError(f"VAE {codec.vae_id} has {have} latent channels but the model takes {want}; pass the VAE "
-                         f"the training shards were built with (--vae)")
+        raise UserError(f"VAE {codec.vae_id} has {have} latent channels but the model takes {want}; pass the VAE "
+                        f"the training shards were built with (--vae)")
 
 
 @contextlib.contextmanager
@@ -172,9 +173,9 @@ def _image_errors(path: Path) -> Iterator[None]:
     try:
         yield
     except UnidentifiedImageError:
-        raise ValueError(f"{path}: not an image Pillow can read") from None
+        raise UserError(f"{path}: not an image Pillow can read") from None
     except (OSError, SyntaxError, EOFError, PILImage.DecompressionBombError) as e:
-        raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
+        raise UserError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
 
 
 def check_image_file(path: str | Path) -> None:
@@ -191,14 +192,13 @@ def load_image(path: str | Path, size: int) -> Tensor:
     from PIL import Image as PILImage
     from PIL import ImageOps
 
-    from data_tools._sources import _to_rgb, center_crop_box
+    from lmfusion.data.preprocess import square_pixels
 
     path = Path(path)
     with _image_errors(path), PILImage.open(path) as img:
         img.load()
-        img = ImageOps.exif_transpose(img)
-        out = _to_rgb(img).resize((size, size), PILImage.Resampling.BICUBIC, box=center_crop_box(*img.size))
-    pixels = torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+        out, _ = square_pixels(ImageOps.exif_transpose(img), size)
+    pixels = torch.from_numpy(np.array(out)).permute(2, 0, 1)  # (H, W, 3) uint8, writable copy -> (3, H, W)
     return pixels.float() / 127.5 - 1.0
 
 
@@ -209,8 +209,8 @@ def encode_image(codec, model_config, path: str | Path) -> Tensor:
     mean, _ = codec.encode(load_image(path, size)[None].to(codec.device))
     want = (img.latent_channels, img.latent_size, img.latent_size)
     if tuple(mean.shape[1:]) != want:
-        raise ValueError(f"VAE {codec.vae_id} encodes a {size}px image to {tuple(mean.shape[1:])}, the model "
-                         f"expects latents {want}; checkpoint and VAE mismatch")
+        raise UserError(f"VAE {codec.vae_id} encodes a {size}px image to {tuple(mean.shape[1:])}, the model "
+                        f"expects latents {want}; checkpoint and VAE mismatch")
     return mean[0]
 
 
@@ -228,8 +228,8 @@ def to_pil(codec, latents: Tensor) -> list:
 
     images = codec.decode(latents.to(codec.device))  # (n, c, H, W) in [-1, 1]
     if images.shape[1] not in (1, 3):
-        raise ValueError(f"decoded images have {images.shape[1]} channels; need 1 or 3 to write PNGs (is the VAE "
-                         f"the one the model was trained with?)")
+        raise UserError(f"decoded images have {images.shape[1]} channels; need 1 or 3 to write PNGs (is the VAE "
+                        f"the one the model was trained with?)")
     arr = ((images.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     arr = arr.permute(0, 2, 3, 1).numpy()  # (n, H, W, c)
     return [PILImage.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]  # uint8: "L" or "RGB"
@@ -254,7 +254,7 @@ def save_images(images: Sequence, grid_path: str | Path, cols: Optional[int] = N
     """Write ``grid_path`` (the grid) and each image as ``<stem>-<i>.png`` beside it; returns all paths."""
     grid_path = Path(grid_path)
     if grid_path.suffix.lower() != ".png":
-        raise ValueError(f"--out {grid_path}: must end in .png")
+        raise UserError(f"--out {grid_path}: must end in .png")
     grid_path.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, im in enumerate(images):

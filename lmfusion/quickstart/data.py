@@ -17,6 +17,8 @@ from typing import Callable
 
 import numpy as np
 
+from lmfusion.errors import UserError
+
 __all__ = ["FASHION_DIR", "FASHION_CLASSES", "DIGIT_CLASSES", "TEMPLATES", "Dataset", "read_idx", "load_dataset",
            "caption", "prompt", "write_image_folder", "build_shards"]
 
@@ -56,14 +58,14 @@ def read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: unreadable ({e})") from e
+        raise UserError(f"{path}: unreadable ({e})") from e
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")
+        raise UserError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")
     ndim = data[3]
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims} ({int(np.prod(dims))} bytes) but holds {body.size}")
+        raise UserError(f"{path}: header says {dims} ({int(np.prod(dims))} bytes) but holds {body.size}")
     return body.reshape(dims)
 
 
@@ -72,7 +74,7 @@ def _fashion(root: Path) -> Dataset:
     for split, (img, lab) in _FILES.items():
         images, labels = read_idx(root / img), read_idx(root / lab).astype(np.int64)
         if images.ndim != 3 or labels.shape != images.shape[:1]:
-            raise ValueError(f"{root / img}: shape {images.shape} does not match labels {labels.shape}")
+            raise UserError(f"{root / img}: shape {images.shape} does not match labels {labels.shape}")
         arrays[split] = (images, labels)
     return Dataset("fashion-mnist", str(root), FASHION_CLASSES, *arrays["train"], *arrays["test"])
 
@@ -146,7 +148,7 @@ def build_shards(images: Path, out: Path, resolution: int, log: Callable[[str], 
                  vae: str = "identity") -> Path:
     """``data_tools/build_shards.py IMAGES --output OUT --vae VAE --resolution R`` (skips a complete set)."""
     from data_tools import build_shards as bs
-    from data_tools import shard_format as fmt
+    from lmfusion.data import shard_format as fmt
 
     if (out / fmt.MANIFEST).is_file():
         log(f"shards: {out} (cached)")
@@ -157,5 +159,5 @@ def build_shards(images: Path, out: Path, resolution: int, log: Callable[[str], 
     log("shards: python data_tools/build_shards.py " + " ".join(argv))
     status = bs.main(argv)
     if status != 0:
-        raise ValueError(f"data_tools/build_shards.py failed (status {status}) building {out}")
+        raise UserError(f"data_tools/build_shards.py failed (status {status}) building {out}")
     return out

@@ -67,14 +67,13 @@ def generate_per_class(bundle, codec, classes: Sequence[str], per_class: int, st
                        seed: int = 0, batch_classes: int = 5) -> list[list]:
     """``per_class`` PIL images for each class prompt (:func:`sampler_of`, ``steps``, CFG ``cfg_scale``, x0 clipped
     to the latents' range); list per class."""
-    from tqdm import tqdm
-
     from lmfusion.inference.image import latent_range, text_to_image, to_pil
+    from lmfusion.progress import progress
 
     tok = bundle.tokenizer
     clip_x0 = latent_range(codec)
     out: list[list] = []
-    for start in tqdm(range(0, len(classes), batch_classes), desc="generating", unit="batch"):
+    for start in progress(range(0, len(classes), batch_classes), desc="generating", unit="batch"):
         labels = range(start, min(start + batch_classes, len(classes)))
         captions = [tok.encode(prompt(classes, c), add_special_tokens=False) for c in labels]
         latents = text_to_image(bundle.model, captions, n_per_caption=per_class, sampler=sampler_of(bundle),

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from lmfusion.errors import UserError
+
 __all__ = ["add_subparser", "run_quickstart", "DEFAULT_OUT", "DEFAULT_CONFIG", "SMOKE"]
 
 DEFAULT_OUT = Path("runs/quickstart")
@@ -71,7 +73,7 @@ def _train(config: Path, base: Path, shards: Path, run_dir: Path, overrides: lis
     if status != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
         print(tail, file=sys.stderr)
-        raise ValueError(f"training failed (torchrun exit status {status}); full log in {log_path}")
+        raise UserError(f"training failed (torchrun exit status {status}); full log in {log_path}")
     return time.perf_counter() - t0
 
 
@@ -179,7 +181,7 @@ def run_quickstart(out: Path, *, smoke: bool = False, config: Path = DEFAULT_CON
 
     records = read_metrics(run_dir)
     if not records:
-        raise ValueError(f"{run_dir / 'metrics.jsonl'}: no training steps logged")
+        raise UserError(f"{run_dir / 'metrics.jsonl'}: no training steps logged")
     loss_png = plot_losses(run_dir, out / "loss.png")
 
     # 6. after training
@@ -262,7 +264,7 @@ def _summary(r: dict[str, Any], out: Path) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
     results = run_quickstart(args.out, smoke=args.smoke, config=args.config, steps=args.steps,
                              overrides=tuple(args.set), cfg_scale=args.cfg, ddim_steps=args.ddim_steps,
                              images_per_class=args.images_per_class)

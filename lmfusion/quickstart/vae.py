@@ -37,23 +37,22 @@ KL_WEIGHT = 1e-4  # per latent element, relative to the per-pixel MSE: a smooth 
 
 def to_pixels(images: np.ndarray, resolution: int = 32) -> torch.Tensor:
     """uint8 (n, H, W) grey -> (n, 3, resolution, resolution) float32 in [-1, 1], with the shard builder's
-    preprocessing (RGB, centre crop, bicubic resize: ``data_tools._sources``), so the VAE trains on what it encodes."""
+    preprocessing (:func:`lmfusion.data.preprocess.square_pixels`), so the VAE trains on what it encodes."""
     from PIL import Image
 
-    from data_tools._sources import _to_rgb, center_crop_box
+    from lmfusion.data.preprocess import square_pixels
 
     out = np.empty((len(images), resolution, resolution, 3), dtype=np.uint8)
     for i, im in enumerate(images):
-        img = Image.fromarray(im)
-        out[i] = np.asarray(_to_rgb(img).resize((resolution, resolution), Image.Resampling.BICUBIC,
-                                                box=center_crop_box(*img.size)))
+        out[i] = square_pixels(Image.fromarray(im), resolution)[0]
     return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def train_vae(pixels: torch.Tensor, *, epochs: int = 2, batch_size: int = 64, lr: float = 2e-3, seed: int = 0):
     """A fresh AutoencoderKL (:data:`VAE_CONFIG`) fitted to ``pixels`` (n, 3, H, W) in [-1, 1]: MSE + KL."""
     from diffusers import AutoencoderKL
-    from tqdm import tqdm
+
+    from lmfusion.progress import progress
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(**VAE_CONFIG)
@@ -62,7 +61,7 @@ def train_vae(pixels: torch.Tensor, *, epochs: int = 2, batch_size: int = 64, lr
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(seed)
     vae.train()
-    bar = tqdm(total=steps, desc="VAE", leave=False)
+    bar = progress(total=steps, desc="VAE", leave=False)
     for _ in range(epochs):
         order = torch.randperm(len(pixels), generator=gen)
         for i in range(0, len(pixels), batch_size):

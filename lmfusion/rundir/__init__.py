@@ -1,4 +1,4 @@
-"""The run directory: one module owns its contract (DESIGN.md "A run directory is a contract owned by one module").
+"""The run directory: one module owns its contract.
 
 * :mod:`~lmfusion.rundir.layout`: names, JSON files, ``latest`` resolution and repair, the base reference and its hash,
   the checkpoint record and train state.

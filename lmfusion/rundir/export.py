@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from lmfusion.errors import UserError
 from lmfusion.rundir import integrity
 from lmfusion.rundir.layout import base_sha256, json_text, read_record, resolve_base
 from lmfusion.rundir.trust import CheckpointLoadError
@@ -144,6 +145,6 @@ def export_checkpoint(iter_dir: Path, output: Path) -> Path:
 def read_export(export_dir: Path) -> dict[str, Any]:
     record = read_record(export_dir, EXPORT_JSON)
     if record.get("format") != EXPORT_FORMAT or record.get("version") != EXPORT_VERSION:
-        raise ValueError(f"{Path(export_dir) / EXPORT_JSON}: expected format {EXPORT_FORMAT} v{EXPORT_VERSION}, "
-                         f"found {record.get('format')!r} v{record.get('version')!r}")
+        raise UserError(f"{Path(export_dir) / EXPORT_JSON}: expected format {EXPORT_FORMAT} v{EXPORT_VERSION}, "
+                        f"found {record.get('format')!r} v{record.get('version')!r}")
     return record

@@ -17,6 +17,7 @@ import hashlib
 from pathlib import Path
 from typing import Any, Optional
 
+from lmfusion.errors import UserError
 from lmfusion.rundir.layout import CHECKPOINT_JSON, json_text, read_json
 from lmfusion.utils import atomic_write_text
 
@@ -27,7 +28,7 @@ _VERSION, _ALGORITHM = 1, "sha256"
 _SKIP = (INTEGRITY, CHECKPOINT_JSON)
 
 
-class IntegrityError(ValueError):
+class IntegrityError(UserError):
     """A checkpoint file is missing, truncated or changed since its save."""
 
 

@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from lmfusion.errors import UserError
 from lmfusion.utils import atomic_write_text
 
 __all__ = ["CHECKPOINT_JSON", "TRAIN_STATE", "LATEST", "CONFIG", "RECORD_FORMAT", "STATE_FORMAT", "STATE_VERSION",
@@ -54,9 +55,9 @@ def read_json(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read JSON ({e})") from None
+        raise UserError(f"{path}: cannot read JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+        raise UserError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
 
 
@@ -84,8 +85,8 @@ def find_checkpoint(path: str | Path, repair: bool = False, log: Optional[Callab
     if is_complete(path):
         return path
     if (path / TRAIN_STATE).is_file():
-        raise ValueError(f"{path}: incomplete checkpoint (expected {CHECKPOINT_JSON}, written last, found none); "
-                         f"its save did not finish")
+        raise UserError(f"{path}: incomplete checkpoint (expected {CHECKPOINT_JSON}, written last, found none); "
+                        f"its save did not finish")
     done = complete_iterations(path)
     latest = path / LATEST
     named = latest.read_text(encoding="utf-8").strip() if latest.is_file() else None
@@ -120,7 +121,7 @@ def base_sha256(base_dir: str | Path) -> str:
 def resolve_base(record: dict[str, Any], record_path: Path) -> Path:
     """The base a record names: absolute, or relative to the record's directory."""
     if not isinstance(record.get("base"), str) or not record["base"]:
-        raise ValueError(f"{record_path}: key 'base' expected a path, found {record.get('base')!r}")
+        raise UserError(f"{record_path}: key 'base' expected a path, found {record.get('base')!r}")
     base = Path(record["base"]).expanduser()
     return base if base.is_absolute() else (record_path.parent / base).resolve()
 
@@ -129,11 +130,11 @@ def check_base(record: dict[str, Any], record_path: Path, base_dir: Path) -> Non
     """``base_dir`` is the base the record was trained on (its conversion.json sha256)."""
     want = record.get("base_conversion_sha256")
     if not want:
-        raise ValueError(f"{record_path}: key 'base_conversion_sha256' expected the base's hash, found none")
+        raise UserError(f"{record_path}: key 'base_conversion_sha256' expected the base's hash, found none")
     found = base_sha256(base_dir)
     if found != want:
-        raise ValueError(f"{base_dir}/conversion.json: sha256 {found[:12]}, expected {want[:12]} (the base "
-                         f"{record_path} was trained on); the base directory was replaced or is another model")
+        raise UserError(f"{base_dir}/conversion.json: sha256 {found[:12]}, expected {want[:12]} (the base "
+                        f"{record_path} was trained on); the base directory was replaced or is another model")
 
 
 def read_record(iter_dir: Path, name: str = CHECKPOINT_JSON) -> dict[str, Any]:
@@ -142,9 +143,9 @@ def read_record(iter_dir: Path, name: str = CHECKPOINT_JSON) -> dict[str, Any]:
     record = read_json(path)
     for key in ("base", "model"):
         if key not in record:
-            raise ValueError(f"{path}: key {key!r} expected, found none")
+            raise UserError(f"{path}: key {key!r} expected, found none")
     if record.get("vae") is not None and not isinstance(record["vae"], dict):
-        raise ValueError(f"{path}: key 'vae' expected an object or null, found {type(record['vae']).__name__}")
+        raise UserError(f"{path}: key 'vae' expected an object or null, found {type(record['vae']).__name__}")
     return record
 
 
@@ -152,6 +153,6 @@ def read_train_state(iter_dir: Path) -> dict[str, Any]:
     path = Path(iter_dir) / TRAIN_STATE
     state = read_json(path)
     if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
-        raise ValueError(f"{path}: expected format {STATE_FORMAT} v{STATE_VERSION}, found "
-                         f"{state.get('format')!r} v{state.get('version')!r}")
+        raise UserError(f"{path}: expected format {STATE_FORMAT} v{STATE_VERSION}, found "
+                        f"{state.get('format')!r} v{state.get('version')!r}")
     return state

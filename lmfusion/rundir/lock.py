@@ -17,12 +17,14 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from lmfusion.errors import UserError
+
 __all__ = ["LOCK", "RunLocked", "RunLock"]
 
 LOCK = "run.lock"
 
 
-class RunLocked(ValueError):
+class RunLocked(UserError):
     """Another training holds the run directory."""
 
 

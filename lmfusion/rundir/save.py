@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+from lmfusion.errors import UserError
 from lmfusion.rundir import integrity
 from lmfusion.rundir.layout import (CHECKPOINT_JSON, CONFIG, LATEST, TRAIN_STATE, complete_iterations, is_complete,
                                     iter_name, json_text)
@@ -25,7 +26,7 @@ from lmfusion.utils import atomic_write_text
 __all__ = ["begin_save", "finish_save", "prune", "write_guard", "CheckpointWriteError"]
 
 
-class CheckpointWriteError(ValueError):
+class CheckpointWriteError(UserError):
     """Writing a checkpoint failed (disk full, quota, I/O error): one line; the previous checkpoint stays latest."""
 
 

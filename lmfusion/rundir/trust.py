@@ -25,6 +25,8 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from lmfusion.errors import UserError
+
 __all__ = ["UnsafeCheckpoint", "CheckpointLoadError", "no_code_execution", "load_dist_checkpoint",
            "check_image_set_loaded", "load_image_set"]
 
@@ -33,11 +35,11 @@ _METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed
 _lock = threading.Lock()
 
 
-class UnsafeCheckpoint(ValueError):
+class UnsafeCheckpoint(UserError):
     """A checkpoint file asks to run code that loading a checkpoint never needs."""
 
 
-class CheckpointLoadError(ValueError):
+class CheckpointLoadError(UserError):
     """A distributed checkpoint that cannot be read (one line: the file or key, and what was wrong)."""
 
 

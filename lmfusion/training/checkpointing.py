@@ -32,8 +32,10 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from lmfusion import rundir
+from lmfusion.errors import UserError
 from lmfusion.rundir import CHECKPOINT_JSON, LATEST, TRAIN_STATE, find_checkpoint, iter_name
 from lmfusion.training.model_setup import unwrap
+from megatron_ext.torch_adam import torch_optimizers
 
 __all__ = ["CHECKPOINT_JSON", "TRAIN_STATE", "LATEST", "iter_name", "find_checkpoint", "Checkpointer",
            "scheduler_policy", "restore_scheduler"]
@@ -60,9 +62,9 @@ def restore_scheduler(scheduler, saved: dict[str, Any], policy: str, where: Path
     say = dist.get_rank() == 0
     if differ and policy == "check":
         k = differ[0]
-        raise ValueError(f"{where}: scheduler {k} is {saved[k]!r} in the checkpoint, {getattr(scheduler, k)!r} in "
-                         f"this config ({_SCHEDULER_KEYS[k]}); set checkpoint.override_scheduler=true to take the "
-                         f"config's or checkpoint.use_checkpoint_scheduler=true to keep the checkpoint's")
+        raise UserError(f"{where}: scheduler {k} is {saved[k]!r} in the checkpoint, {getattr(scheduler, k)!r} in "
+                        f"this config ({_SCHEDULER_KEYS[k]}); set checkpoint.override_scheduler=true to take the "
+                        f"config's or checkpoint.use_checkpoint_scheduler=true to keep the checkpoint's")
     if differ and say:
         took = "this config's" if policy == "config" else "the checkpoint's"
         values = ", ".join(f"{k} {saved[k]!r} -> {getattr(scheduler, k)!r}" for k in differ)
@@ -216,18 +218,18 @@ class Checkpointer:
         rundir.integrity.verify(iter_dir, record)
         same_layout = state.get("parallel") == _layout()
         if load_optimizer and state.get("parallel", {}).get("engine", "megatron") != "megatron":
-            raise ValueError(f"{iter_dir}: written by the {state['parallel']['engine']} engine, whose optimizer state "
-                             f"the megatron engine cannot read; set checkpoint.load_optimizer=false to start from its "
-                             f"weights")
+            raise UserError(f"{iter_dir}: written by the {state['parallel']['engine']} engine, whose optimizer state "
+                            f"the megatron engine cannot read; set checkpoint.load_optimizer=false to start from its "
+                            f"weights")
         if load_optimizer and state.get("optimizer_sharding") != self.metadata["distrib_optim_sharding_type"]:
-            raise ValueError(f"{iter_dir}: optimizer state saved as {state.get('optimizer_sharding')!r}, this run uses "
-                             f"checkpoint.optimizer_sharding={self.metadata['distrib_optim_sharding_type']!r}")
+            raise UserError(f"{iter_dir}: optimizer state saved as {state.get('optimizer_sharding')!r}, this run uses "
+                            f"checkpoint.optimizer_sharding={self.metadata['distrib_optim_sharding_type']!r}")
         if load_optimizer and state.get("optimizer_sharding") == "dp_reshardable":
             saved, now = state.get("parallel", {}), _layout()
             if (saved.get("tp"), saved.get("pp")) != (now["tp"], now["pp"]):
-                raise ValueError(f"{iter_dir}: 'dp_reshardable' optimizer state loads only at the saved TP/PP "
-                                 f"{saved.get('tp')}/{saved.get('pp')}; set checkpoint.load_optimizer=false to load "
-                                 f"the weights alone")
+                raise UserError(f"{iter_dir}: 'dp_reshardable' optimizer state loads only at the saved TP/PP "
+                                f"{saved.get('tp')}/{saved.get('pp')}; set checkpoint.load_optimizer=false to load "
+                                f"the weights alone")
         with_ema = self.ema is not None and load_optimizer and "ema" in state
         sharded = self._sharded(is_loading=True, with_optimizer=load_optimizer, with_rng=same_layout,
                                 with_ema=with_ema)
@@ -257,20 +259,13 @@ class Checkpointer:
         return state
 
 
-def _torch_optimizers(optimizer) -> list:
-    chained = getattr(optimizer, "chained_optimizers", None)
-    if chained is not None:
-        return [inner for opt in chained for inner in _torch_optimizers(opt)]
-    return [getattr(optimizer, "optimizer", optimizer)]
-
-
 def _restore_adam_steps(optimizer, steps: int) -> None:
     """Per-parameter Adam ``step`` counts of torch's AdamW (megatron's fallback without apex/TE) after a load.
 
     megatron-core 0.16.1 restores them from 'fully_reshardable' state, but its 'dp_reshardable' load leaves the
     freshly initialised 0 (the bias corrections of the next update are then wrong and the resumed run drifts). Every
     trainable parameter is updated at every optimizer step, so its count is the number of steps taken."""
-    for inner in _torch_optimizers(optimizer):
+    for inner in torch_optimizers(optimizer):
         if not isinstance(inner, torch.optim.Optimizer):
             continue
         for param_state in inner.state.values():

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["add_subparser", "train_main", "run_training"]
+from lmfusion.errors import USER_ERRORS
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+__all__ = ["add_subparser", "train_main", "run_training"]
 
 
 def _one_line(e: BaseException) -> str:

@@ -59,6 +59,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from lmfusion import rundir
 from lmfusion.config import Config
 from lmfusion.config_io import dump_config
+from lmfusion.errors import UserError
 from lmfusion.model.builder import build_model
 from lmfusion.model.model import LMFusionModel
 from lmfusion.model.weights import is_image_param
@@ -78,7 +79,7 @@ def _import_deepspeed():
     try:
         import deepspeed
     except ImportError as e:
-        raise ValueError(f"engine=deepspeed needs the deepspeed package ({e}); install it with {_INSTALL}") from None
+        raise UserError(f"engine=deepspeed needs the deepspeed package ({e}); install it with {_INSTALL}") from None
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would drown the step metrics
     # torch 2.13 deprecates the collective DeepSpeed's ZeRO-3 all-gathers with, warning at every call
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
@@ -290,12 +291,12 @@ class DeepSpeedCheckpointer:
             return state
         saved, now = state.get("parallel", {}), self._layout()
         if saved.get("engine") != ENGINE:
-            raise ValueError(f"{iter_dir}: written by the megatron engine, whose optimizer state DeepSpeed cannot "
-                             f"read; set checkpoint.load_optimizer=false to start from its weights")
+            raise UserError(f"{iter_dir}: written by the megatron engine, whose optimizer state DeepSpeed cannot "
+                            f"read; set checkpoint.load_optimizer=false to start from its weights")
         if saved != now:
-            raise ValueError(f"{iter_dir}: DeepSpeed optimizer state was saved at ZeRO stage {saved.get('zero_stage')}"
-                             f" on {saved.get('dp')} data-parallel ranks, this run is stage {now['zero_stage']} on "
-                             f"{now['dp']}; set checkpoint.load_optimizer=false to load the weights alone")
+            raise UserError(f"{iter_dir}: DeepSpeed optimizer state was saved at ZeRO stage {saved.get('zero_stage')}"
+                            f" on {saved.get('dp')} data-parallel ranks, this run is stage {now['zero_stage']} on "
+                            f"{now['dp']}; set checkpoint.load_optimizer=false to load the weights alone")
         problems: list[str] = []
 
         def load_module(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
@@ -306,9 +307,9 @@ class DeepSpeedCheckpointer:
             str(iter_dir.parent), tag=iter_dir.name, load_module_strict=False, load_optimizer_states=True,
             load_lr_scheduler_states=False, custom_load_fn=load_module)
         if path is None:
-            raise ValueError(f"{iter_dir}: DeepSpeed found no checkpoint files")
+            raise UserError(f"{iter_dir}: DeepSpeed found no checkpoint files")
         if problems:
-            raise ValueError(f"{iter_dir}: {problems[0]}")
+            raise UserError(f"{iter_dir}: {problems[0]}")
         client = client[_CLIENT_KEY]
         ckpt.restore_scheduler(self.scheduler, client["scheduler"], self.scheduler_policy,
                                iter_dir / "client_state")

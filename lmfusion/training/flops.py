@@ -1,4 +1,4 @@
-"""Frozen-aware FLOP accounting (DESIGN.md "FLOP accounting"): what one training step costs, per token class.
+"""Frozen-aware FLOP accounting: what one training step costs, per token class.
 
 Per token and weight matrix of ``n`` parameters: forward 2n; backward through it (input gradient) 2n if the token is
 on the gradient path; weight gradient 2n if the weight trains. So a trainable weight costs 6n, a frozen one on the
@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from lmfusion.config import ModelConfig
+from lmfusion.errors import UserError
 
 __all__ = ["TokenCounts", "count_tokens", "ModelFlops", "model_flops", "step_flops", "compare", "peak_tflops",
            "datasheet_peak"]
@@ -194,7 +195,7 @@ def compare(cfg: ModelConfig, counts: TokenCounts, rows: int, seq_length: int,
     """Per-step FLOPs of LMFusion, everything trainable, Transfusion on the same data, and Transfusion's recipe
     (its step also holds ``text_only_share`` of text-only rows: ``rows x share / (1 - share)`` extra rows)."""
     if not 0 <= text_only_share < 1:
-        raise ValueError(f"text_only_share must be in [0, 1), got {text_only_share}")
+        raise UserError(f"text_only_share must be in [0, 1), got {text_only_share}")
     out = {"lmfusion": step_flops(cfg, counts, "lmfusion"),
            "lmfusion_as_implemented": step_flops(cfg, counts, "lmfusion", as_implemented=True),
            "all_trainable": step_flops(cfg, counts, "all_trainable"),

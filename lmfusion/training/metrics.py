@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from lmfusion.errors import UserError
+
 __all__ = ["MetricsWriter", "read_metrics", "METRICS_FILE"]
 
 METRICS_FILE = "metrics.jsonl"
@@ -33,8 +35,8 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise ValueError(f"logging.tensorboard=true needs the tensorboard package (pip install "
-                                 f"tensorboard==2.21.0), or set logging.tensorboard=false ({e})") from None
+                raise UserError(f"logging.tensorboard=true needs the tensorboard package (pip install "
+                                f"tensorboard==2.21.0), or set logging.tensorboard=false ({e})") from None
             self._tb = SummaryWriter(log_dir=tensorboard_dir or str(Path(run_dir) / "tensorboard"))
 
     def truncate_after(self, iteration: int) -> None:

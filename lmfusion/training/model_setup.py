@@ -31,12 +31,13 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from lmfusion.config import Config
+from lmfusion.errors import UserError
 from lmfusion.model.builder import build_model
 from lmfusion.model.model import LMFusionModel
 from megatron_ext import cpu, torch_adam
 from megatron_ext.device import runtime_device
 
-__all__ = ["TrainModel", "params_dtype", "build_train_model", "check_buckets", "unwrap", "text_parameters",
+__all__ = ["TrainModel", "params_dtype", "build_train_model", "check_buckets", "unwrap",
            "IMAGE_IO_NAMES", "param_group_overrides"]
 
 #: Parameter names (fnmatch, through DDP / Float16Module ``module.`` prefixes) of the image I/O blocks.
@@ -112,9 +113,9 @@ def check_buckets(cfg: Config, chunks: list[DistributedDataParallel]) -> None:
         return
     buckets = sum(len(buf.buckets) for chunk in chunks for buf in chunk.buffers)
     if buckets > len(chunks):
-        raise ValueError(f"checkpoint.optimizer_sharding=fully_reshardable with {buckets} gradient buckets: megatron-"
-                         f"core 0.16.1 saves such optimizer state corrupt; use checkpoint.optimizer_sharding="
-                         f"dp_reshardable or parallel.overlap_grad_reduce=false")
+        raise UserError(f"checkpoint.optimizer_sharding=fully_reshardable with {buckets} gradient buckets: megatron-"
+                        f"core 0.16.1 saves such optimizer state corrupt; use checkpoint.optimizer_sharding="
+                        f"dp_reshardable or parallel.overlap_grad_reduce=false")
 
 
 def param_group_overrides(cfg: Config, opt_config: OptimizerConfig):
@@ -139,7 +140,7 @@ def build_train_model(cfg: Config, base, train_text: bool = False, device: torch
         from megatron_ext.te_linear import HAVE_TE
 
         if not (HAVE_TE and torch.cuda.is_available()):
-            raise ValueError(f"train.fp8={cfg.train.fp8!r} needs Transformer Engine and a GPU")
+            raise UserError(f"train.fp8={cfg.train.fp8!r} needs Transformer Engine and a GPU")
     # megatron's torch-AdamW fallback (no apex/TE: CPU, or a GPU container without them) checkpoints its `step` state
     # wrongly; the fixes apply on every device, not only in CPU mode.
     torch_adam.install()
@@ -174,7 +175,7 @@ def build_train_model(cfg: Config, base, train_text: bool = False, device: torch
         params_dtype=dtype, use_distributed_optimizer=par.use_distributed_optimizer)
     optimizer = get_megatron_optimizer(opt_config, ddp, config_overrides=param_group_overrides(cfg, opt_config))
     if cpu.is_enabled():
-        cpu.fuse_adam(optimizer)  # torch's fused CPU AdamW: ~6x faster than the per-tensor loop megatron gets
+        cpu.fuse_adam(optimizer)  # torch's fused CPU AdamW, not megatron's per-tensor loop (docs/performance.md)
     decay = o.lr_decay_iters or cfg.train.train_iters
     # Megatron's default parameter groups exempt biases and 1-D weights (norms) from weight decay through a
     # wd_mult of 0 that only the scheduler applies: it is always used.
@@ -191,14 +192,3 @@ def build_train_model(cfg: Config, base, train_text: bool = False, device: torch
     for m in chunks[1:]:
         m.config.grad_scale_func = tconfig.grad_scale_func
     return TrainModel(chunks=ddp, optimizer=optimizer, scheduler=scheduler, config=tconfig)
-
-
-def text_parameters(chunks: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """Frozen (text) parameters of this rank, by local name per chunk (for bit-for-bit checks)."""
-    out = {}
-    for i, chunk in enumerate(chunks):
-        for name, p in unwrap(chunk).named_parameters():
-            if not p.requires_grad:
-                out[f"{i}.{name}"] = p
-    return out
-

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from lmfusion.errors import UserError
 from lmfusion.training.metrics import read_metrics
 
 __all__ = ["plot_losses"]
@@ -53,7 +54,7 @@ def plot_losses(run_dir: str | Path, output: Optional[str | Path] = None) -> Pat
 
     records = read_metrics(run_dir)
     if not records:
-        raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'}: empty; nothing to plot")
+        raise UserError(f"{Path(run_dir) / 'metrics.jsonl'}: empty; nothing to plot")
     steps = [int(r["step"]) for r in records]
     image = Image.new("RGB", (_W * len(_PANELS), _H), "white")
     draw = ImageDraw.Draw(image)

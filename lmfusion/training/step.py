@@ -14,8 +14,8 @@
   ``S_mb / N_step`` (``lmfusion.losses.total_loss`` with the step's global counts). The gradient is then that of the
   step's global token mean, independent of how rows are split into micro-batches and DP ranks: a run at DP=2 has the
   loss of the same run at DP=1. The schedule divides each micro-batch's loss by their number and DDP averages over
-  DP, so the loss handed back is scaled by ``dp x num_microbatches`` (the DP factor is the one
-  ``total_loss(grads_averaged_over_dp=True)`` applies; the micro-batch factor undoes the schedule's averaging).
+  DP, so the loss handed back is scaled by ``dp x num_microbatches`` (the DP factor undoes DDP's mean over ranks,
+  the micro-batch factor the schedule's averaging).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class StepLoss:
             d_sum = torch.zeros((), device=lm_sum.device)
         dev = lm_sum.device
         return total_loss(lm_sum, torch.tensor(self.lm_tokens, device=dev), d_sum,
-                          torch.tensor(self.image_tokens, device=dev), lam=self.lam, dp_group=None)
+                          torch.tensor(self.image_tokens, device=dev), lam=self.lam)
 
     def __call__(self, mb: MicroBatch, output: LMFusionOutput, non_loss_data: bool = False):
         terms = self.terms(mb, output)

@@ -27,6 +27,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from lmfusion import rundir
 from lmfusion.config import Config, ModelConfig
 from lmfusion.config_io import TEXT_FIELDS, dump_config
+from lmfusion.errors import UserError
 from lmfusion.training import checkpointing as ckpt
 from lmfusion.training.flops import TokenCounts, peak_tflops, step_flops
 from lmfusion.training.metrics import MetricsWriter
@@ -76,7 +77,7 @@ class Trainer:
         if self.rt.rank == 0:
             atomic_write_text(self.run_dir / rundir.CONFIG, dump_config(cfg))
         self.base_dir = self._prepare_base()
-        from lmfusion.checkpoint.hf import load_base_state
+        from lmfusion.hf import load_base_state
 
         base_cfg, weights = load_base_state(self.base_dir)
         self._check_text_fields(dataclasses.asdict(base_cfg), f"base {self.base_dir}")
@@ -138,7 +139,7 @@ class Trainer:
         init = self.cfg.init
         if init.base_checkpoint is not None:
             return Path(init.base_checkpoint).expanduser().resolve()
-        from lmfusion.checkpoint.hf import BASE_CONFIG, convert_hf
+        from lmfusion.hf import BASE_CONFIG, convert_hf
 
         target = Path(init.convert_to or self.run_dir / "base").expanduser().resolve()
         if self.rt.rank == 0 and not (target / BASE_CONFIG).is_file():
@@ -152,7 +153,7 @@ class Trainer:
         mine = dataclasses.asdict(self.cfg.model)
         for key in TEXT_FIELDS:
             if mine[key] != other.get(key):
-                raise ValueError(f"model.{key}={mine[key]!r} does not match {source} ({other.get(key)!r})")
+                raise UserError(f"model.{key}={mine[key]!r} does not match {source} ({other.get(key)!r})")
 
     def _make_loader(self):
         from lmfusion.data import MultimodalLoader
@@ -165,7 +166,7 @@ class Trainer:
     def _vae_block(self) -> Optional[dict[str, Any]]:
         if not self.cfg.data.datasets:
             return None
-        from data_tools import shard_format
+        from lmfusion.data import shard_format
 
         return shard_format.read_manifest(Path(self.cfg.data.datasets[0])).get("vae")
 
@@ -188,20 +189,20 @@ class Trainer:
             mine, theirs = dataclasses.asdict(self.cfg.model.image), dataclasses.asdict(saved.image)
             for key in sorted(set(mine) | set(theirs)):
                 if mine.get(key) != theirs.get(key):
-                    raise ValueError(f"{path}: model.image.{key} is {theirs.get(key)!r} in the checkpoint, "
-                                     f"{mine.get(key)!r} in this config; image modules cannot load across image "
-                                     f"configs")
+                    raise UserError(f"{path}: model.image.{key} is {theirs.get(key)!r} in the checkpoint, "
+                                    f"{mine.get(key)!r} in this config; image modules cannot load across image "
+                                    f"configs")
             if c.load_optimizer:
                 saved = _saved_lr_mult(path.parent / rundir.CONFIG)
                 if saved != self.cfg.optimizer.lr_mult:
-                    raise ValueError(f"{path.parent}: optimizer.lr_mult is {saved} in the checkpoint, "
-                                     f"{self.cfg.optimizer.lr_mult} in this config: the optimizer's parameter groups "
-                                     f"differ; keep {saved} or set checkpoint.load_optimizer=false")
+                    raise UserError(f"{path.parent}: optimizer.lr_mult is {saved} in the checkpoint, "
+                                    f"{self.cfg.optimizer.lr_mult} in this config: the optimizer's parameter groups "
+                                    f"differ; keep {saved} or set checkpoint.load_optimizer=false")
             objective = (record.get("diffusion") or {}).get("objective", "epsilon")  # older records: epsilon
             if objective != self.cfg.diffusion.objective:
-                raise ValueError(f"{path}: diffusion.objective is {objective!r} in the checkpoint, "
-                                 f"{self.cfg.diffusion.objective!r} in this config; the image head predicts another "
-                                 f"quantity: set diffusion.objective={objective}")
+                raise UserError(f"{path}: diffusion.objective is {objective!r} in the checkpoint, "
+                                f"{self.cfg.diffusion.objective!r} in this config; the image head predicts another "
+                                f"quantity: set diffusion.objective={objective}")
 
         state = self.checkpointer.load(found, c.load_optimizer, check)
         self.iteration = int(state["iteration"]) if c.load_optimizer or found.parent == self.run_dir else 0
@@ -379,7 +380,7 @@ def _saved_lr_mult(config_path: Path) -> float:
     try:
         data = yaml.safe_load(config_path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{config_path}: invalid YAML ({e})") from None
+        raise UserError(f"{config_path}: invalid YAML ({e})") from None
     return float(((data.get("optimizer") if isinstance(data, dict) else None) or {}).get("lr_mult", 1.0))
 
 

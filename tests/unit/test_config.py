@@ -13,19 +13,17 @@ import yaml
 from lmfusion.config import Config, DiffusionConfig, ModelConfig
 from lmfusion.config_io import TEXT_FIELDS, config_from_dict, dump_config, load_config, parse_overrides, write_config
 from lmfusion.model.image_config import ImageIOConfig
+from tests.fixtures import TINY_CONFIG, config_only_base
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "examples" / "configs" / "tiny_cpu.yaml"
+TINY = TINY_CONFIG
 LLAMA3_8B = REPO / "examples" / "configs" / "llama3_8b.yaml"
 
 
 @pytest.fixture
 def base(tmp_path) -> Path:
     """A directory holding only a base's lmfusion_config.json (all the config reads)."""
-    cfg = ModelConfig(vocab_size=45, hidden_size=64, ffn_hidden_size=96, num_layers=2, num_attention_heads=4,
-                      num_query_groups=2, bos_token_id=1, eos_token_id=2, boi_token_id=3, eoi_token_id=4)
-    cfg.save(tmp_path / "base" / "lmfusion_config.json")
-    return tmp_path / "base"
+    return config_only_base(tmp_path)
 
 
 def tiny(base: Path, *overrides: str) -> Config:

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from data_tools import build_shards
-from data_tools import shard_format as fmt
+from lmfusion.data import shard_format as fmt
 from lmfusion.data import MultimodalLoader
-from tests.unit.test_data_fixtures import data_config, make_images, make_tokenizer, manifest, model_config
+from tests.fixtures import data_config, make_images, make_tokenizer, manifest, model_config
 
 RES, BLOCKS, CHANNELS = 16, (8, 16), 4
 

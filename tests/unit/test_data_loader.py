@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lmfusion.data import DataError, MultimodalLoader, merge_states
-from tests.unit.test_data_fixtures import build_set, data_config, make_images, make_tokenizer, manifest, model_config
+from tests.fixtures import build_set, data_config, make_images, make_tokenizer, manifest, model_config
 
 SPS = 4  # samples per shard
 

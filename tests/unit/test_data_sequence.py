@@ -15,7 +15,7 @@ import torch
 
 from lmfusion.data import IGNORE_INDEX, MultimodalLoader, Packer, SequenceBuilder, collate
 from lmfusion.model.image_io import tokens_per_image
-from tests.unit.test_data_fixtures import MAX_WORDS, build_set, data_config, make_images, make_tokenizer, model_config
+from tests.fixtures import MAX_WORDS, build_set, data_config, make_images, make_tokenizer, model_config
 
 N_IMAGES, SPS = 36, 5
 

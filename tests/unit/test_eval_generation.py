@@ -1,6 +1,6 @@
 """Generation eval (lmfusion.evaluation.generation): sharding over 2 ranks draws every prompt exactly once, and a
 rerun draws only what is missing. The two ranks run in this process with explicit rank/world (the split is the
-only rank-dependent part); the model is test_generation's tiny training checkpoint (identity VAE, 8 px)."""
+only rank-dependent part); the model is the ckpts fixture's tiny training checkpoint (identity VAE, 8 px)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch
 from lmfusion.evaluation import generation as gen
 from lmfusion.evaluation.runtime import shard
 from lmfusion.inference.load import load_for_inference, load_vae
-from tests.unit.test_generation import ckpts, runtime  # noqa: F401  (module fixtures)
 
 PROMPTS = ["a cat", "a red shoe", "a dog", "two birds", "a bag"]  # odd count: ranks get 3 and 2
 
@@ -22,7 +21,7 @@ def test_shard_covers_every_item_once():
         assert sorted(sum(parts, [])) == list(range(n))
 
 
-def test_two_ranks_draw_each_prompt_once_and_resume(ckpts, tmp_path, monkeypatch):  # noqa: F811
+def test_two_ranks_draw_each_prompt_once_and_resume(ckpts, tmp_path, monkeypatch):
     root, _ = ckpts
     bundle = load_for_inference(root / "run", device="cpu")
     codec = load_vae("identity", None, torch.device("cpu"))

@@ -1,4 +1,4 @@
-"""lm-eval adapter (lmfusion.evaluation.lm_adapter): on test_generation's tiny converted Llama, loglikelihood,
+"""lm-eval adapter (lmfusion.evaluation.lm_adapter): on the ckpts fixture's tiny converted Llama, loglikelihood,
 loglikelihood_rolling and greedy generate_until requests (lm-eval ``Instance`` objects, no dataset download) give
 what lm-eval's own Hugging Face adapter (HFLM) gives on the source HF model.
 
@@ -15,7 +15,6 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from lmfusion.evaluation.lm_adapter import LMFusionLM  # noqa: E402
 from lmfusion.inference.load import load_for_inference  # noqa: E402
-from tests.unit.test_generation import ckpts, runtime  # noqa: E402,F401  (module fixtures)
 
 PAIRS = [("a photo of a", " cat"), ("the quick brown fox", " jumps over the lazy dog"), ("", "hello world"),
          ("a drawing of a red shoe, ", "twice")]
@@ -27,7 +26,7 @@ def _requests(kind, args_list):
 
 
 @pytest.fixture(scope="module")
-def models(ckpts):  # noqa: F811
+def models(ckpts):
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer, LlamaForCausalLM
 

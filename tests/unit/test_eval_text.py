@@ -1,5 +1,5 @@
 """``lmfusion eval text`` end to end through the CLI on a small local lm-eval task (a task YAML over a JSONL file
-written here, ``dataset_path: json``; nothing downloaded), on test_generation's tiny training checkpoint.
+written here, ``dataset_path: json``; nothing downloaded), on the ckpts fixture's tiny training checkpoint.
 
 * The checkpoint's scores sit beside its base's and are identical (text is frozen): exit 0, no differences; the
   accuracy equals the one recomputed from the adapter's own loglikelihoods (argmax over choices, by hand).
@@ -19,7 +19,7 @@ import pytest
 
 from lmfusion.cli import main  # noqa: E402
 from lmfusion.evaluation.text import LOGLIK_TOL  # noqa: E402
-from tests.unit.test_generation import PROMPTS, ckpts, runtime  # noqa: E402,F401
+from tests.fixtures import GEN_PROMPTS as PROMPTS  # noqa: E402
 
 TASK = "lmfusion_tiny_mc"
 N_DOCS = 16
@@ -83,7 +83,7 @@ def _by_hand_accuracy(ckpt, docs) -> float:
     return correct / len(docs)
 
 
-def test_eval_text_training_checkpoint_beside_its_base(ckpts, task, tmp_path, capsys):  # noqa: F811
+def test_eval_text_training_checkpoint_beside_its_base(ckpts, task, tmp_path, capsys):
     root, _ = ckpts
     task_dir, docs = task
     out = tmp_path / "out"
@@ -100,7 +100,7 @@ def test_eval_text_training_checkpoint_beside_its_base(ckpts, task, tmp_path, ca
     assert TASK in table and "Base (frozen text)" in table and "differ" not in table
 
 
-def test_eval_text_flags_a_different_base(ckpts, task, tmp_path, capsys):  # noqa: F811
+def test_eval_text_flags_a_different_base(ckpts, task, tmp_path, capsys):
     import shutil
 
     import torch
@@ -122,7 +122,7 @@ def test_eval_text_flags_a_different_base(ckpts, task, tmp_path, capsys):  # noq
     assert "Text scores differ from the base model's" in (out / "table1.md").read_text()
 
 
-def test_missing_datasets_are_one_line_errors(ckpts, tmp_path, capsys):  # noqa: F811
+def test_missing_datasets_are_one_line_errors(ckpts, tmp_path, capsys):
     root, _ = ckpts
     hub = _write_task(tmp_path / "hub", None, dataset_path="lmfusion-test/absent-dataset", name="absent_hub")
     assert main(["eval", "text", "--ckpt", str(root / "run"), "--tasks", "absent_hub", "--include-path", str(hub),

@@ -1,5 +1,5 @@
 """Frozen-aware FLOP accounting: token classes against a brute-force reading of the batch and the attention mask,
-per-weight FLOPs against the base checkpoint's tensor shapes, and the DESIGN.md rule (trainable 6n, frozen on the
+per-weight FLOPs against the base checkpoint's tensor shapes, and the module's rule (trainable 6n, frozen on the
 gradient path 4n, frozen off it 2n) as differences between the accounting modes."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from lmfusion.checkpoint.hf import base_shapes
 from lmfusion.config import ModelConfig
+from lmfusion.hf import base_shapes
 from lmfusion.model.attention import AttentionMask
 from lmfusion.model.image_config import ImageIOConfig, tokens_per_image
 from lmfusion.training import flops

@@ -90,3 +90,75 @@ def test_only_a_missing_gpu_may_skip(tmp_path):
         proc = _run_suite(tmp_path / f"case{i}", body)
         assert proc.returncode == 1, proc.stdout
         assert "skips that are not allowed" in proc.stdout and "only a missing GPU may skip" in proc.stdout
+
+
+def _declared(extra: str) -> tuple[list[str], list[str]]:
+    """(install_requires, extras_require[extra]) as setup.py passes them to setuptools."""
+    import runpy
+
+    import setuptools
+
+    seen = {}
+    real = setuptools.setup
+    setuptools.setup = lambda **kw: seen.update(kw)
+    try:
+        runpy.run_path(str(REPO_ROOT / "setup.py"))
+    finally:
+        setuptools.setup = real
+    return seen["install_requires"], seen["extras_require"][extra]
+
+
+def _closure(requirements: list[str]) -> set[str]:
+    """The distributions ``requirements`` install, with their dependencies (as installed here)."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    out: set[str] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in out:
+            continue
+        out.add(name)
+        for extra in req.extras:  # e.g. transformer-engine[pytorch]
+            out.add(f"{name}[{extra}]")
+        try:
+            deps = md.requires(req.name) or []
+        except md.PackageNotFoundError:
+            continue
+        for dep in map(Requirement, deps):
+            if dep.marker is None or dep.marker.evaluate({"extra": ""}) or \
+                    any(dep.marker.evaluate({"extra": e}) for e in req.extras):
+                todo.append(dep)
+    return out
+
+
+def test_the_test_extra_installs_what_the_tests_import():
+    """`pip install -e '.[test]'` then `pytest tests` must not fail at collection: every distribution a test module
+    imports at its top level comes with install_requires plus the test extra (or their dependencies)."""
+    import ast
+    import importlib.metadata as md
+
+    from packaging.utils import canonicalize_name
+
+    install, test = _declared("test")
+    provided = _closure(install + test)
+    ours = {"lmfusion", "megatron_ext", "data_tools", "tests", "benchmarks", "__future__"}
+    dists = md.packages_distributions()
+    missing = {}
+    for path in sorted((REPO_ROOT / "tests").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:  # module level: what collection imports
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and \
+                    getattr(node.value.func, "attr", "") == "importorskip":
+                names = [ast.literal_eval(node.value.args[0])]
+            for top in {n.split(".")[0] for n in names} - ours - set(sys.stdlib_module_names):
+                wanted = {canonicalize_name(d) for d in dists.get(top, [top])}
+                if not wanted & provided:
+                    missing.setdefault(top, []).append(path.relative_to(REPO_ROOT).as_posix())
+    assert not missing, f"imported by tests, not installed by .[test]: {missing}"

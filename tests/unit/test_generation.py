@@ -1,10 +1,10 @@
 """Generation (lmfusion.inference): text with a KV cache, text -> image with CFG, captioning, interleaved chat, CLI.
 
-One process, a one-rank gloo group (megatron TP=PP=1, CPU mode), set up by the loader and torn down here. The model is
-a tiny random Hugging Face Llama (tests/distributed/workers/model_fixtures.py) converted with our importer, plus a
-byte-level BPE tokenizer trained here. Images use the identity VAE (pixels in [-1, 1], 3 x 8 x 8) and a training
-checkpoint written through megatron dist_checkpointing, whose image set is perturbed (the decoder's output layer is
-zero at init, which would make every prediction 0).
+One process, a one-rank gloo group (megatron TP=PP=1, CPU mode: the ``runtime`` fixture of tests/conftest.py). The
+model (the ``ckpts`` fixture, tests/fixtures.py) is a tiny random Hugging Face Llama converted with our importer,
+plus a byte-level BPE tokenizer trained there. Images use the identity VAE (pixels in [-1, 1], 3 x 8 x 8) and a
+training checkpoint written through megatron dist_checkpointing, whose image set is perturbed (the decoder's output
+layer is zero at init, which would make every prediction 0).
 
 Tolerances: fp32 throughout. Greedy text must equal HF ``generate`` token for token (the text path is the frozen
 Llama: only summation order differs, ~1e-6 on logits). Left-padded batches vs single rows differ by summation order
@@ -19,96 +19,22 @@ import json
 
 import pytest
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
 
-from lmfusion.checkpoint.hf import load_base_state
 from lmfusion.cli import main
+from lmfusion.hf import load_base_state
 from lmfusion.inference.chat import Conversation, ImageOptions
 from lmfusion.inference.image import caption_image, commit_image, encode_image, text_to_image
-from lmfusion.inference.load import CHECKPOINT_JSON, LATEST, init_runtime, load_for_inference, load_vae
+from lmfusion.inference.load import CHECKPOINT_JSON, load_for_inference, load_vae
 from lmfusion.inference.text import Image, SamplingParams, Session, generate_text, sample_next
 from lmfusion.model.builder import build_model
-from lmfusion.model.image_io import ImageIOConfig, patchify, tokens_per_image
+from lmfusion.model.image_io import patchify, tokens_per_image
 from lmfusion.model.model import ModelInputs
-from lmfusion.model.weights import is_image_param
-from tests.distributed.workers.model_fixtures import convert_tiny_llama
+from tests.fixtures import GEN_IMAGE as IMAGE
+from tests.fixtures import GEN_PROMPTS as PROMPTS
+from tests.fixtures import perturb_image_set
 
-IMAGE = ImageIOConfig(latent_channels=3, latent_size=8, patch_size=2, kind="unet", block_channels=(16, 16),
-                      norm_groups=8, layers_per_block=1)
 STEPS = 3  # denoising steps in tests
 BATCH_TOL = 1e-4
-PROMPTS = ["a photo of a cat", "the quick brown fox jumps over the lazy dog, twice"]
-
-
-def _write_tokenizer(directory) -> None:
-    """A byte-level BPE tokenizer (HF tokenizers, trained here): <pad>, <bos>, <eos> = 0, 1, 2 like the tiny
-    config; 290 entries, then <boi>, <eoi> = 290, 291 as in model_fixtures."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = ["a photo of a cat sitting on a mat", "a drawing of a red shoe", PROMPTS[1],
-              "an image of a dress, a shirt, a bag and a sneaker", "hello world, this is a tiny tokenizer"] * 5
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=290, special_tokens=["<pad>", "<bos>", "<eos>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.add_special_tokens(["<boi>", "<eoi>"])
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                            pad_token="<pad>").save_pretrained(directory)
-
-
-@pytest.fixture(scope="module")
-def runtime():
-    from megatron_ext import cpu
-
-    had = dist.is_initialized(), parallel_state.model_parallel_is_initialized(), cpu.is_enabled()
-    init_runtime(torch.device("cpu"))
-    yield
-    if not had[1]:
-        parallel_state.destroy_model_parallel()
-    if not had[0]:
-        dist.destroy_process_group()
-    if not had[2]:
-        cpu.disable()
-
-
-def _perturb_image_set(model, seed: int) -> None:
-    """Stand-in for training: move every image parameter (the zero-initialised output layer included)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if is_image_param(name):
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
-
-
-@pytest.fixture(scope="module")
-def ckpts(runtime, tmp_path_factory):
-    """root/hf (HF Llama + tokenizer), root/base (convert-hf), root/run (a training checkpoint on root/base)."""
-    from megatron.core import dist_checkpointing
-
-    root = tmp_path_factory.mktemp("gen")
-    (root / "hf").mkdir()
-    _write_tokenizer(root / "hf")
-    convert_tiny_llama(root, num_key_value_heads=2, tie_word_embeddings=False)
-    cfg, weights = load_base_state(root / "base")
-    cfg = dataclasses.replace(cfg, image=IMAGE, attention_backend="sdpa", linear_backend="local")
-    with weights:
-        model = build_model(cfg, base=weights, freeze=False)
-    _perturb_image_set(model, seed=1)
-    iter_dir = root / "run" / "iter_0000007"
-    iter_dir.mkdir(parents=True)
-    dist_checkpointing.save(model.sharded_state_dict(), str(iter_dir))
-    vae = load_vae("identity", None, torch.device("cpu")).describe()
-    from lmfusion.rundir import base_sha256
-
-    (iter_dir / CHECKPOINT_JSON).write_text(json.dumps({"base": "../../base", "model": cfg.to_dict(), "vae": vae,
-                                                        "base_conversion_sha256": base_sha256(root / "base")}))
-    (root / "run" / LATEST).write_text("7\n")
-    return root, {n: p.detach().clone() for n, p in model.named_parameters()}
-
 
 @pytest.fixture(scope="module")
 def base(ckpts):
@@ -260,7 +186,7 @@ def test_image_tokens_attend_bidirectionally_during_sampling(ckpts, runtime):
                               linear_backend="local")
     with weights:
         model = build_model(cfg, base=weights, freeze=False).eval()
-    _perturb_image_set(model, seed=2)
+    perturb_image_set(model, seed=2)
     p, n_tok = IMAGE.patch_size, tokens_per_image(IMAGE)
     x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     x2 = x.clone()
@@ -346,7 +272,7 @@ def test_real_vae_from_a_shard_manifest(ckpts, trained, tmp_path, capsys):
     from PIL import Image as PILImage
 
     from data_tools import build_shards
-    from data_tools import shard_format as fmt
+    from lmfusion.data import shard_format as fmt
 
     root, _ = ckpts
     factor = 2

@@ -1,4 +1,4 @@
-"""Hugging Face Llama import/export (lmfusion.checkpoint.hf, `lmfusion convert-hf` / `export-hf`).
+"""Hugging Face Llama import/export (lmfusion.hf, `lmfusion convert-hf` / `export-hf`).
 
 Real components throughout: random tiny ``transformers.LlamaForCausalLM`` models saved with ``save_pretrained``,
 a tiny ``tokenizers`` WordLevel tokenizer, safetensors files. Sizes come from the configs below.
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from lmfusion.checkpoint import hf
+from lmfusion import hf
 from lmfusion.cli import main
 from lmfusion.config import ModelConfig
 

@@ -24,13 +24,6 @@ MODEL = ModelConfig(vocab_size=300, hidden_size=32, ffn_hidden_size=48, num_laye
 
 
 @pytest.fixture(scope="module")
-def runtime():
-    from lmfusion.inference.load import init_runtime
-
-    init_runtime(torch.device("cpu"))  # one gloo rank, TP=1; undone after the module (tests/conftest.py)
-
-
-@pytest.fixture(scope="module")
 def inputs():
     from lmfusion.training.synthetic import synthetic_batches
 

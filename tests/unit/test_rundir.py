@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from lmfusion import rundir
 from lmfusion.rundir import integrity
@@ -155,24 +154,6 @@ class _ObjectPayload:
 
     def __reduce__(self):
         return eval, (f"__import__('pathlib').Path({str(self.marker)!r}).touch() or 0",)
-
-
-@pytest.fixture(scope="module")
-def runtime():
-    from megatron.core import parallel_state
-
-    from lmfusion.inference.load import init_runtime
-    from megatron_ext import cpu
-
-    had = dist.is_initialized(), parallel_state.model_parallel_is_initialized(), cpu.is_enabled()
-    init_runtime(torch.device("cpu"))
-    yield
-    if not had[1]:
-        parallel_state.destroy_model_parallel()
-    if not had[0]:
-        dist.destroy_process_group()
-    if not had[2]:
-        cpu.disable()
 
 
 def _save(directory: Path, obj) -> dict:

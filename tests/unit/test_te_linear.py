@@ -64,13 +64,6 @@ class DictBase:
         return self.tensors[name] if slices is None else self.tensors[name][slices]
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    from lmfusion.inference.load import init_runtime
-
-    init_runtime(torch.device("cpu"))  # one gloo rank, TP=1; undone after the module (tests/conftest.py)
-
-
 @pytest.fixture
 def te(monkeypatch):
     return fake_te.install(monkeypatch)

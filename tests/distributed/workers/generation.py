@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
-from lmfusion.checkpoint.hf import load_base_state
+from lmfusion.hf import load_base_state
 from lmfusion.inference.image import text_to_image
 from lmfusion.inference.load import CHECKPOINT_JSON, load_for_inference
 from lmfusion.inference.text import SamplingParams, generate_text
@@ -24,7 +24,7 @@ from lmfusion.model.image_io import ImageIOConfig
 from lmfusion.model.weights import is_image_param
 from tests.distributed.harness import case, worker_main
 from tests.distributed.workers.model import shared_tmpdir
-from tests.distributed.workers.model_fixtures import convert_tiny_llama
+from tests.fixtures import convert_tiny_llama
 
 IMAGE = ImageIOConfig(latent_channels=3, latent_size=8, patch_size=2, kind="unet", block_channels=(16, 16),
                       norm_groups=8, layers_per_block=1)

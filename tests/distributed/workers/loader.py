@@ -18,7 +18,7 @@ from megatron.core import parallel_state as ps
 from lmfusion.data import DataConfig, MultimodalLoader
 from lmfusion.data.loader import _all_gather_json
 from tests.distributed.harness import case, worker_main
-from tests.unit.test_data_fixtures import model_config
+from tests.fixtures import model_config
 
 TP = 2
 

@@ -82,8 +82,12 @@ def _local_loss(model, d, dp_group, grads_averaged_over_dp: bool) -> torch.Tenso
     logits, pred = model(d["text"], d["images"])
     lm_sum, lm_count = lm_loss(logits, d["labels"], d["mask"])
     diff_sum, diff_count = diffusion_loss(pred, d["noise"])
-    return total_loss(lm_sum, lm_count, diff_sum, diff_count, dp_group=dp_group,
-                      grads_averaged_over_dp=grads_averaged_over_dp).loss
+    # the global counts, as lmfusion.training.step sums them once per step (int64: exact for any token count)
+    counts = torch.stack([lm_count, diff_count]).to(torch.int64)
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=dp_group)
+    loss = total_loss(lm_sum, counts[0], diff_sum, counts[1]).loss
+    # megatron DDP averages gradients over the DP ranks: scale by dp, as the trainer's loss does
+    return loss * dist.get_world_size(dp_group) if grads_averaged_over_dp else loss
 
 
 def _reference_grads(config) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ from lmfusion.model.image_io import ImageIOConfig, patchify, tokens_per_image
 from lmfusion.model.model import LMFusionOutput, ModelInputs
 from lmfusion.model.weights import is_image_param
 from tests.distributed.harness import case, worker_main
-from tests.distributed.workers.model_fixtures import convert_tiny_llama, hf_logits
+from tests.fixtures import convert_tiny_llama, hf_logits
 
 LOGIT_TOL = 1e-4
 GRAD_TOL = 1e-5

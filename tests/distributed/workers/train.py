@@ -27,7 +27,7 @@ from lmfusion.training.step import StepLoss
 from lmfusion.training.trainer import Trainer, TrainingDiverged
 from tests.distributed.harness import case, worker_main
 from tests.distributed.workers.megatron_common import shared_tmpdir
-from tests.unit.test_data_fixtures import SPECIALS
+from tests.fixtures import SPECIALS
 
 PARITY_TOL = 1e-5
 TINY_CONFIG = Path(__file__).resolve().parents[3] / "examples" / "configs" / "tiny_cpu.yaml"
@@ -45,8 +45,8 @@ def make_tiny_assets(root: Path, num_layers: int = 2) -> dict[str, str]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lmfusion.checkpoint.hf import convert_hf
-    from tests.unit.test_data_fixtures import SPECIALS, WORDS, build_set, make_images, make_tokenizer
+    from lmfusion.hf import convert_hf
+    from tests.fixtures import SPECIALS, WORDS, build_set, make_images, make_tokenizer
 
     make_images(root / "img", 40, seed=7)
     shards = build_set(root / "shards", root / "img", 8)
@@ -104,7 +104,7 @@ def tree_digest(path: Path) -> str:
 def layouts_match_reference_step1_and_keep_text_frozen():
     """TP=2, PP=2, TP=2+SP and DP=2 each train 5 steps: the step-1 loss equals the 1-rank run's (1e-5), later
     losses stay close, every step is finite, and after training every text weight equals the base bit for bit."""
-    from lmfusion.checkpoint.hf import load_base_state
+    from lmfusion.hf import load_base_state
     from lmfusion.model.builder import build_model
 
     ref = [json.loads(line)["loss"] for line in Path(spec()["reference"]).read_text().splitlines()]

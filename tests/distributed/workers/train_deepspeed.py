@@ -113,7 +113,7 @@ def check_parity(stage: int, trainer: Trainer) -> None:
 
 def check_only_image_params_trained(stage: int, trainer: DeepSpeedTrainer) -> None:
     """The optimizer holds exactly the image set; text parameters have no gradient and equal the base bit for bit."""
-    from lmfusion.checkpoint.hf import load_base_state
+    from lmfusion.hf import load_base_state
     from lmfusion.model.builder import build_model
     import deepspeed
 

@@ -1,4 +1,5 @@
-"""The latent-shard format shared by the builder, the inspector and (later) the training data loader.
+"""The latent-shard format shared by the builder (``data_tools/build_shards.py``), the inspector and the training
+data loader (:mod:`lmfusion.data.shards`).
 
 A shard set is a directory::
 
@@ -37,6 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmfusion.errors import UserError
+from lmfusion.utils import atomic_write_bytes
+
 FORMAT_NAME = "lmfusion-latent-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -55,17 +59,6 @@ def shard_name(index: int) -> str:
 def sample_key(index: int) -> str:
     """WebDataset key of the input with global ``index`` (no dots: WebDataset splits key and field at a dot)."""
     return f"{index:0{KEY_DIGITS}d}"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a per-process temporary name and ``os.replace`` (readers never see half)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def dumps_json(obj: Any) -> str:
@@ -89,7 +82,7 @@ def load_npy(data: bytes, what: str) -> np.ndarray:
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as e:  # object arrays need pickle: refused
-        raise ValueError(f"{what}: not a plain .npy array ({e})") from e
+        raise UserError(f"{what}: not a plain .npy array ({e})") from e
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -150,12 +143,12 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise UserError(f"{path}: not valid JSON ({e})") from e
     if manifest.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path}: field 'format' is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+        raise UserError(f"{path}: field 'format' is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: field 'format_version' is {manifest.get('format_version')!r}, "
-                         f"this code reads {FORMAT_VERSION}")
+        raise UserError(f"{path}: field 'format_version' is {manifest.get('format_version')!r}, "
+                        f"this code reads {FORMAT_VERSION}")
     return manifest
 
 
@@ -248,12 +241,12 @@ def load_codec(spec: str, device: torch.device, dtype: torch.dtype) -> LatentCod
     try:
         config = json.loads((root / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{root / 'config.json'}: not valid JSON ({e})") from e
+        raise UserError(f"{root / 'config.json'}: not valid JSON ({e})") from e
     kind = config.get("_class_name")
     classes = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
     if kind not in classes:
-        raise ValueError(f"{root / 'config.json'}: field '_class_name' is {kind!r}; build_shards supports "
-                         "AutoencoderKL and AutoencoderTiny")
+        raise UserError(f"{root / 'config.json'}: field '_class_name' is {kind!r}; build_shards supports "
+                        "AutoencoderKL and AutoencoderTiny")
     weights = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".bin"))
     if not weights:
         raise FileNotFoundError(f"{root}: no .safetensors/.bin weights next to config.json")

@@ -1,4 +1,5 @@
-"""Hugging Face Llama <-> LMFusion base checkpoint (import with ``convert-hf``, export with ``export-hf``).
+"""Hugging Face Llama <-> LMFusion base checkpoint: the format, the name mapping and reading (``convert-hf`` and
+``export-hf`` are :mod:`lmfusion.hf.convert`).
 
 A base directory holds the text model only, in megatron naming, as full (TP=1) tensors:
 
@@ -20,30 +21,24 @@ Design choices:
   value head g. No RoPE permutation: HF Llama weights are already in rotate-half layout (the Meta -> HF conversion
   permuted them), which is what megatron's non-interleaved RoPE computes.
 * **Safetensors only.** Torch pickles (``pytorch_model.bin``) are refused, never unpickled.
-* **Atomic.** A directory is built in ``<output>.tmp-XXXX`` and moved into place with ``os.replace``.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import datetime
-import hashlib
 import json
-import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
 from lmfusion.config import ModelConfig, RopeScaling
+from lmfusion.errors import UserError
 
-__all__ = ["read_hf_llama", "hf_config_to_model_kwargs", "hf_to_megatron", "megatron_to_hf", "base_shapes",
-           "convert_hf", "export_hf", "load_base_state", "BaseWeights", "add_subparser"]
+__all__ = ["HF_CONFIG", "BASE_CONFIG", "CONVERSION", "SINGLE_FILE", "INDEX_FILE", "TOKENIZER_FILES", "BOI_TOKEN",
+           "EOI_TOKEN", "DEFAULT_MAX_SHARD_SIZE", "read_hf_llama", "hf_config_to_model_kwargs", "hf_eos_token_ids",
+           "hf_to_megatron", "megatron_to_hf", "base_shapes", "load_base_state", "BaseWeights",
+           "tokenizer_token_id", "hf_config_of", "write_safetensors", "read_json"]
 
 HF_CONFIG, BASE_CONFIG, CONVERSION = "config.json", "lmfusion_config.json", "conversion.json"
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
@@ -51,8 +46,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 BOI_TOKEN, EOI_TOKEN = "<|reserved_special_token_0|>", "<|reserved_special_token_1|>"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 # Per-layer one-to-one renames: (HF suffix, megatron suffix); the shapes follow from the config.
 _LAYER_RENAMES = (("input_layernorm.weight", "input_layernorm.weight"),
@@ -70,8 +63,8 @@ def hf_config_to_model_kwargs(hf: Mapping[str, Any], source: str = HF_CONFIG) ->
     """
     from transformers import LlamaConfig
 
-    def unsupported(key: str, need: str) -> ValueError:
-        return ValueError(f"{source}: {key}={hf.get(key)!r} is not supported ({need})")
+    def unsupported(key: str, need: str) -> UserError:
+        return UserError(f"{source}: {key}={hf.get(key)!r} is not supported ({need})")
 
     if hf.get("model_type") != "llama":
         raise unsupported("model_type", "need 'llama'")
@@ -85,7 +78,7 @@ def hf_config_to_model_kwargs(hf: Mapping[str, Any], source: str = HF_CONFIG) ->
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "bos_token_id", "eos_token_id"):
         if hf.get(key) is None:
-            raise ValueError(f"{source}: {key!r} is missing or null")
+            raise UserError(f"{source}: {key!r} is missing or null")
     defaults = LlamaConfig()  # transformers' defaults for keys an older config.json may omit
     rope_theta, rope_scaling = _rope(hf, source, defaults.rope_parameters["rope_theta"])
     return dict(
@@ -104,7 +97,7 @@ def hf_eos_token_ids(hf: Mapping[str, Any], source: str = HF_CONFIG) -> list[int
     eos = hf.get("eos_token_id")
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     if not eos or not all(isinstance(e, int) for e in eos):
-        raise ValueError(f"{source}: eos_token_id={hf.get('eos_token_id')!r} must be an int or a non-empty list")
+        raise UserError(f"{source}: eos_token_id={hf.get('eos_token_id')!r} must be an int or a non-empty list")
     return eos
 
 
@@ -116,20 +109,20 @@ def _rope(hf: Mapping[str, Any], source: str, default_theta: float) -> tuple[flo
         key, params = "rope_scaling", dict(hf.get("rope_scaling") or {})
         theta = hf.get("rope_theta", default_theta)
     if any(isinstance(v, Mapping) for v in params.values()):
-        raise ValueError(f"{source}: {key} holds per-layer-type parameters {sorted(params)}; Llama has one set")
+        raise UserError(f"{source}: {key} holds per-layer-type parameters {sorted(params)}; Llama has one set")
     rope_type = params.get("rope_type", params.get("type")) or "default"
     if rope_type == "default":
         return theta, None
     if rope_type != "llama3":
-        raise ValueError(f"{source}: {key}.rope_type={rope_type!r} is not supported (need 'default' or 'llama3')")
+        raise UserError(f"{source}: {key}.rope_type={rope_type!r} is not supported (need 'default' or 'llama3')")
     names = [f.name for f in fields(RopeScaling)]
     missing = [n for n in names if n not in params]
     if missing:
-        raise ValueError(f"{source}: {key} (rope_type 'llama3') lacks {missing}")
+        raise UserError(f"{source}: {key} (rope_type 'llama3') lacks {missing}")
     return theta, RopeScaling(**{n: params[n] for n in names})
 
 
-def _hf_config_of(cfg: ModelConfig, eos_ids: list[int], dtype: torch.dtype):
+def hf_config_of(cfg: ModelConfig, eos_ids: list[int], dtype: torch.dtype):
     from transformers import LlamaConfig
 
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
@@ -173,18 +166,18 @@ class _Reader:
 
     def __call__(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         if key not in self.state:
-            raise ValueError(f"{self.source}: missing tensor {key!r}")
+            raise UserError(f"{self.source}: missing tensor {key!r}")
         t = self.state[key]
         if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{self.source}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+            raise UserError(f"{self.source}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
         self.used.add(key)
         return t
 
     def check_all_used(self, ignorable: tuple[str, ...] = ()) -> None:
         extra = sorted(k for k in self.state if k not in self.used and not k.endswith(ignorable))
         if extra:
-            raise ValueError(f"{self.source}: unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''} "
-                             f"for a {len(self.used)}-tensor model of this config")
+            raise UserError(f"{self.source}: unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''} "
+                            f"for a {len(self.used)}-tensor model of this config")
 
 
 def hf_to_megatron(hf_state: Mapping[str, torch.Tensor], cfg: ModelConfig,
@@ -243,7 +236,7 @@ def megatron_to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig,
 
 
 # ---------------------------------------------------------------------------------------------------- safetensors IO
-def _write_safetensors(directory: Path, state: Mapping[str, torch.Tensor], max_shard_size: int | str) -> list[str]:
+def write_safetensors(directory: Path, state: Mapping[str, torch.Tensor], max_shard_size: int | str) -> list[str]:
     """``model.safetensors``, or HF-style shards + index above ``max_shard_size`` (int bytes or '5GB', '500MB')."""
     from huggingface_hub import split_torch_state_dict_into_shards  # what transformers' save_pretrained uses
     from safetensors.torch import save_file
@@ -252,7 +245,7 @@ def _write_safetensors(directory: Path, state: Mapping[str, torch.Tensor], max_s
     try:
         split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
     except ValueError as e:
-        raise ValueError(f"max_shard_size {max_shard_size!r}: {e}") from e
+        raise UserError(f"max_shard_size {max_shard_size!r}: {e}") from e
     for fname, names in split.filename_to_tensors.items():
         save_file({k: tensors[k] for k in names}, str(directory / fname), metadata={"format": "pt"})
     if split.is_sharded:
@@ -286,14 +279,14 @@ class BaseWeights:
         from safetensors import safe_open
 
         if name not in self._file_of:
-            raise ValueError(f"{self.directory}: no tensor {name!r}")
+            raise UserError(f"{self.directory}: no tensor {name!r}")
         path = self._file_of[name]
         if path not in self._handles:
             handle = safe_open(str(path), framework="pt")
             self._handles[path] = (handle, set(handle.keys()))
         handle, names = self._handles[path]
         if name not in names:
-            raise ValueError(f"{self.directory / INDEX_FILE}: maps {name!r} to {path.name}, which lacks it")
+            raise UserError(f"{self.directory / INDEX_FILE}: maps {name!r} to {path.name}, which lacks it")
         return handle
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -332,7 +325,7 @@ def _weight_files(directory: Path) -> dict[str, Path]:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index_path}: not a safetensors index with a 'weight_map' ({e!r})") from e
+            raise UserError(f"{index_path}: not a safetensors index with a 'weight_map' ({e!r})") from e
         for fname in sorted(set(weight_map.values())):
             if not (directory / fname).is_file():
                 raise FileNotFoundError(f"{index_path}: shard {fname} does not exist")
@@ -342,24 +335,24 @@ def _weight_files(directory: Path) -> dict[str, Path]:
             return {name: directory / SINGLE_FILE for name in f.keys()}
     pickles = [p for p in ("pytorch_model.bin", "pytorch_model.bin.index.json") if (directory / p).exists()]
     if pickles:
-        raise ValueError(f"{directory}: only {pickles[0]} (a torch pickle) found; LMFusion never unpickles weights. "
-                         f"Re-save it as safetensors: LlamaForCausalLM.from_pretrained(dir).save_pretrained(new_dir)")
+        raise UserError(f"{directory}: only {pickles[0]} (a torch pickle) found; LMFusion never unpickles weights. "
+                        f"Re-save it as safetensors: LlamaForCausalLM.from_pretrained(dir).save_pretrained(new_dir)")
     raise FileNotFoundError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from e
+        raise UserError(f"{path}: invalid JSON ({e})") from e
 
 
 def read_hf_llama(hf_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(ModelConfig kwargs without boi/eoi, HF state dict)`` from a Hugging Face Llama directory."""
     hf_dir = Path(hf_dir)
-    kwargs = hf_config_to_model_kwargs(_read_json(hf_dir / HF_CONFIG), source=str(hf_dir / HF_CONFIG))
+    kwargs = hf_config_to_model_kwargs(read_json(hf_dir / HF_CONFIG), source=str(hf_dir / HF_CONFIG))
     with BaseWeights(hf_dir) as weights:
         return kwargs, {name: weights.get(name) for name in weights.keys()}
 
@@ -375,29 +368,19 @@ def load_base_state(base_dir: str | Path) -> tuple[ModelConfig, BaseWeights]:
         expected = base_shapes(cfg)
         for name, shape in expected.items():
             if name not in weights:
-                raise ValueError(f"{base_dir}: missing tensor {name!r}")
+                raise UserError(f"{base_dir}: missing tensor {name!r}")
             if weights.shape(name) != shape:
-                raise ValueError(f"{base_dir}: tensor {name!r} has shape {weights.shape(name)}, expected {shape}")
+                raise UserError(f"{base_dir}: tensor {name!r} has shape {weights.shape(name)}, expected {shape}")
         extra = sorted(set(weights.keys()) - set(expected))
         if extra:
-            raise ValueError(f"{base_dir}: unexpected tensor(s) {extra[:5]} for {BASE_CONFIG}")
+            raise UserError(f"{base_dir}: unexpected tensor(s) {extra[:5]} for {BASE_CONFIG}")
     except BaseException:
         weights.close()
         raise
     return cfg, weights
 
 
-# ---------------------------------------------------------------------------------------------------- convert / export
-def _resolve_dtype(dtype: str | torch.dtype | None, source: str = "--dtype") -> Optional[torch.dtype]:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).removeprefix("torch.")
-    if key not in _DTYPES:
-        raise ValueError(f"{source}: dtype {dtype!r} is not one of {sorted(_DTYPES)}")
-    return _DTYPES[key]
-
-
-def _tokenizer_token_id(directory: Path, token: str) -> Optional[int]:
+def tokenizer_token_id(directory: Path, token: str) -> Optional[int]:
     """The id of ``token`` in the tokenizer files of ``directory`` (tokenizer.json, else tokenizer_config.json)."""
     if (directory / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
@@ -406,181 +389,8 @@ def _tokenizer_token_id(directory: Path, token: str) -> Optional[int]:
         if token_id is not None:
             return token_id
     if (directory / "tokenizer_config.json").is_file():
-        decoder = _read_json(directory / "tokenizer_config.json").get("added_tokens_decoder") or {}
+        decoder = read_json(directory / "tokenizer_config.json").get("added_tokens_decoder") or {}
         for token_id, entry in decoder.items():
             if isinstance(entry, Mapping) and entry.get("content") == token:
                 return int(token_id)
     return None
-
-
-def _copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
-    for name in copied:
-        shutil.copy2(src / name, dst / name)
-    return copied
-
-
-@contextlib.contextmanager
-def _atomic_dir(output: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``output`` (``os.replace``), else it is removed."""
-    if output.exists():
-        if not output.is_dir():
-            raise FileExistsError(f"{output}: exists and is not a directory")
-        if any(output.iterdir()) and not overwrite:
-            raise FileExistsError(f"{output}: exists and is not empty; pass --overwrite to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{output.name}.tmp-", dir=output.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a base is shared read-only
-        yield tmp
-        if output.exists() and any(output.iterdir()):  # --overwrite: move the old one aside, then swap
-            old = output.with_name(f"{output.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(output, old)
-            os.replace(tmp, output)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("lmfusion", "transformers", "safetensors", "torch"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "unknown"
-    return out
-
-
-def convert_hf(hf_dir: str | Path, output: str | Path, *, tp: int = 1, pp: int = 1,
-               dtype: str | torch.dtype | None = None, boi: Optional[int] = None, eoi: Optional[int] = None,
-               overwrite: bool = False, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
-    """Convert a Hugging Face Llama directory into an LMFusion base directory at ``output``; returns ``output``.
-
-    The base holds full tensors, so it is TP/PP-agnostic: each rank slices at load. ``tp``/``pp`` only check that
-    the model divides (``ModelConfig.check_parallel``) and are recorded. ``dtype``: 'bf16'|'fp16'|'fp32' (default:
-    the HF config's ``dtype``/``torch_dtype``, else as stored). ``boi``/``eoi`` default to the tokenizer's
-    ``<|reserved_special_token_0|>``/``<|reserved_special_token_1|>``.
-    """
-    hf_dir, output = Path(hf_dir), Path(output)
-    if output.exists() and output.is_dir() and any(output.iterdir()) and not overwrite:  # fail before reading weights
-        raise FileExistsError(f"{output}: exists and is not empty; pass --overwrite to replace it")
-    hf_config = _read_json(hf_dir / HF_CONFIG)
-    kwargs, hf_state = read_hf_llama(hf_dir)
-    ids, id_sources = {}, {}
-    for name, given, token, flag in (("boi", boi, BOI_TOKEN, "--boi-token-id"),
-                                     ("eoi", eoi, EOI_TOKEN, "--eoi-token-id")):
-        ids[name] = given if given is not None else _tokenizer_token_id(hf_dir, token)
-        id_sources[name] = "flag" if given is not None else f"tokenizer {token}"
-        if ids[name] is None:
-            raise ValueError(f"{hf_dir}: the tokenizer files do not define {token}; pass {flag} (a token id the "
-                             f"tokenizer reserves)")
-    cfg = ModelConfig(**kwargs, boi_token_id=ids["boi"], eoi_token_id=ids["eoi"])
-    clash = {ids["boi"], ids["eoi"]} & {cfg.bos_token_id, *hf_eos_token_ids(hf_config)}
-    if clash:
-        raise ValueError(f"boi/eoi token id(s) {sorted(clash)} equal the bos/eos ids of {hf_dir / HF_CONFIG}")
-    cfg.check_parallel(tp, pp)
-    target = _resolve_dtype(dtype) or _resolve_dtype(hf_config.get("dtype") or hf_config.get("torch_dtype"),
-                                                      source=str(hf_dir / HF_CONFIG))
-    state = hf_to_megatron(hf_state, cfg, source=str(hf_dir))
-    if target is not None:
-        state = {k: t.to(target) for k, t in state.items()}
-    stored = state["embedding.word_embeddings.weight"].dtype
-    with _atomic_dir(output, overwrite) as tmp:
-        files = _write_safetensors(tmp, state, max_shard_size)
-        cfg.save(tmp / BASE_CONFIG)
-        tokenizer_files = _copy_tokenizer_files(hf_dir, tmp)
-        versions = _versions()
-        record = {
-            "format": "lmfusion-base", "format_version": 1, "created_by": "lmfusion convert-hf",
-            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": str(hf_dir.resolve()),
-            "source_config_sha256": hashlib.sha256((hf_dir / HF_CONFIG).read_bytes()).hexdigest(),
-            "dtype": str(stored).removeprefix("torch."), "versions": versions,
-            "transformers_version": versions["transformers"], "eos_token_ids": hf_eos_token_ids(hf_config),
-            "boi_eoi_source": id_sources, "checked_parallel": {"tp": tp, "pp": pp},
-            "weight_files": files, "tokenizer_files": tokenizer_files, "num_tensors": len(state)}
-        (tmp / CONVERSION).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return output
-
-
-def export_hf(base_dir: str | Path, output: str | Path, dtype: str | torch.dtype | None = None, *,
-              state: Optional[Mapping[str, torch.Tensor]] = None, overwrite: bool = False,
-              max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
-    """Write a Hugging Face Llama directory (config.json, safetensors, tokenizer files) from a base; returns it.
-
-    ``state``: text weights in megatron naming (full tensors, e.g. gathered from a training checkpoint) to export
-    instead of the base's own; rows of the embedding/output layer beyond ``vocab_size`` (megatron's vocabulary
-    padding) are dropped. ``dtype`` defaults to the weights' dtype.
-    """
-    base_dir, output = Path(base_dir), Path(output)
-    if state is None:
-        cfg, weights = load_base_state(base_dir)
-        with weights:
-            state = {name: weights.get(name) for name in weights.keys()}
-    else:
-        if not (base_dir / BASE_CONFIG).is_file():
-            raise FileNotFoundError(f"{base_dir}: no {BASE_CONFIG}")
-        cfg = ModelConfig.load(base_dir / BASE_CONFIG)
-        state = {k: (t[: cfg.vocab_size] if k in ("embedding.word_embeddings.weight", "output_layer.weight")
-                     and t.shape[0] > cfg.vocab_size else t) for k, t in state.items()}
-    hf_state = megatron_to_hf(state, cfg, source=str(base_dir))
-    target = _resolve_dtype(dtype) or hf_state["model.embed_tokens.weight"].dtype
-    hf_state = {k: t.to(target) for k, t in hf_state.items()}
-    record = json.loads((base_dir / CONVERSION).read_text()) if (base_dir / CONVERSION).is_file() else {}
-    eos_ids = record.get("eos_token_ids") or [cfg.eos_token_id]
-    if eos_ids[0] != cfg.eos_token_id:  # the base config was edited after conversion: it wins
-        eos_ids = [cfg.eos_token_id]
-    with _atomic_dir(output, overwrite) as tmp:
-        _hf_config_of(cfg, eos_ids, target).save_pretrained(tmp)
-        _write_safetensors(tmp, hf_state, max_shard_size)
-        _copy_tokenizer_files(base_dir, tmp)
-    return output
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-def _run_convert(args: argparse.Namespace) -> int:
-    out = convert_hf(args.hf_dir, args.output, tp=args.tp, pp=args.pp, dtype=args.dtype, boi=args.boi_token_id,
-                     eoi=args.eoi_token_id, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
-    print(f"lmfusion convert-hf: wrote {out}")
-    return 0
-
-
-def _run_export(args: argparse.Namespace) -> int:
-    out = export_hf(args.ckpt, args.output, dtype=args.dtype, overwrite=args.overwrite,
-                    max_shard_size=args.max_shard_size)
-    print(f"lmfusion export-hf: wrote {out}")
-    return 0
-
-
-def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
-    """Register ``convert-hf`` and ``export-hf``."""
-    p = subparsers.add_parser(
-        "convert-hf", help="Hugging Face Llama directory -> LMFusion base checkpoint",
-        description="Convert a local Hugging Face Llama directory (safetensors) into an LMFusion base checkpoint. "
-                    "The base holds full tensors and serves every TP/PP layout (each rank slices at load); "
-                    "--tp/--pp only check that the model divides and are recorded.")
-    p.add_argument("--hf-dir", required=True, type=Path, help="directory with config.json and *.safetensors")
-    p.add_argument("--output", required=True, type=Path, help="base checkpoint directory to create")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to validate (not baked in)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to validate (not baked in)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="stored dtype (default: the HF config's)")
-    p.add_argument("--boi-token-id", type=int, help=f"begin-of-image token id (default: the tokenizer's {BOI_TOKEN})")
-    p.add_argument("--eoi-token-id", type=int, help=f"end-of-image token id (default: the tokenizer's {EOI_TOKEN})")
-    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="shard above this size (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
-    p.set_defaults(run=_run_convert)
-
-    p = subparsers.add_parser("export-hf", help="LMFusion base checkpoint -> Hugging Face Llama directory",
-                              description="Write the text model as a Hugging Face LlamaForCausalLM directory.")
-    p.add_argument("--ckpt", required=True, type=Path, help="base checkpoint directory (from convert-hf)")
-    p.add_argument("--output", required=True, type=Path, help="Hugging Face directory to create")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="dtype to write (default: as stored)")
-    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="shard above this size (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
-    p.set_defaults(run=_run_export)
