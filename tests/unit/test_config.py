@@ -75,12 +75,12 @@ def test_overrides_win_and_are_typed(base):
     ("optimizer.lr_warmup_iters=500", "optimizer.lr_warmup_iters 500 must be below the decay length"),
     ("train.precision=fp16", "train.precision must be one of"),
     # the old train.timestep_* keys are read as diffusion.* (moved): errors name the new key
-    ("train.timestep_density=lognormal", "config key 'diffusion.timestep_density': expected one of ['uniform', "
-                                         "'logit_normal'], got 'lognormal'"),
+    ("train.timestep_density=lognormal", "diffusion.timestep_density must be one of ('uniform', "
+                                         "'logit_normal'), got 'lognormal'"),
     ("train.timestep_logit_std=0", "diffusion.timestep_logit_std must be > 0, got 0"),
-    ("diffusion.objective=x0", "config key 'diffusion.objective': expected one of ['epsilon', 'v_prediction', "
-                               "'flow'], got 'x0'"),
-    ("diffusion.loss_weighting=snr", "config key 'diffusion.loss_weighting': expected one of ['none', 'min_snr']"),
+    ("diffusion.objective=x0", "diffusion.objective must be one of ('epsilon', 'v_prediction', "
+                               "'flow'), got 'x0'"),
+    ("diffusion.loss_weighting=snr", "diffusion.loss_weighting must be one of ('none', 'min_snr')"),
     ("diffusion.flow_shift=3", "diffusion.flow_shift=3.0 applies to diffusion.objective=flow only"),
     ("diffusion.min_snr_gamma=0", "diffusion.min_snr_gamma must be > 0, got 0"),
     ("optimizer.lr_mult=0", "optimizer.lr_mult must be > 0, got 0"),
