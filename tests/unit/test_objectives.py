@@ -294,7 +294,7 @@ def _old_step_terms(batch, seed, cap, density, noise_pred, logits, lam, patch, l
     x_t = add_noise(batch.image_latents.float(), noise, t)
     lm_sum, _ = lm_loss(logits, batch.labels.t().contiguous(), batch.text_loss_mask.t().contiguous())
     d_sum = (patchify(noise_pred, patch).float() - patchify(noise, patch).float()).pow(2).mean(dim=-1).sum()
-    terms = total_loss(lm_sum, torch.tensor(lm_tokens), d_sum, torch.tensor(image_tokens), lam=lam, dp_group=None)
+    terms = total_loss(lm_sum, torch.tensor(lm_tokens), d_sum, torch.tensor(image_tokens), lam=lam)
     return x_t, t, terms
 
 
