@@ -102,10 +102,11 @@ def ckpts(runtime, tmp_path_factory):
     iter_dir.mkdir(parents=True)
     dist_checkpointing.save(model.sharded_state_dict(), str(iter_dir))
     vae = load_vae("identity", None, torch.device("cpu")).describe()
-    from lmfusion.rundir import base_sha256
+    from lmfusion.rundir import base_files, base_sha256
 
     (iter_dir / CHECKPOINT_JSON).write_text(json.dumps({"base": "../../base", "model": cfg.to_dict(), "vae": vae,
-                                                        "base_conversion_sha256": base_sha256(root / "base")}))
+                                                        "base_conversion_sha256": base_sha256(root / "base"),
+                                                        "base_files": base_files(root / "base")}))
     (root / "run" / LATEST).write_text("7\n")
     return root, {n: p.detach().clone() for n, p in model.named_parameters()}
 
