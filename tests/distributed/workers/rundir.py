@@ -183,7 +183,11 @@ def replaced_base_weights_stop_resume_generation_and_export():
 
     weights = load_file(str(base / "model.safetensors"))
     other = {k: (v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v) for k, v in weights.items()}
-    save_file(other, str(root / "other.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(base / "model.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(other, str(root / "other.safetensors"), metadata=metadata)
     assert (root / "other.safetensors").stat().st_size == (base / "model.safetensors").stat().st_size
     os.replace(root / "other.safetensors", base / "model.safetensors")
     words = r"base/model.safetensors: sha256 \w+, expected \w+ \(the base .* replaced or changed"
