@@ -251,14 +251,23 @@ class Checkpointer:
                 raise ValueError(f"{iter_dir}: 'dp_reshardable' optimizer state loads only at the saved TP/PP "
                                  f"{saved.get('tp')}/{saved.get('pp')}; set checkpoint.load_optimizer=false to load "
                                  f"the weights alone")
-        verification = rundir.integrity.start_verify(iter_dir, record)  # sizes now, sha256s while megatron reads
-        sharded = self._sharded(is_loading=True, with_optimizer=load_optimizer, with_rng=same_layout)
+        # Sizes and the manifest are checked now; the sha256s are computed while megatron reads and the state is
+        # applied, and collected before load() returns: nothing loaded is used (no step runs) before that, and a
+        # failed check stops the resume.
+        verification = rundir.integrity.start_verify(iter_dir, record)
         try:
-            loaded = rundir.load_dist_checkpoint(sharded, iter_dir)
+            self._apply(iter_dir, state, load_optimizer, same_layout)
         except ValueError:
             verification.result()  # a changed file explains a failed read best: raises naming it
             raise
-        verification.result()  # before anything loaded is used
+        verification.result()
+        self.loader.load_state_dict(state["loader"])
+        return state
+
+    def _apply(self, iter_dir: Path, state: dict[str, Any], load_optimizer: bool, same_layout: bool) -> None:
+        """Read the distributed checkpoint (code execution refused) into the model, optimizer, scheduler and RNG."""
+        sharded = self._sharded(is_loading=True, with_optimizer=load_optimizer, with_rng=same_layout)
+        loaded = rundir.load_dist_checkpoint(sharded, iter_dir)
         for i, chunk in enumerate(self.chunks):
             key = "model" if len(self.chunks) == 1 else f"model{i}"
             model = unwrap(chunk)
@@ -273,8 +282,6 @@ class Checkpointer:
             restore_scheduler(self.scheduler, state["scheduler"], self.scheduler_policy, iter_dir / TRAIN_STATE)
         if same_layout:
             _set_rng_state(loaded["rng_state"])
-        self.loader.load_state_dict(state["loader"])
-        return state
 
 
 def _torch_optimizers(optimizer) -> list:
