@@ -211,8 +211,11 @@ def write_generation_checkpoints(root: Path) -> dict[str, torch.Tensor]:
     iter_dir.mkdir(parents=True)
     dist_checkpointing.save(model.sharded_state_dict(), str(iter_dir))
     vae = load_vae("identity", None, torch.device("cpu")).describe()
+    from lmfusion.rundir import base_files
+
     (iter_dir / CHECKPOINT_JSON).write_text(json.dumps({"base": "../../base", "model": cfg.to_dict(), "vae": vae,
-                                                        "base_conversion_sha256": base_sha256(root / "base")}))
+                                                        "base_conversion_sha256": base_sha256(root / "base"),
+                                                        "base_files": base_files(root / "base")}))
     (root / "run" / LATEST).write_text("7\n")
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 

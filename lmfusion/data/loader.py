@@ -225,7 +225,10 @@ class MultimodalLoader:
         want = (k, self._states[k]["rows"])
         # Workers are read round-robin; with states saved mid-step one may run ahead: hold its items until due.
         while want not in self._buffer:
-            item = next(self._iter)
+            try:
+                item = next(self._iter)
+            except DataError as e:  # from a worker: its traceback is in the message; keep the error's own line
+                raise DataError.unwrap(e) from None
             self._buffer[(item.stream, item.rows_before)] = item
         item = self._buffer.pop(want)
         self._states[k] = item.state

@@ -27,6 +27,7 @@ import json
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -45,7 +46,21 @@ _SHARD_ORDER, _SAMPLE_ORDER, _BLEND, _SAMPLE = 1, 2, 3, 4
 
 
 class DataError(RuntimeError):
-    """Training data cannot be read (e.g. too many consecutive unreadable shards)."""
+    """Training data cannot be read (e.g. too many consecutive unreadable shards); its message is one line."""
+
+    @classmethod
+    def unwrap(cls, e: "DataError") -> "DataError":
+        """The worker's own one-line error from one that torch's DataLoader re-raised in the main process (its
+        message is "Caught DataError in DataLoader worker process N." followed by the worker's traceback)."""
+        text = str(e)
+        if "Original Traceback" not in text:
+            return e
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        prefix = f"{cls.__module__}.{cls.__name__}: "
+        for p in (prefix, f"{cls.__name__}: "):
+            if last.startswith(p):
+                last = last[len(p):]
+        return cls(last)
 
 
 def load_tokenizer(path: str):
@@ -133,6 +148,7 @@ class Stream:
             raise UserError(f"stream {k}: state has {len(self.state['source']['readers'])} dataset readers, "
                             f"config has {len(ctx.sets)} datasets")
         self._open: dict[int, _OpenShard] = {}
+        self._failed: dict[int, list[str]] = {}  # per dataset: the shards of the current run of failures (for errors)
         self.packer = Packer(ctx.seq_length, self.next_document)
 
     # ------------------------------------------------------------------ reading
@@ -158,14 +174,20 @@ class Stream:
             reader["consecutive_failures"] += 1
             log.warning("data: skipping shard %s (stream %d; %d skipped so far by this stream): %s",
                         entry.path, self.k, source["skipped_shards"], e)
+            failed = self._failed.setdefault(d, [])
+            failed.append(Path(entry.path).name)
             if reader["consecutive_failures"] >= self.ctx.max_consecutive_failures:
-                raise DataError(f"{reader['consecutive_failures']} consecutive unreadable shards in "
-                                f"{self.ctx.sets[d].directory} (stream {self.k}; data.max_consecutive_failures "
-                                f"{self.ctx.max_consecutive_failures}); last: {e}") from e
+                n = reader["consecutive_failures"]
+                named = ", ".join(failed[-3:]) + (f" and {len(failed) - 3} more" if len(failed) > 3 else "")
+                raise DataError(f"{self.ctx.sets[d].directory}: {n} unreadable shards in a row ({named}; stream "
+                                f"{self.k}), expected readable shards as its manifest lists them "
+                                f"(data.max_consecutive_failures={self.ctx.max_consecutive_failures}); "
+                                f"last: {' '.join(str(e).split())}") from None
             reader["visit"] += 1
             reader["index"] = 0
             return None
         reader["consecutive_failures"] = 0
+        self._failed.pop(d, None)
         ids = self.ctx.tokenizer([s.caption for s in samples], add_special_tokens=False)["input_ids"]
         control = set(self.ctx.control_ids)  # a caption spelling out e.g. "<boi>" must not become the real token
         ids = [[t for t in x if t not in control] for x in ids]

@@ -1,8 +1,8 @@
 """``lmfusion export-ckpt``: the shareable form of a training checkpoint, safetensors + JSON, nothing to unpickle.
 
     OUT/lmfusion_export.json   the record: format, iteration, model config, VAE block, diffusion objective
-                               (null: epsilon), base ("base") and its
-                               conversion.json sha256, the integrity manifest's sha256 (written last)
+                               (null: epsilon), EMA set (null: none), base ("base"), its conversion.json sha256 and
+                               its other files' ("base_files"), the integrity manifest's sha256 (written last)
     OUT/image.safetensors      the trained image set, whole tensors under their sharded-checkpoint keys (layer index
                                as the first axis of per-layer tensors, as megatron's dist_checkpointing keys them),
                                so any TP/PP size slices its part
@@ -131,12 +131,13 @@ def export_checkpoint(iter_dir: Path, output: Path) -> Path:
         save_file(image_set_tensors(bundle.model), str(tmp / EMA_SET), metadata={"format": "lmfusion-image-set"})
     shutil.copytree(base, tmp / "base")
     files = integrity.hash_files(tmp, distributed=False)
+    in_base = {name.removeprefix("base/"): entry for name, entry in files.items()
+               if name.startswith("base/") and name.count("/") == 1 and name != "base/conversion.json"}
     export = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "iteration": record.get("iteration"),
               "model": record["model"], "vae": record.get("vae"), "diffusion": record.get("diffusion"),
-              "base": "base",
-              "ema": EMA_SET if ema_key else None,
-              "base_conversion_sha256": base_sha256(tmp / "base"), "source": str(iter_dir.resolve()),
-              "integrity": integrity.write_manifest(tmp, files)}
+              "base": "base", "ema": EMA_SET if ema_key else None,
+              "base_conversion_sha256": base_sha256(tmp / "base"), "base_files": in_base,
+              "source": str(iter_dir.resolve()), "integrity": integrity.write_manifest(tmp, files)}
     atomic_write_text(tmp / EXPORT_JSON, json_text(export))
     os.replace(tmp, output)
     return output

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -27,7 +28,8 @@ from lmfusion.utils import atomic_write_text
 
 __all__ = ["CHECKPOINT_JSON", "TRAIN_STATE", "LATEST", "CONFIG", "RECORD_FORMAT", "STATE_FORMAT", "STATE_VERSION",
            "iter_name", "iteration_of", "read_json", "json_text", "is_complete", "complete_iterations",
-           "find_checkpoint", "base_sha256", "resolve_base", "check_base", "read_record", "read_train_state"]
+           "find_checkpoint", "base_sha256", "base_files", "resolve_base", "check_base", "read_record",
+           "read_train_state"]
 
 CHECKPOINT_JSON = "lmfusion_checkpoint.json"
 TRAIN_STATE = "train_state.json"
@@ -107,15 +109,69 @@ def find_checkpoint(path: str | Path, repair: bool = False, log: Optional[Callab
 
 
 # ---------------------------------------------------------------------------------------------------- the base
+# A run's record holds the base's identity twice over: ``base_conversion_sha256`` (its conversion.json, written once by
+# ``convert-hf`` with a timestamp and the source, so another conversion differs) and ``base_files``, the sha256 and
+# size of every other file of the base (weights, model config, tokenizer), so a base whose safetensors were replaced
+# by another same-shape model, conversion.json kept, is refused too.
+#
+# Why hashed at first use and cached, not recorded by convert-hf: it covers every base, converted before this or
+# copied and edited since, and asks nothing of the conversion. The weights are large (16 GB for an 8B base, ~10 s at
+# 1.5 GB/s), so each file's digest is computed once per file version and machine and kept under its (device, inode,
+# size, mtime_ns) (lmfusion.rundir.digest.cached_sha256): a replacement by copy, move or rewrite changes one of them
+# and is hashed afresh; an unchanged base costs a stat per file. What the fast path cannot see is a deliberate in-place
+# rewrite that restores size and mtime on the same inode (tampering with the user's own base, outside what a run
+# directory guards; what is shared leaves as an export, whose every file is hashed at load). In a process group rank 0
+# hashes and the others take its digests (a node-local copy of the base on another node is not read).
+_BASE_IDENTITY = "conversion.json"
+_warned_old_records: set[str] = set()
+
+
 def base_sha256(base_dir: str | Path) -> str:
-    """The base's identity: sha256 of its ``conversion.json`` (written once by ``convert-hf``, with a timestamp, the
-    source and the weight files, so another conversion, even of a same-shape model, differs)."""
-    path = Path(base_dir) / "conversion.json"
+    """The base's identity: sha256 of its ``conversion.json``."""
+    path = Path(base_dir) / _BASE_IDENTITY
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file; is {base_dir} a converted base (lmfusion convert-hf)?") \
             from None
+
+
+def _base_file_names(base_dir: Path) -> list[str]:
+    return sorted(p.name for p in Path(base_dir).iterdir()
+                  if p.is_file() and p.name != _BASE_IDENTITY and not p.name.startswith("."))
+
+
+def base_files(base_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """``{name: {sha256, size}}`` of the base's files but conversion.json (cached digests, see above)."""
+    from lmfusion.rundir.digest import cached_sha256
+
+    names = _base_file_names(Path(base_dir))
+    return dict(zip(names, cached_sha256(Path(base_dir) / n for n in names)))
+
+
+def _digests_from_rank0(paths: list[Path]) -> list[dict[str, Any]]:
+    """Cached digests of ``paths``; in a process group, rank 0's, sent to every rank (one rank reads the weights when
+    the cache misses, not every rank of every node). A collective there: every rank checks the base."""
+    from lmfusion.rundir.digest import cached_sha256
+
+    try:
+        import torch.distributed as dist
+
+        grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    except ImportError:
+        grouped = False
+    if not grouped:
+        return cached_sha256(paths)
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [cached_sha256(paths)]
+        except OSError as e:
+            box = [f"{type(e).__name__}: {' '.join(str(e).split())}"]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], str):
+        raise ValueError(f"cannot hash the base's files on rank 0 ({box[0]})")
+    return box[0]
 
 
 def resolve_base(record: dict[str, Any], record_path: Path) -> Path:
@@ -126,15 +182,43 @@ def resolve_base(record: dict[str, Any], record_path: Path) -> Path:
     return base if base.is_absolute() else (record_path.parent / base).resolve()
 
 
-def check_base(record: dict[str, Any], record_path: Path, base_dir: Path) -> None:
-    """``base_dir`` is the base the record was trained on (its conversion.json sha256)."""
+def check_base(record: dict[str, Any], record_path: Path, base_dir: Path,
+               warn: Optional[Callable[[str], None]] = None) -> None:
+    """``base_dir`` is the base the record was trained on: its conversion.json sha256 and, when the record lists
+    them, every file's size and sha256. A record from before per-file hashes gets the first check and one warning
+    per record (through ``warn``; default: stderr)."""
     want = record.get("base_conversion_sha256")
     if not want:
         raise UserError(f"{record_path}: key 'base_conversion_sha256' expected the base's hash, found none")
     found = base_sha256(base_dir)
     if found != want:
-        raise UserError(f"{base_dir}/conversion.json: sha256 {found[:12]}, expected {want[:12]} (the base "
+        raise UserError(f"{base_dir}/{_BASE_IDENTITY}: sha256 {found[:12]}, expected {want[:12]} (the base "
                         f"{record_path} was trained on); the base directory was replaced or is another model")
+    files = record.get("base_files")
+    if files is None:
+        if str(record_path) not in _warned_old_records:
+            _warned_old_records.add(str(record_path))
+            message = (f"{record_path}: predates per-file base hashes; only {Path(base_dir) / _BASE_IDENTITY} was "
+                       f"checked, not the base's weight files (checkpoints saved from now on record them)")
+            (warn or (lambda m: print(f"lmfusion: {m}", file=sys.stderr, flush=True)))(message)
+        return
+    if not isinstance(files, dict):
+        raise UserError(f"{record_path}: key 'base_files' expected an object of file digests, found "
+                        f"{type(files).__name__}")
+    for name in sorted(files):
+        path = Path(base_dir) / name
+        if not path.is_file():
+            raise UserError(f"{path}: missing, expected {files[name].get('size')} bytes (a file of the base "
+                            f"{record_path} was trained on)")
+        if path.stat().st_size != files[name].get("size"):
+            raise UserError(f"{path}: {path.stat().st_size} bytes, expected {files[name].get('size')} (the base "
+                            f"{record_path} was trained on); the base's files were replaced or changed")
+    names = sorted(files)
+    for name, got in zip(names, _digests_from_rank0([Path(base_dir) / n for n in names])):
+        if got["sha256"] != files[name].get("sha256"):
+            raise UserError(f"{Path(base_dir) / name}: sha256 {got['sha256'][:12]}, expected "
+                            f"{str(files[name].get('sha256'))[:12]} (the base {record_path} was trained on); the "
+                            f"base's files were replaced or changed")
 
 
 def read_record(iter_dir: Path, name: str = CHECKPOINT_JSON) -> dict[str, Any]:

@@ -9,10 +9,14 @@ frozen base referenced. The run directory's layout, save protocol, integrity man
                    train_state.json  iteration, scheduler, data-loader state (JSON), parallel layout
                    + config.yaml, integrity.json and, last, lmfusion_checkpoint.json (lmfusion.rundir)
 
-* **Atomic.** Every rank writes into ``RUN/.tmp_iter_N``; :func:`lmfusion.rundir.finish_save` hashes the files,
-  writes the record last, renames the directory and then replaces ``latest``. With ``checkpoint.async_save`` the
-  tensors are written in the background and the same finalisation runs when every rank has finished writing.
-* **Loading verifies** the base hash, the model config and every file's sha256 before megatron reads anything, and
+* **Atomic.** Every rank writes into ``RUN/.tmp_iter_N``, its files hashed while megatron's writers write them;
+  :func:`lmfusion.rundir.finish_save` completes the manifest, writes the record last, renames the directory and then
+  replaces ``latest``. With ``checkpoint.async_save`` the tensors are written in the background and the same
+  finalisation runs when every rank has finished writing. A failed write (disk full) is one line naming the file on
+  every rank, with the temporary directory removed and ``latest`` unchanged
+  (:class:`lmfusion.rundir.CheckpointWriteError`).
+* **Loading verifies** the base (its hash and its files'), the model config and every file's size before megatron
+  reads anything, every file's sha256 while megatron reads (a mismatch is raised before the state is used), and
   megatron reads with code execution refused (:mod:`lmfusion.rundir.trust`).
 * **Resharding.** Model keys carry global layer indices and TP shard offsets, so the image weights load at any
   TP/PP. Optimizer state: 'fully_reshardable' loads at any TP/PP/DP (needs one gradient bucket in megatron-core
@@ -22,6 +26,7 @@ frozen base referenced. The run directory's layout, save protocol, integrity man
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -124,6 +129,8 @@ class Checkpointer:
         self.ema = ema  # lmfusion.training.ema.ShardedEMA, or None
         self.run_dir, self.chunks, self.optimizer, self.scheduler, self.loader = (run_dir, chunks, optimizer,
                                                                                    scheduler, loader)
+        if dist.get_rank() == 0 and record.get("base_conversion_sha256") and "base_files" not in record:
+            record = {**record, "base_files": rundir.base_files(record["base"])}  # the base as training starts
         self.record, self.config_text = record, config_text
         self.metadata = {"distrib_optim_sharding_type": optimizer_sharding}
         self.keep_last, self.scheduler_policy = keep_last, scheduler_policy
@@ -132,6 +139,7 @@ class Checkpointer:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
             self._queue = AsyncCallsQueue()
+        self._pending = None  # (temporary directory, its hashing) of the background save in flight
         self.last_saved: Optional[int] = None
         self.hash_files = True  # False only to measure the hashing's cost (benchmarks/checkpoint_hashing.py)
 
@@ -175,36 +183,63 @@ class Checkpointer:
 
             record["ema_key_prefix"] = EMA_PREFIX
 
+        written = None
+
         def finalize() -> None:  # every rank (megatron's async queue finalizes on all ranks together)
-            rundir.finish_save(tmp, final, train_state, record, self.config_text, self.keep_last, self.hash_files)
+            rundir.finish_save(tmp, final, train_state, record, self.config_text, self.keep_last, self.hash_files,
+                               written=written)
+            self._pending = None
             self.last_saved = iteration
 
         if self._queue is None:
-            with rundir.write_guard(tmp):
-                dist_checkpointing.save(state, str(tmp), validate_access_integrity=True)
+            written = rundir.integrity.hash_while_writing(tmp) if self.hash_files else None
+            try:
+                with rundir.write_guard(tmp):
+                    dist_checkpointing.save(state, str(tmp), validate_access_integrity=True)
+            except BaseException:
+                if written is not None:
+                    written.cancel()
+                raise
             dist.barrier()  # every rank's shards are on disk before the directory is hashed and published
             finalize()
         else:
-            request = dist_checkpointing.save(state, str(tmp), validate_access_integrity=True,
-                                              async_sharded_save=True)
+            with rundir.write_guard(tmp):  # planning and common.pt are written now, the tensors in the background
+                request = dist_checkpointing.save(state, str(tmp), validate_access_integrity=True,
+                                                  async_sharded_save=True)
             request.add_finalize_fn(finalize)
-            self._queue.schedule_async_request(request)
+            self._queue.schedule_async_request(request)  # forks the writer
+            written = rundir.integrity.hash_while_writing(tmp) if self.hash_files else None
+            self._pending = (tmp, written)
+
+    def _finalize_async(self, blocking: bool) -> None:
+        """Finalise finished background saves; a failed write is one line (rundir.write_guard) on every rank."""
+        pending = self._pending
+        try:
+            with rundir.write_guard(pending[0]) if pending is not None else contextlib.nullcontext():
+                self._queue.maybe_finalize_async_calls(blocking=blocking)
+        except BaseException:
+            if pending is not None and pending[1] is not None:
+                pending[1].cancel()
+            self._pending = None
+            raise
 
     def poll(self) -> None:
         """Finalise finished background saves (call once per step; a no-op for synchronous saving)."""
         if self._queue is not None:
-            self._queue.maybe_finalize_async_calls(blocking=False)
+            self._finalize_async(blocking=False)
 
     def wait(self) -> None:
         """Block until background saves are written and published."""
         if self._queue is not None:
-            self._queue.maybe_finalize_async_calls(blocking=True)
+            self._finalize_async(blocking=True)
 
     def close(self) -> None:
-        self.wait()
-        if self._queue is not None:
-            self._queue.close()
-            self._queue = None
+        try:
+            self.wait()
+        finally:
+            if self._queue is not None:
+                self._queue.close()
+                self._queue = None
 
     # ------------------------------------------------------------------ load
     def load(self, iter_dir: Path, load_optimizer: bool, check_model: Callable[[dict[str, Any], Path], None]
@@ -215,7 +250,6 @@ class Checkpointer:
         state = rundir.read_train_state(iter_dir)
         record = rundir.read_record(iter_dir)
         check_model(record, iter_dir / CHECKPOINT_JSON)
-        rundir.integrity.verify(iter_dir, record)
         same_layout = state.get("parallel") == _layout()
         if load_optimizer and state.get("parallel", {}).get("engine", "megatron") != "megatron":
             raise UserError(f"{iter_dir}: written by the {state['parallel']['engine']} engine, whose optimizer state "
@@ -230,6 +264,22 @@ class Checkpointer:
                 raise UserError(f"{iter_dir}: 'dp_reshardable' optimizer state loads only at the saved TP/PP "
                                 f"{saved.get('tp')}/{saved.get('pp')}; set checkpoint.load_optimizer=false to load "
                                 f"the weights alone")
+        # Sizes and the manifest are checked now; the sha256s are computed while megatron reads and the state is
+        # applied, and collected before load() returns: nothing loaded is used (no step runs) before that, and a
+        # failed check stops the resume.
+        verification = rundir.integrity.start_verify(iter_dir, record)
+        try:
+            self._apply(iter_dir, state, load_optimizer, same_layout)
+        except ValueError:
+            verification.result()  # a changed file explains a failed read best: raises naming it
+            raise
+        verification.result()
+        self.loader.load_state_dict(state["loader"])
+        return state
+
+    def _apply(self, iter_dir: Path, state: dict[str, Any], load_optimizer: bool, same_layout: bool) -> None:
+        """Read the distributed checkpoint (code execution refused) into the model, optimizer, scheduler, RNG and
+        EMA."""
         with_ema = self.ema is not None and load_optimizer and "ema" in state
         sharded = self._sharded(is_loading=True, with_optimizer=load_optimizer, with_rng=same_layout,
                                 with_ema=with_ema)
@@ -255,8 +305,6 @@ class Checkpointer:
             if dist.get_rank() == 0:
                 why = "holds no EMA" if "ema" not in state else "is loaded without its optimizer state"
                 print(f"lmfusion train: {iter_dir} {why}; train.ema starts from its weights", flush=True)
-        self.loader.load_state_dict(state["loader"])
-        return state
 
 
 def _restore_adam_steps(optimizer, steps: int) -> None:

@@ -1,8 +1,9 @@
 """``lmfusion train`` / ``python -m lmfusion.train``, ``lmfusion flops`` and ``lmfusion plot``.
 
 Exit status of ``train``: 0 when training finished or a stop signal was handled (checkpoint saved), 2 for a config or
-file error (one line, no traceback), 1 when the loss or gradient norm became non-finite (one line naming the step;
-no checkpoint written).
+file error, unreadable training data (``data.max_consecutive_failures`` bad shards in a row) or a checkpoint that could
+not be written (disk full; the previous checkpoint stays latest), each one line and no traceback, 1 when the loss or
+gradient norm became non-finite (one line naming the step; no checkpoint written).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def run_training(config: Optional[str], overrides: Sequence[str]) -> int:
     # megatron warns once per module that it falls back to torch kernels without TE/apex (always so on CPU).
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
     from lmfusion.config_io import load_config
+    from lmfusion.data import DataError
     from lmfusion.training.trainer import TrainingDiverged, build_trainer
 
     trainer = None
@@ -49,7 +51,7 @@ def run_training(config: Optional[str], overrides: Sequence[str]) -> int:
     except TrainingDiverged as e:
         _error(e, agreed=True)
         return 1
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, DataError) as e:
         _error(e)
         return 2
     finally:

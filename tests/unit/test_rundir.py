@@ -136,6 +136,73 @@ def test_a_replaced_base_is_refused_by_its_hash(tmp_path):
         rundir.check_base(record, tmp_path / rundir.CHECKPOINT_JSON, tmp_path / "b")
 
 
+def _base(directory: Path, weights: bytes) -> Path:
+    directory.mkdir()
+    (directory / "conversion.json").write_text(json.dumps({"created_at": "2026-01-01"}))
+    (directory / "model.safetensors").write_bytes(weights)
+    (directory / "tokenizer.json").write_text("{}")
+    return directory
+
+
+@pytest.fixture
+def digest_cache(tmp_path, monkeypatch):
+    from lmfusion.rundir import digest
+
+    monkeypatch.setenv("LMFUSION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(digest, "_memory", {})
+    return digest
+
+
+def test_replaced_base_weights_are_refused_even_with_conversion_json_kept(tmp_path, digest_cache):
+    """Item 2: the base's safetensors replaced by another same-shape (same size) model, conversion.json untouched:
+    refused naming the weight file. An unchanged base is checked from the digest cache (a stat per file)."""
+    base = _base(tmp_path / "base", os.urandom(5000))
+    record = {"base": str(base), "base_conversion_sha256": rundir.base_sha256(base),
+              "base_files": rundir.base_files(base)}
+    assert set(record["base_files"]) == {"model.safetensors", "tokenizer.json"}
+    where = tmp_path / rundir.CHECKPOINT_JSON
+    hashed = []
+    real = digest_cache.sha256_files
+
+    def counting(paths):
+        paths = list(paths)
+        hashed.extend(paths)
+        return real(paths)
+
+    digest_cache.sha256_files = counting
+    try:
+        rundir.check_base(record, where, base)
+        assert hashed == []  # cached: nothing rehashed
+        assert (tmp_path / "cache" / "file_sha256.json").is_file()
+        other = tmp_path / "other.safetensors"
+        other.write_bytes(os.urandom(5000))
+        os.replace(other, base / "model.safetensors")
+        with pytest.raises(ValueError, match=r"base/model.safetensors: sha256 \w+, expected \w+ \(the base .* were "
+                                             r"replaced or changed"):
+            rundir.check_base(record, where, base)
+        assert [p.name for p in hashed] == ["model.safetensors"]
+    finally:
+        digest_cache.sha256_files = real
+    (base / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=r"tokenizer.json: missing, expected 2 bytes"):
+        rundir.check_base(record, where, base)
+    (base / "model.safetensors").write_bytes(os.urandom(10))
+    with pytest.raises(ValueError, match=r"model.safetensors: 10 bytes, expected 5000"):
+        rundir.check_base(record, where, base)
+
+
+def test_a_record_from_before_base_file_hashes_is_checked_by_conversion_json_and_warns_once(tmp_path, digest_cache):
+    base = _base(tmp_path / "base", os.urandom(100))
+    record = {"base": str(base), "base_conversion_sha256": rundir.base_sha256(base)}
+    said = []
+    for _ in range(2):
+        rundir.check_base(record, tmp_path / "old" / rundir.CHECKPOINT_JSON, base, warn=said.append)
+    assert len(said) == 1 and "predates per-file base hashes" in said[0] and "conversion.json was checked" in said[0]
+    (base / "conversion.json").write_text("{}")
+    with pytest.raises(ValueError, match="conversion.json: sha256"):
+        rundir.check_base(record, tmp_path / "old" / rundir.CHECKPOINT_JSON, base, warn=said.append)
+
+
 # ---------------------------------------------------------------------------------------------------- 1: trust
 class _Payload:
     """Unpickling runs ``code`` (touching a marker file), then returns ``then`` so the load would carry on."""
@@ -201,14 +268,111 @@ def test_pickle_payload_in_an_object_entry_is_refused_and_never_runs(runtime, tm
 
 
 # ---------------------------------------------------------------------------------------------------- 7: disk full
-@pytest.mark.parametrize("error", [RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0"),
-                                   OSError(28, "No space left on device")])
-def test_a_failed_checkpoint_write_is_one_line_naming_the_directory(tmp_path, error):
-    """Item 7: a disk filling up mid-save surfaced as torch's 'enforce fail at inline_container.cc' traceback; the
-    save's guard turns it into one line naming the directory, saying the previous checkpoint stays latest."""
+def _checkpoint_exception(text: str):
+    """What megatron raises on every rank when a writer process failed: torch's CheckpointException, whose per-rank
+    exception only carries the writer's OSError as text (it crossed process boundaries)."""
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException("write", {0: (RuntimeError(f"Worker failure: {text}"), traceback.StackSummary())})
+
+
+@pytest.mark.parametrize("error, where, words", [
+    (OSError(28, "No space left on device", "FILE"), "FILE", "no space left on device writing"),
+    ("checkpoint_exception", "FILE", "no space left on device writing"),
+    (OSError(122, "Disk quota exceeded"), "TMP", "disk quota exceeded writing"),
+    (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0"), "TMP", "cannot write"),
+])
+def test_a_failed_checkpoint_write_is_one_line_naming_the_file(tmp_path, error, where, words):
+    """Item 7: a disk filling up mid-save surfaced as torch's 'enforce fail at inline_container.cc' traceback, or
+    megatron's multi-rank CheckpointException wall. The save's guard turns each into one line naming the file (or the
+    directory when the error names none), saying the previous checkpoint stays latest, and removes the partial
+    temporary directory."""
+    tmp = tmp_path / ".tmp_iter_0000002"
+    tmp.mkdir()
+    (tmp / "__0_0.distcp").write_bytes(b"partial")
+    file = tmp / "__0_0.distcp"
+    if error == "checkpoint_exception":
+        error = _checkpoint_exception(f"[Errno 28] No space left on device: '{file}'")
+    elif isinstance(error, OSError) and error.filename == "FILE":
+        error = OSError(error.errno, error.strerror, str(file))
     with pytest.raises(rundir.CheckpointWriteError) as e:
-        with rundir.write_guard(tmp_path / ".tmp_iter_0000002"):
+        with rundir.write_guard(tmp):
             raise error
     text = str(e.value)
-    assert text.startswith(f"{tmp_path / '.tmp_iter_0000002'}: cannot write the checkpoint") and "\n" not in text
-    assert "is the disk full?" in text and "previous checkpoint stays latest" in text
+    assert text.startswith(f"{words} {file if where == 'FILE' else tmp}") and "\n" not in text, text
+    assert "iter_0000002 was not saved and the previous checkpoint stays latest" in text, text
+    assert ("is the disk full?" in text) == text.startswith("cannot write"), text
+    assert not tmp.exists()
+
+
+def test_a_failed_write_of_the_record_is_one_line_and_publishes_nothing(tmp_path, monkeypatch):
+    """Item 7: the disk fills up while finish_save writes the manifest/record: one line naming the file, no iter_N,
+    latest unchanged, the temporary directory removed."""
+    import errno
+
+    from lmfusion.rundir import save as save_mod
+
+    _fake_iteration(tmp_path, 1)
+    (tmp_path / rundir.LATEST).write_text(rundir.iter_name(1) + "\n")
+    tmp, final = rundir.begin_save(tmp_path, 2)
+    (tmp / "__0_0.distcp").write_bytes(os.urandom(1000))
+    real = save_mod.atomic_write_text
+
+    def full(path, text):
+        if Path(path).name == rundir.CHECKPOINT_JSON:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, text)
+
+    monkeypatch.setattr(save_mod, "atomic_write_text", full)
+    with pytest.raises(rundir.CheckpointWriteError, match=rf"^no space left on device writing "
+                                                          rf"{tmp / rundir.CHECKPOINT_JSON}: the checkpoint"):
+        rundir.finish_save(tmp, final, {}, {"base": "b", "model": {}}, "", keep_last=None)
+    assert not final.exists() and not tmp.exists()
+    assert (tmp_path / rundir.LATEST).read_text().strip() == rundir.iter_name(1)
+    assert rundir.find_checkpoint(tmp_path) == tmp_path / rundir.iter_name(1)
+
+
+# ---------------------------------------------------------------------------------------------------- hashing cost
+def test_files_hashed_while_written_match_a_fresh_hash(tmp_path):
+    """Item 4 (cost): a writer appends to two files (another process, as megatron's forked writers do) while they are
+    followed; the manifest built from the followed digests equals hashing the finished files afresh. A file the
+    follower does not own, and one replaced under its name while followed (another inode), are hashed afresh."""
+    from lmfusion.rundir.digest import HashWhileWriting, sha256_file
+
+    script = (
+        "import os, sys, time\n"
+        "d = sys.argv[1]\n"
+        "fs = [open(os.path.join(d, n), 'wb') for n in ('__0_0.distcp', '__0_1.distcp', 'replaced')]\n"
+        "for i in range(40):\n"
+        "    for f in fs:\n"
+        "        f.write(os.urandom(50000)); f.flush()\n"
+        "    time.sleep(0.005)\n"
+        "for f in fs: f.close()\n"
+        "open(os.path.join(d, 'other.bin'), 'wb').write(os.urandom(3000))\n"
+        "open(os.path.join(d, 'new'), 'wb').write(os.urandom(777))\n"
+        "os.replace(os.path.join(d, 'new'), os.path.join(d, 'replaced'))\n")
+    follower = HashWhileWriting(tmp_path, lambda name: name.startswith("__0_") or name == "replaced")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True)
+    files = integrity.hash_files(tmp_path, written=follower)
+    fresh = {p.name: sha256_file(p) for p in tmp_path.iterdir()}
+    assert files == fresh
+    assert files["__0_0.distcp"]["size"] == 40 * 50000 and files["replaced"]["size"] == 777
+
+
+def test_a_changed_file_is_named_after_an_overlapped_load(tmp_path):
+    """Item 4 (cost): sizes and the manifest are checked before anything is read; the sha256s while the caller reads
+    (start_verify), and result() names a changed file."""
+    d = _fake_iteration(tmp_path, 1)
+    record = json.loads((d / rundir.CHECKPOINT_JSON).read_text())
+    assert integrity.start_verify(d, record).result()
+    data = bytearray((d / "__0_0.distcp").read_bytes())
+    data[10] ^= 0xFF
+    (d / "__0_0.distcp").write_bytes(bytes(data))
+    check = integrity.start_verify(d, record)  # same size: nothing to say yet
+    with pytest.raises(integrity.IntegrityError, match=r"__0_0.distcp: sha256 \w+, expected \w+ \(changed"):
+        check.result()
+    (d / "__0_0.distcp").write_bytes(bytes(data[:-1]))
+    with pytest.raises(integrity.IntegrityError, match=r"__0_0.distcp: 4095 bytes, expected 4096"):
+        integrity.start_verify(d, record)

@@ -64,11 +64,12 @@ def tp_generation_matches_hf_and_tp1():
     dist.barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(ckpt))
     if dist.get_rank() == 0:
-        from lmfusion.rundir import base_sha256
+        from lmfusion.rundir import base_files, base_sha256
 
         (ckpt / CHECKPOINT_JSON).write_text(json.dumps({"base": str(root / "base"), "model": cfg.to_dict(),
                                                         "vae": None,
-                                                        "base_conversion_sha256": base_sha256(root / "base")}))
+                                                        "base_conversion_sha256": base_sha256(root / "base"),
+                                                        "base_files": base_files(root / "base")}))
     dist.barrier()
     want = text_to_image(model, CAPTIONS, sampler="ddim", steps=3, seed=0)
     parallel_state.destroy_model_parallel()

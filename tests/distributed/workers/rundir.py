@@ -161,5 +161,56 @@ def replaced_base_stops_generation_and_export_and_exports_load_without_unpicklin
             load()
 
 
+@case
+def replaced_base_weights_stop_resume_generation_and_export():
+    """Item 2: the base's model.safetensors replaced by another same-shape model (every tensor changed, shapes and
+    dtypes kept) while its conversion.json stays: resume, load_for_inference (generation) and export-ckpt refuse it,
+    naming the weight file. The record lists the base's files; before the change all three load."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lmfusion.inference.load import load_for_inference
+    from tests.distributed.workers.train import spec
+
+    root = Path(shared_tmpdir())
+    base = root / "base"
+    shutil.copytree(spec()["base"], base)
+    run_dir = root / "run"
+    _run(str(run_dir), "train.train_iters=1", f"init.base_checkpoint={base}")
+    record = rundir.read_record(run_dir / rundir.iter_name(1))
+    assert "model.safetensors" in record["base_files"], record.get("base_files")
+    load_for_inference(run_dir, device="cpu")
+
+    weights = load_file(str(base / "model.safetensors"))
+    other = {k: (v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v) for k, v in weights.items()}
+    from safetensors import safe_open
+
+    with safe_open(str(base / "model.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(other, str(root / "other.safetensors"), metadata=metadata)
+    assert (root / "other.safetensors").stat().st_size == (base / "model.safetensors").stat().st_size
+    os.replace(root / "other.safetensors", base / "model.safetensors")
+    words = r"base/model.safetensors: sha256 \w+, expected \w+ \(the base .* replaced or changed"
+    with pytest.raises(ValueError, match=words):
+        _run(str(run_dir), "train.train_iters=2", f"init.base_checkpoint={base}")
+    with pytest.raises(ValueError, match=words):
+        load_for_inference(run_dir, device="cpu")
+    with pytest.raises(ValueError, match=words):
+        export_checkpoint(run_dir / rundir.iter_name(1), root / "export")
+
+
+@case
+def image_config_mismatch_on_resume_names_the_field():
+    """Item 7: resuming with another image-module setting names that field and both values in one line (not two
+    whole configs)."""
+    run_dir = shared_tmpdir()
+    _run(run_dir, "train.train_iters=1")
+    with pytest.raises(ValueError) as e:
+        _run(run_dir, "train.train_iters=2", "model.image.norm_groups=4")
+    text = str(e.value)
+    assert "model.image.norm_groups is 8 in the checkpoint, 4 in this config" in text and "\n" not in text, text
+    assert "block_channels" not in text, text
+
+
 if __name__ == "__main__":
     worker_main()

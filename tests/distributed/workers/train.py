@@ -416,5 +416,30 @@ def signal_on_one_rank_stops_all_ranks_after_saving():
     assert signal.getsignal(signal.SIGUSR1) == before, "the trainer did not restore the SIGUSR1 handler"
 
 
+class _SignalRank1(Trainer):
+    def train_step(self, step):
+        if step == 2 and dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)  # a non-zero rank only: rank 0, which logs, received nothing
+        return super().train_step(step)
+
+
+@case
+def signal_on_a_non_zero_rank_is_logged_as_such():
+    """Issue #18 item 7: rank 0 logs the stop of a signal that only rank 1 received as "a stop signal (on another
+    rank) received", not "None received" (it has no signal name of its own)."""
+    run_dir = Path(shared_tmpdir())
+    trainer = _SignalRank1(config(str(run_dir), "train.train_iters=50", "checkpoint.save_interval=100")).setup()
+    notes = []
+    note = trainer.metrics.note
+    trainer.metrics.note = lambda message: (notes.append(message), note(message))
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
+    assert (result.reason, result.iteration) == ("signal", 2), (result.reason, result.iteration)
+    if dist.get_rank() == 0:
+        assert notes == ["a stop signal (on another rank) received: saved step 2, exiting"], notes
+
+
 if __name__ == "__main__":
     worker_main()
