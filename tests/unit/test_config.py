@@ -179,7 +179,7 @@ def test_quickstart_example_keeps_its_noise_levels_in_the_diffusion_section():
                       resolve_base=False)
     d = cfg.diffusion
     assert (d.objective, d.timestep_density, d.timestep_logit_mean, d.timestep_logit_std) == \
-        ("epsilon", "logit_normal", 1.0, 1.0)
+        ("flow", "logit_normal", 1.0, 1.0)
 
 
 def test_world_size_checks(base):
