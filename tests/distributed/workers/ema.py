@@ -28,7 +28,7 @@ from lmfusion.training.model_setup import unwrap
 from lmfusion.training.trainer import Trainer
 from tests.distributed.harness import case, worker_main
 from tests.distributed.workers.megatron_common import shared_tmpdir
-from tests.distributed.workers.train import config, losses, spec
+from tests.distributed.workers.train import config, losses, spec, train
 
 N = 4
 # A decay that moves the average visibly away from the weights within N steps: (1 + s) / (10 + s), capped at 0.5
@@ -65,16 +65,6 @@ class Recording(Trainer):
         return metrics
 
 
-def run(cfg, cls=Trainer) -> Trainer:
-    trainer = cls(cfg)
-    try:
-        trainer.run()
-    except BaseException:
-        trainer.close()
-        raise
-    return trainer
-
-
 class SkipsStep2(Recording):
     """The optimizer skips step 2 (as megatron does on an fp16 overflow): no update, finite norm."""
 
@@ -104,7 +94,7 @@ def sharded_ema_equals_one_process_ema_dp2_tp2_and_without_distributed_optimizer
     layouts = {"dp2": [], "tp2": ["parallel.tensor_model_parallel_size=2"],
                "dp2_no_distopt": ["parallel.use_distributed_optimizer=false"]}
     for name, overrides in layouts.items():
-        trainer = run(config(shared_tmpdir(), f"train.train_iters={N}", *EMA, *overrides), Recording)
+        trainer = train(config(shared_tmpdir(), f"train.train_iters={N}", *EMA, *overrides), Recording)
         try:
             check_against_one_process(trainer, name)
             total = sum(p.numel() for p in trainer._params().values())
@@ -123,7 +113,7 @@ def sharded_ema_equals_one_process_ema_dp2_tp2_and_without_distributed_optimizer
 def skipped_step_leaves_the_ema_alone():
     """DP=2, N steps of which step 2 skips its update: the EMA took N - 1 updates (its decay schedule counts those)
     and equals the one-process EMA over the N - 1 successful steps."""
-    trainer = run(config(shared_tmpdir(), f"train.train_iters={N}", *EMA), SkipsStep2)
+    trainer = train(config(shared_tmpdir(), f"train.train_iters={N}", *EMA), SkipsStep2)
     try:
         assert [h["update_skipped"] for h in trainer.history] == [False, True] + [False] * (N - 2)
         check_against_one_process(trainer, "skipped step 2", steps=N - 1)
@@ -162,7 +152,7 @@ def ema_resumes_bit_exact_and_reshards_tp2_to_tp1():
     step updates the average from there."""
     tp2 = ["parallel.tensor_model_parallel_size=2", f"checkpoint.save_interval={N}", "checkpoint.keep_last=null"]
     straight_dir = shared_tmpdir()
-    straight = run(config(straight_dir, f"train.train_iters={2 * N}", *EMA, *tp2))
+    straight = train(config(straight_dir, f"train.train_iters={2 * N}", *EMA, *tp2))
     want_losses, want_ema, want_steps = losses(straight), straight.ema.gathered(), straight.ema.steps
     source = Path(straight_dir) / ckpt.iter_name(2 * N)
     plain = dist_checkpointing.load_plain_tensors(str(source))
@@ -171,9 +161,9 @@ def ema_resumes_bit_exact_and_reshards_tp2_to_tp1():
     straight.close()
 
     split_dir = shared_tmpdir()
-    first = run(config(split_dir, f"train.train_iters={N}", *EMA, *tp2))
+    first = train(config(split_dir, f"train.train_iters={N}", *EMA, *tp2))
     first.close()
-    second = run(config(split_dir, f"train.train_iters={2 * N}", *EMA, *tp2))
+    second = train(config(split_dir, f"train.train_iters={2 * N}", *EMA, *tp2))
     try:
         assert losses(first) + losses(second) == want_losses
         got = second.ema.gathered()
@@ -206,7 +196,7 @@ def ema_run_for_generation_tests():
     """A DP=2 run with EMA (N steps) and one without, in ``out`` for the pytest side; the EMA of the first, whole in
     model space (export keys), in ``out/ema_reference.safetensors``."""
     out = Path(spec()["out"])
-    with_ema = run(config(str(out / "ema_run"), f"train.train_iters={N}", *EMA))
+    with_ema = train(config(str(out / "ema_run"), f"train.train_iters={N}", *EMA))
     try:
         gathered = with_ema.ema.gathered()
         model = unwrap(with_ema.tm.chunks[0])
@@ -223,7 +213,7 @@ def ema_run_for_generation_tests():
             (out / "ema_state.json").write_text(json.dumps(with_ema.ema.state()))
     finally:
         with_ema.close()
-    run(config(str(out / "raw_run"), f"train.train_iters={N}")).close()
+    train(config(str(out / "raw_run"), f"train.train_iters={N}")).close()
 
 
 if __name__ == "__main__":

@@ -73,7 +73,8 @@ def config(run_dir: str, *overrides: str):
 
 
 def train(cfg, cls=Trainer) -> Trainer:
-    """Run to the end; the trainer is returned open (its model still in memory): close it."""
+    """Run to the end; the trainer (``cls(cfg)``: a Trainer subclass or any factory) is returned open (its model
+    still in memory): close it."""
     trainer = cls(cfg)
     try:
         trainer.run()

@@ -36,6 +36,7 @@ from lmfusion.training.step import StepLoss
 from lmfusion.training.trainer import Trainer, TrainingDiverged, build_trainer
 from tests.distributed.harness import case, worker_main
 from tests.distributed.workers.megatron_common import shared_tmpdir
+from tests.distributed.workers.train import train as train_to_end
 
 PARITY_TOL = 1e-5
 STEPS = 4
@@ -56,14 +57,8 @@ def ds(stage: int) -> list[str]:
 
 
 def train(cfg, make=build_trainer) -> Trainer:
-    """Run to the end; returned open (model in memory): close it."""
-    trainer = make(cfg)
-    try:
-        trainer.run()
-    except BaseException:
-        trainer.close()
-        raise
-    return trainer
+    """Run to the end with the engine ``make`` builds; returned open (model in memory): close it."""
+    return train_to_end(cfg, make)
 
 
 def history(trainer: Trainer, key: str = "loss") -> list[float]:
