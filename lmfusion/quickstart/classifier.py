@@ -92,16 +92,17 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, classes: int, epoch
     return model.eval()
 
 
-def load_or_train(ds, cache_dir: Path, log: Callable[[str], None] = print, epochs: int = 2) -> tuple[SmallCNN, dict]:
+def load_or_train(ds, cache_dir: Path, log: Callable[[str], None] = print, epochs: int = 2,
+                  seed: int = 0) -> tuple[SmallCNN, dict]:
     """The cached classifier of dataset ``ds`` (:class:`lmfusion.quickstart.data.Dataset`), trained if missing;
-    returns (model, info) where info has its test accuracy."""
+    returns (model, info) where info has its test accuracy. A non-zero ``seed`` is part of the cache key."""
     import time
 
     from safetensors.torch import load_file, save_file
 
     from lmfusion.utils import atomic_write_text
 
-    key = f"{ds.name}-cnn-e{epochs}"
+    key = f"{ds.name}-cnn-e{epochs}" + (f"-s{seed}" if seed else "")
     weights, meta = cache_dir / f"{key}.safetensors", cache_dir / f"{key}.json"
     model = SmallCNN(len(ds.classes))
     if weights.is_file() and meta.is_file():
@@ -111,9 +112,9 @@ def load_or_train(ds, cache_dir: Path, log: Callable[[str], None] = print, epoch
         return model.eval(), info
     log(f"classifier: training a small CNN on {len(ds.train_images)} real {ds.name} images ({epochs} epochs)")
     t0 = time.perf_counter()
-    model = train_classifier(ds.train_images, ds.train_labels, len(ds.classes), epochs)
+    model = train_classifier(ds.train_images, ds.train_labels, len(ds.classes), epochs, seed=seed)
     acc = float((predict(model, ds.test_images) == ds.test_labels).mean())
-    info = {"dataset": ds.name, "epochs": epochs, "test_accuracy": acc, "train_seconds": time.perf_counter() - t0}
+    info = {"dataset": ds.name, "epochs": epochs, "seed": seed, "test_accuracy": acc, "train_seconds": time.perf_counter() - t0}
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = weights.with_name(f".{weights.name}.tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))

@@ -110,7 +110,8 @@ def _write_test_images(ds, out: Path, n: int) -> list[tuple[Path, int]]:
 
 def run_quickstart(out: Path, *, smoke: bool = False, config: Path = DEFAULT_CONFIG, steps: Optional[int] = None,
                    overrides: tuple[str, ...] = (), cfg_scale: Optional[float] = None,
-                   ddim_steps: Optional[int] = None, images_per_class: Optional[int] = None) -> dict[str, Any]:
+                   ddim_steps: Optional[int] = None, images_per_class: Optional[int] = None,
+                   seed: int = 0) -> dict[str, Any]:
     import numpy as np
     import torch
 
@@ -142,12 +143,12 @@ def run_quickstart(out: Path, *, smoke: bool = False, config: Path = DEFAULT_CON
         _log(f"NOTE: {ds.fallback_reason}")
     _log(f"data: {ds.name} from {ds.source}: {len(ds.train_images)} train / {len(ds.test_images)} test images, "
          f"{len(ds.classes)} classes")
-    images, n_train = data_mod.write_image_folder(ds, out / "data", opts["train_per_class"])
+    images, n_train = data_mod.write_image_folder(ds, out / "data", opts["train_per_class"], seed=seed)
     from lmfusion.quickstart import vae as vae_mod
 
     vae_cache = (out / "vae") if smoke else (cache / "vae")  # smoke: a throwaway VAE on a few images
     vae_dir, vae_info = vae_mod.load_or_train(ds, vae_cache, _log, train_images=opts["vae_images"],
-                                              resolution=RESOLUTION)
+                                              resolution=RESOLUTION, seed=seed)
     shards = data_mod.build_shards(images, out / "data" / f"shards-{vae_dir.name}", RESOLUTION, log=_log,
                                    vae=str(vae_dir))
 
@@ -159,9 +160,10 @@ def run_quickstart(out: Path, *, smoke: bool = False, config: Path = DEFAULT_CON
         sub = data_mod.balanced_indices(ds.train_labels, opts["classifier_images"] // len(ds.classes), seed=4)
         judge_ds = dataclasses.replace(ds, name=f"{ds.name}-subset{len(sub)}", train_images=ds.train_images[sub],
                                        train_labels=ds.train_labels[sub])
-        judge, judge_info = clf.load_or_train(judge_ds, out / "classifier", _log, opts["classifier_epochs"])
+        judge, judge_info = clf.load_or_train(judge_ds, out / "classifier", _log, opts["classifier_epochs"],
+                                              seed=seed)
     else:
-        judge, judge_info = clf.load_or_train(ds, cache / "classifier", _log, opts["classifier_epochs"])
+        judge, judge_info = clf.load_or_train(ds, cache / "classifier", _log, opts["classifier_epochs"], seed=seed)
 
     # 4. text before training (the base checkpoint itself)
     from lmfusion.inference.load import load_for_inference, load_vae
@@ -174,7 +176,9 @@ def run_quickstart(out: Path, *, smoke: bool = False, config: Path = DEFAULT_CON
 
     # 5. train
     run_dir = out / "train"
-    train_overrides = list(opts["overrides"]) + ([f"train.train_iters={steps}"] if steps else []) + list(overrides)
+    seeds = [f"train.seed={1234 + seed}", f"data.seed={seed}"] if seed else []  # --set still wins
+    train_overrides = (list(opts["overrides"]) + ([f"train.train_iters={steps}"] if steps else []) + seeds
+                       + list(overrides))
     train_wall = _train(config, base, shards, run_dir, train_overrides, out / "train.log")
     from lmfusion.training.metrics import read_metrics
     from lmfusion.training.plot import plot_losses
@@ -192,7 +196,8 @@ def run_quickstart(out: Path, *, smoke: bool = False, config: Path = DEFAULT_CON
     _log(f"text after:  perplexity {after.perplexity:.4f}; {ev.PROMPT!r} -> {after.continuation!r} "
          f"({'identical' if identical else 'DIFFERENT'})")
     t0 = time.perf_counter()
-    generated = ev.generate_per_class(bundle, codec, ds.classes, images_per_class, ddim_steps, cfg_scale)
+    generated = ev.generate_per_class(bundle, codec, ds.classes, images_per_class, ddim_steps, cfg_scale,
+                                      seed=1000 * seed)
     gen_seconds = time.perf_counter() - t0
     grid_png = _save_grid(generated, out / "samples.png")
     pairs = _write_test_images(ds, out / "captions", opts["caption_images"])
@@ -230,6 +235,7 @@ def run_quickstart(out: Path, *, smoke: bool = False, config: Path = DEFAULT_CON
         "files": {"samples": grid_png.name, "loss_curve": loss_png.name, "train_log": "train.log",
                   "checkpoint": "train"},
         "smoke": smoke,
+        "seed": seed,
         "total_seconds": None,
     }
     results["total_seconds"] = time.perf_counter() - t_start
@@ -267,7 +273,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     results = run_quickstart(args.out, smoke=args.smoke, config=args.config, steps=args.steps,
                              overrides=tuple(args.set), cfg_scale=args.cfg, ddim_steps=args.ddim_steps,
-                             images_per_class=args.images_per_class)
+                             images_per_class=args.images_per_class, seed=args.seed)
     return 0 if results["text_identical"] else 1
 
 
@@ -285,4 +291,7 @@ def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--ddim-steps", type=int, default=None, help="DDIM sampling steps")
     p.add_argument("--images-per-class", type=int, default=None, help="generated images per class")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the VAE, the judge, the training subset, training and sampling (default 0; a "
+                        "non-zero seed keys its own cached VAE and judge)")
     p.set_defaults(run=_run)

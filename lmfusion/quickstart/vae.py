@@ -88,30 +88,31 @@ def _latent_means(vae, pixels: torch.Tensor, batch: int = 500) -> torch.Tensor:
 
 
 def load_or_train(ds, cache_dir: Path, log: Callable[[str], None] = print, *, train_images: int = 10000,
-                  epochs: int = 2, resolution: int = 32) -> tuple[Path, dict]:
+                  epochs: int = 2, resolution: int = 32, seed: int = 0) -> tuple[Path, dict]:
     """The cached VAE directory of dataset ``ds`` (a diffusers ``AutoencoderKL`` with ``save_pretrained`` files),
-    trained on a balanced subset of its training images if missing; returns (directory, info)."""
+    trained on a balanced subset of its training images if missing; returns (directory, info). ``seed`` sets the
+    subset and the training draw (a non-zero seed is part of the cache key)."""
     from lmfusion.inference.image import LATENT_RANGE_FILE
     from lmfusion.quickstart.data import balanced_indices
 
-    key = f"{ds.name}-vae-{resolution}px-{train_images}img-e{epochs}"
+    key = f"{ds.name}-vae-{resolution}px-{train_images}img-e{epochs}" + (f"-s{seed}" if seed else "")
     out = cache_dir / key
     info_path = out / "lmfusion_vae.json"
     if info_path.is_file() and (out / LATENT_RANGE_FILE).is_file():
         info = json.loads(info_path.read_text())
         log(f"VAE: {out} (cached; reconstruction MSE {info['test_reconstruction_mse']:.4f})")
         return out, info
-    idx = balanced_indices(ds.train_labels, train_images // len(ds.classes), seed=5)
+    idx = balanced_indices(ds.train_labels, train_images // len(ds.classes), seed=5 + seed)
     log(f"VAE: training a small AutoencoderKL on {len(idx)} real {ds.name} images ({epochs} epochs, once)")
     t0 = time.perf_counter()
     pixels = to_pixels(ds.train_images[idx], resolution)
-    vae = train_vae(pixels, epochs=epochs)
+    vae = train_vae(pixels, epochs=epochs, seed=seed)
     means = _latent_means(vae, pixels)
     scaling = float(1.0 / means.std())
     test = to_pixels(ds.test_images[:2000], resolution)
     with torch.no_grad():
         recon = vae.decode(_latent_means(vae, test)).sample.clamp(-1, 1)
-    info = {"dataset": ds.name, "train_images": len(idx), "epochs": epochs, "scaling_factor": scaling,
+    info = {"dataset": ds.name, "train_images": len(idx), "epochs": epochs, "seed": seed, "scaling_factor": scaling,
             "test_reconstruction_mse": float(torch.nn.functional.mse_loss(recon, test)),
             "train_seconds": time.perf_counter() - t0}
     vae.register_to_config(scaling_factor=scaling)

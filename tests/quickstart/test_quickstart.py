@@ -172,6 +172,33 @@ def test_vae_trained_once_loads_as_a_shard_codec(tmp_path, monkeypatch):
     assert vae.load_or_train(ds, tmp_path, lambda _: None, train_images=40, epochs=1) == (out, info)
 
 
+def test_seed_keys_its_own_vae_and_judge(tmp_path):
+    """``quickstart --seed S``: a non-zero seed trains (and caches) a different VAE and judge; seed 0 keeps the
+    unseeded cache names, so existing caches stay valid."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lmfusion.quickstart import classifier as clf
+    from lmfusion.quickstart import vae
+
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    ds = data.Dataset("toy", "test", data.FASHION_CLASSES, images, np.arange(40) % 10, images[:10], np.arange(10))
+    out0, info0 = vae.load_or_train(ds, tmp_path / "vae", lambda _: None, train_images=40, epochs=1)
+    out1, info1 = vae.load_or_train(ds, tmp_path / "vae", lambda _: None, train_images=40, epochs=1, seed=1)
+    assert out0.name == "toy-vae-32px-40img-e1" and out1.name == out0.name + "-s1"
+    assert (info0["seed"], info1["seed"]) == (0, 1)
+    w0 = load_file(str(out0 / "diffusion_pytorch_model.safetensors"))
+    w1 = load_file(str(out1 / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+    _, j0 = clf.load_or_train(ds, tmp_path / "clf", lambda _: None, epochs=1)
+    _, j1 = clf.load_or_train(ds, tmp_path / "clf", lambda _: None, epochs=1, seed=1)
+    assert sorted(p.name for p in (tmp_path / "clf").glob("*.safetensors")) == ["toy-cnn-e1-s1.safetensors",
+                                                                                "toy-cnn-e1.safetensors"]
+    c0, c1 = (load_file(str(tmp_path / "clf" / f"toy-cnn-e1{s}.safetensors")) for s in ("", "-s1"))
+    assert any(not torch.equal(c0[k], c1[k]) for k in c0)
+
+
 def test_latent_range_of_codecs(tmp_path):
     import torch
 
