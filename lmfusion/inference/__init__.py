@@ -130,6 +130,17 @@ def _check_context(cfg, encoded: list, args: argparse.Namespace) -> None:
                             f"truncated)")
 
 
+def _check_caption_context(cfg, args: argparse.Namespace) -> None:
+    """Refuse a caption that cannot fit: <bos> <boi> image <eoi> and --max-new-tokens within the context."""
+    from lmfusion.model.image_config import tokens_per_image
+
+    limit, prefix = cfg.max_position_embeddings, 3 + tokens_per_image(cfg.image)
+    if prefix + args.max_new_tokens > limit:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: <bos>, <boi>, {prefix - 3} image tokens and <eoi> "
+                        f"plus {args.max_new_tokens} new tokens need {prefix + args.max_new_tokens} positions, "
+                        f"expected at most {limit} (the model's max_position_embeddings)")
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -182,6 +193,7 @@ def _run_caption(args: argparse.Namespace) -> int:
     bundle = _load(args)
     tok = _tokenizer(bundle)
     check_vae(codec, bundle.config)
+    _check_caption_context(bundle.config, args)
     latent = encode_image(codec, bundle.config, args.image)
     ids = caption_image(bundle.model, latent, _params(args, bundle.meta.stop_token_ids))
     if _is_main():

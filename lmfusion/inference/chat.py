@@ -46,6 +46,7 @@ class Conversation:
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.session = Session(model, 1)
         self.pending: list[int] = [model.model_config.bos_token_id]  # sampled/given tokens not yet in the cache
+        self.full = False  # the last response stopped because the model's context was full
 
     @torch.no_grad()
     def respond(self, tokens: list[int]) -> list[Segment]:
@@ -53,16 +54,27 @@ class Conversation:
         chunk = self.pending + list(tokens)
         if not chunk:
             raise UserError("nothing to respond to: empty prompt")
+        if len(chunk) > self.session.room():
+            raise UserError(f"the conversation is full: this prompt needs {len(chunk)} positions, "
+                            f"{self.session.room()} of the model's {self.session.max_positions} "
+                            f"(max_position_embeddings) are left; start a new chat")
         logits = self.session.next_logits([chunk])
         self.pending = []
         segments: list[Segment] = []
         text: list[int] = []
         images = 0
         stops = set(self.params.stop_token_ids)
+        self.full = False
+        image_room = 2 + self.session.image_tokens + 1  # <boi> image <eoi>, then one more token
         for _ in range(self.params.max_new_tokens):
             tok = int(sample_next(logits, self.params, self.generator)[0])
             if tok in stops or (tok == cfg.boi_token_id and images >= self.image.max_images):
                 self.pending = [tok]
+                break
+            if self.session.room() < (image_room if tok == cfg.boi_token_id else 1):
+                self.full = True  # the context (max_position_embeddings) is full: the response ends here
+                if tok != cfg.boi_token_id:
+                    text.append(tok)  # drawn from the last position's logits; it needs no position itself
                 break
             if tok != cfg.boi_token_id:
                 text.append(tok)
@@ -108,4 +120,9 @@ def run_chat(conversation: Conversation, tokenizer, codec, out_dir: Path, stdin:
                 stdout.write(f"[image: {path}]\n")
             else:
                 stdout.write(tokenizer.decode(segment, skip_special_tokens=True) + "\n")
+        if conversation.full:
+            stdout.write(f"[the model's context ({conversation.session.max_positions} positions) is full; "
+                         f"start a new chat]\n")
+            stdout.flush()
+            return 0
         stdout.flush()

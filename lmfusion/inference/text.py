@@ -100,6 +100,11 @@ class Session:
         self.batch_size = batch_size
         self.cache = KVCache()
         self.lengths = torch.zeros(batch_size, dtype=torch.long)  # next RoPE position of each row
+        self.max_positions = int(cfg.max_position_embeddings)
+
+    def room(self) -> int:
+        """Positions left in the fullest row before the model's context (max_position_embeddings) is full."""
+        return self.max_positions - int(self.lengths.max())
 
     def _length(self, item: Item) -> int:
         return self.image_tokens if isinstance(item, Image) else 1
@@ -149,6 +154,10 @@ class Session:
     def extend(self, rows: Sequence[Sequence[Item]], commit: bool = True) -> LMFusionOutput:
         """Run one chunk per row against the cache; with ``commit`` the chunk joins the sequences."""
         inputs, lengths = self.inputs(rows)
+        need = int((self.lengths + lengths).max())
+        if need > self.max_positions:
+            raise UserError(f"the sequence needs {need} positions, expected at most {self.max_positions} (the "
+                            f"model's max_position_embeddings); shorten the input (nothing is truncated)")
         self.cache.commit = commit
         try:
             out = self.model(inputs, kv_cache=self.cache)

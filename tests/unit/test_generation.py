@@ -364,3 +364,45 @@ def test_prompt_longer_than_the_context_is_refused_in_one_line(ckpts, base, caps
                      *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert "--prompt 1:" in err and f"expected at most {limit}" in err and "\n" not in err, err
+
+
+def test_caption_and_chat_stop_at_the_context(ckpts, trained, tmp_path, capsys):
+    """Issue #18 item 7, caption and chat: a caption whose prefix and --max-new-tokens exceed max_position_embeddings
+    is refused in one line; a chat fills the context to exactly its limit, says so and ends, and a prompt that cannot
+    fit is refused by name; no Session ever runs past the context."""
+    from PIL import Image as PILImage
+
+    from lmfusion.errors import UserError
+
+    root, _ = ckpts
+    cfg, model = trained.config, trained.model
+    limit, n_img = cfg.max_position_embeddings, tokens_per_image(cfg.image)
+    path = tmp_path / "img.png"
+    PILImage.new("RGB", (8, 8), (200, 30, 30)).save(path)
+    too_many = str(limit - 3 - n_img + 1)
+    assert main(["caption", "--ckpt", str(root / "run"), "--image", str(path), "--max-new-tokens", too_many,
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (earlier lines: notes on the checkpoint's weights)
+    assert err.startswith("lmfusion caption: error: --max-new-tokens") and f"expected at most {limit}" in err, err
+
+    session = Session(model, 1)
+    with pytest.raises(UserError, match=f"needs {limit + 1} positions, expected at most {limit}"):
+        session.next_logits([[cfg.bos_token_id] * (limit + 1)])
+    assert session.room() == limit  # nothing was committed
+
+    prompt = trained.tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    conv = Conversation(model, SamplingParams(max_new_tokens=2 * limit), ImageOptions(steps=STEPS, max_images=0),
+                        torch.Generator().manual_seed(3))
+    segments = conv.respond(prompt)
+    assert conv.full and conv.session.room() == 0
+    # every committed token is in the cache, plus the last one drawn from the final position's logits
+    assert 1 + len(prompt) + sum(len(s) for s in segments) == limit + 1
+    with pytest.raises(UserError, match="the conversation is full"):
+        conv.respond(prompt)
+    out = io.StringIO()
+    from lmfusion.inference.chat import run_chat
+
+    conv = Conversation(model, SamplingParams(max_new_tokens=2 * limit), ImageOptions(steps=STEPS, max_images=0),
+                        torch.Generator().manual_seed(3))
+    assert run_chat(conv, trained.tokenizer, None, tmp_path / "chat", io.StringIO(PROMPTS[0] + "\nmore\n"), out) == 0
+    assert f"context ({limit} positions) is full" in out.getvalue() and out.getvalue().count("> ") == 1
