@@ -37,7 +37,8 @@ def run_training(config: Optional[str], overrides: Sequence[str]) -> int:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
     from lmfusion.config_io import load_config
     from lmfusion.data import DataError
-    from lmfusion.training.trainer import TrainingDiverged, build_trainer
+    from lmfusion.training.engines import build_trainer
+    from lmfusion.training.trainer import TrainingDiverged
 
     trainer = None
     try:
