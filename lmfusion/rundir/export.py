@@ -31,7 +31,7 @@ from lmfusion.rundir.trust import CheckpointLoadError
 from lmfusion.utils import atomic_write_text
 
 __all__ = ["EXPORT_JSON", "IMAGE_SET", "EMA_SET", "EXPORT_FORMAT", "is_export", "export_checkpoint",
-           "image_set_tensors", "load_export"]
+           "image_set_tensors", "load_export", "sharded_tensors", "shard_index"]
 
 EXPORT_JSON = "lmfusion_export.json"
 IMAGE_SET = "image.safetensors"
@@ -43,7 +43,7 @@ def is_export(path: Path) -> bool:
     return (Path(path) / EXPORT_JSON).is_file()
 
 
-def _sharded_tensors(model: torch.nn.Module) -> list:
+def sharded_tensors(model: torch.nn.Module) -> list:
     """The model's image set as ShardedTensors whose ``data`` are views of its parameters (factories, e.g. the fused
     SwiGLU [gate; up] weight, built into their parts)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
@@ -67,7 +67,7 @@ def _sharded_tensors(model: torch.nn.Module) -> list:
     return out
 
 
-def _index(sh) -> tuple:
+def shard_index(sh) -> tuple:
     """Where a local shard sits in its global tensor (prepended axes, e.g. the layer index, are integers)."""
     pre = sh.prepend_axis_num
     return tuple(sh.global_offset[:pre]) + tuple(slice(o, o + n) for o, n in zip(sh.global_offset[pre:],
@@ -77,9 +77,9 @@ def _index(sh) -> tuple:
 def image_set_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The image set as whole tensors keyed like the distributed checkpoint (a model built at TP = PP = 1)."""
     out: dict[str, torch.Tensor] = {}
-    for sh in _sharded_tensors(model):
+    for sh in sharded_tensors(model):
         full = out.setdefault(sh.key, torch.zeros(sh.global_shape, dtype=sh.data.dtype))
-        full[_index(sh)] = sh.data.detach().cpu()
+        full[shard_index(sh)] = sh.data.detach().cpu()
     return {k: v.contiguous() for k, v in sorted(out.items())}
 
 
@@ -91,7 +91,7 @@ def load_export(model: torch.nn.Module, export_dir: Path, name: str = IMAGE_SET)
     if name not in (IMAGE_SET, EMA_SET):
         raise ValueError(f"{name!r}: expected {IMAGE_SET} or {EMA_SET}")
     path = Path(export_dir) / name
-    shards = _sharded_tensors(model)
+    shards = sharded_tensors(model)
     with safe_open(str(path), framework="pt") as f:
         have = set(f.keys())
         wanted = {sh.key for sh in shards}
@@ -103,7 +103,7 @@ def load_export(model: torch.nn.Module, export_dir: Path, name: str = IMAGE_SET)
                 if tuple(full.shape) != tuple(sh.global_shape):
                     raise CheckpointLoadError(f"{path}: tensor {sh.key!r} has shape {tuple(full.shape)}, expected "
                                               f"{tuple(sh.global_shape)}")
-                sh.data.copy_(full[_index(sh)])
+                sh.data.copy_(full[shard_index(sh)])
 
 
 def export_checkpoint(iter_dir: Path, output: Path) -> Path:
