@@ -19,7 +19,6 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext.linear import ModalityColumnParallelLinear, ModalityRowParallelLinear
-from megatron_ext.norm import RoutedRMSNorm
 from megatron_ext.routing import RoutingPlan
 from megatron_ext.spec import RoutedMLP, routed_mlp_spec
 from megatron.core.transformer.spec_utils import build_module
