@@ -34,7 +34,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from lmfusion.config import Config
 from lmfusion.errors import UserError
-from lmfusion.model.builder import build_model
+from lmfusion.model.builder import build_model_chunks
 from lmfusion.model.model import LMFusionModel
 from megatron_ext import cpu, torch_adam
 from megatron_ext.device import runtime_device
@@ -70,23 +70,8 @@ def unwrap(chunk: torch.nn.Module) -> LMFusionModel:
     return chunk
 
 
-def _config_overrides(cfg: Config) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if cfg.parallel.vpp > 1:
-        out["virtual_pipeline_model_parallel_size"] = cfg.parallel.vpp
-    if cfg.train.fp8 is not None:
-        out.update(fp8=cfg.train.fp8, fp8_recipe=cfg.train.fp8_recipe)
-    return out
-
-
-def _build_chunks(cfg: Config, base, dtype: torch.dtype, train_text: bool, device: torch.device
-                  ) -> list[LMFusionModel]:
-    """This rank's model chunk(s), every tensor on ``device``: one stage, or one per virtual stage."""
-    vpp = cfg.parallel.vpp
-    return [build_model(cfg.model, base=base, sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=dtype,
-                        seed=cfg.train.seed, freeze=not train_text, device=device,
-                        vp_stage=v if vpp > 1 else None, **_config_overrides(cfg))
-            for v in range(vpp)]
+def _fp8_overrides(cfg: Config) -> dict[str, Any]:
+    return {} if cfg.train.fp8 is None else {"fp8": cfg.train.fp8, "fp8_recipe": cfg.train.fp8_recipe}
 
 
 def recompute_layers(model: LMFusionModel) -> None:
@@ -177,12 +162,10 @@ def build_train_model(cfg: Config, base, train_text: bool = False, device: torch
     # wrongly; the fixes apply on every device, not only in CPU mode.
     torch_adam.install()
     dtype = params_dtype(cfg)
-    chunks = _build_chunks(cfg, base, dtype, train_text, runtime_device() if device is None else device)
-    for model in chunks:
-        # megatron's finalize_model_grads reads this GPTModel attribute at PP > 1 to all-reduce tied embedding grads
-        # between the first and last stage. The embedding is frozen (no gradient): there is nothing to sync.
-        if not hasattr(model, "share_embeddings_and_output_weights"):
-            model.share_embeddings_and_output_weights = False
+    chunks = build_model_chunks(cfg.model, vpp=cfg.parallel.vpp, base=base,
+                                sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=dtype,
+                                seed=cfg.train.seed, freeze=not train_text,
+                                device=runtime_device() if device is None else device, **_fp8_overrides(cfg))
     if cfg.train.recompute == "full":
         for model in chunks:
             recompute_layers(model)
