@@ -1,4 +1,6 @@
-"""``lmfusion export-ckpt``: the shareable form of a training checkpoint, safetensors + JSON, nothing to unpickle.
+"""The export, the shareable form of a training checkpoint (safetensors + JSON, nothing to unpickle): its format and
+its loader. ``lmfusion export-ckpt`` writes it (:func:`lmfusion.inference.export.export_checkpoint`, which loads the
+iteration as inference does).
 
     OUT/lmfusion_export.json   the record: format, iteration, model config, VAE block, diffusion objective
                                (null: epsilon), EMA set (null: none), base ("base"), its conversion.json sha256 and
@@ -17,21 +19,17 @@ own runs.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lmfusion.errors import UserError
-from lmfusion.rundir import integrity
-from lmfusion.rundir.layout import base_sha256, json_text, read_record, resolve_base
+from lmfusion.rundir.layout import read_record
 from lmfusion.rundir.trust import CheckpointLoadError
-from lmfusion.utils import atomic_write_text
 
-__all__ = ["EXPORT_JSON", "IMAGE_SET", "EMA_SET", "EXPORT_FORMAT", "is_export", "export_checkpoint",
-           "image_set_tensors", "load_export", "sharded_tensors", "shard_index"]
+__all__ = ["EXPORT_JSON", "IMAGE_SET", "EMA_SET", "EXPORT_FORMAT", "EXPORT_VERSION", "is_export", "image_set_tensors",
+           "load_export", "sharded_tensors", "shard_index"]
 
 EXPORT_JSON = "lmfusion_export.json"
 IMAGE_SET = "image.safetensors"
@@ -104,43 +102,6 @@ def load_export(model: torch.nn.Module, export_dir: Path, name: str = IMAGE_SET)
                     raise CheckpointLoadError(f"{path}: tensor {sh.key!r} has shape {tuple(full.shape)}, expected "
                                               f"{tuple(sh.global_shape)}")
                 sh.data.copy_(full[shard_index(sh)])
-
-
-def export_checkpoint(iter_dir: Path, output: Path) -> Path:
-    """Write the export of ``iter_dir`` (a training iteration; its base is checked against the recorded hash)."""
-    from lmfusion.inference.load import load_for_inference
-
-    iter_dir, output = Path(iter_dir), Path(output)
-    if output.exists():
-        raise FileExistsError(f"{output}: exists; expected a new directory")
-    record = read_record(iter_dir)
-    bundle = load_for_inference(iter_dir, device="cpu", weights="raw")  # verifies files and the base hash
-    base = resolve_base(record, iter_dir / "lmfusion_checkpoint.json")
-    tmp = output.with_name(f".tmp_{output.name}")  # a crash leaves no half-written directory under the final name
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    from safetensors.torch import save_file
-
-    save_file(image_set_tensors(bundle.model), str(tmp / IMAGE_SET), metadata={"format": "lmfusion-image-set"})
-    ema_key = record.get("ema_key_prefix")
-    if ema_key:  # train.ema: the average, through the same model (megatron reshards it to TP = 1 as the raw set)
-        from lmfusion.rundir.trust import load_image_set
-
-        load_image_set(bundle.model, iter_dir, ema_key)
-        save_file(image_set_tensors(bundle.model), str(tmp / EMA_SET), metadata={"format": "lmfusion-image-set"})
-    shutil.copytree(base, tmp / "base")
-    files = integrity.hash_files(tmp, distributed=False)
-    in_base = {name.removeprefix("base/"): entry for name, entry in files.items()
-               if name.startswith("base/") and name.count("/") == 1 and name != "base/conversion.json"}
-    export = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "iteration": record.get("iteration"),
-              "model": record["model"], "vae": record.get("vae"), "diffusion": record.get("diffusion"),
-              "base": "base", "ema": EMA_SET if ema_key else None,
-              "base_conversion_sha256": base_sha256(tmp / "base"), "base_files": in_base,
-              "source": str(iter_dir.resolve()), "integrity": integrity.write_manifest(tmp, files)}
-    atomic_write_text(tmp / EXPORT_JSON, json_text(export))
-    os.replace(tmp, output)
-    return output
 
 
 def read_export(export_dir: Path) -> dict[str, Any]:

@@ -146,7 +146,7 @@ def _run_plot(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- export-ckpt
 def _run_export(args: argparse.Namespace) -> int:
     from lmfusion import rundir
-    from lmfusion.rundir.export import export_checkpoint
+    from lmfusion.inference.export import export_checkpoint
 
     iter_dir = rundir.find_checkpoint(args.ckpt)
     if iter_dir is None:

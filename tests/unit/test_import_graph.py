@@ -84,10 +84,9 @@ def test_cycle_finder_sees_a_lazy_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_no_import_cycle_through_training():
-    """trainer.py must not import the DeepSpeed engine, which subclasses its Trainer (lazily or not)."""
-    cycles = [c for c in _cycles(_graph()) if any(m.startswith("lmfusion.training") for m in c)]
-    assert cycles == []
+def test_no_import_cycle():
+    """E.g. trainer.py must not import the DeepSpeed engine, which subclasses its Trainer (lazily or not)."""
+    assert _cycles(_graph()) == []
 
 
 def test_no_private_names_across_modules():

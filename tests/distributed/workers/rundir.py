@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lmfusion import rundir
-from lmfusion.rundir.export import export_checkpoint
+from lmfusion.inference.export import export_checkpoint
 from lmfusion.training.trainer import Trainer
 from tests.distributed.harness import case, worker_main
 from tests.distributed.workers.megatron_common import shared_tmpdir
