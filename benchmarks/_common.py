@@ -1,10 +1,11 @@
-"""Shared benchmark helpers: a one-rank process group and interleaved, median-of-N timing."""
+"""Shared benchmark helpers: a one-rank process group, interleaved median-of-N timing, and the training benchmarks'
+config, micro-batches and optimizer step (the trainer's own pieces)."""
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 
 def init_single_rank(device: Optional[str] = None) -> None:
@@ -33,3 +34,70 @@ def time_interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int 
             sync()
             samples[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def train_config(*, vocab: int, hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, seq: int,
+                 image: dict[str, Any], global_batch: int, precision: str = "fp32", ema: bool = False):
+    """A training config with random text weights (no base, no run directory) and one-row micro-batches."""
+    from lmfusion.config_io import config_from_dict
+
+    train: dict[str, Any] = {"micro_batch_size": 1, "global_batch_size": global_batch, "train_iters": 1000,
+                             "precision": precision}
+    if ema:
+        train["ema"] = {"enabled": True}
+    return config_from_dict({
+        "model": {"vocab_size": vocab, "hidden_size": hidden, "ffn_hidden_size": ffn, "num_layers": layers,
+                  "num_attention_heads": heads, "num_query_groups": kv_heads, "max_position_embeddings": seq,
+                  "bos_token_id": 1, "eos_token_id": 2, "boi_token_id": 3, "eoi_token_id": 4,
+                  "attention_backend": "sdpa", "linear_backend": "local", "image": image},
+        "data": {"seq_length": seq, "num_workers": 0},
+        "train": train,
+        "optimizer": {"lr": 1e-4, "lr_warmup_iters": 0},
+        "init": {"base_checkpoint": "none"}, "checkpoint": {"save": "none"},
+        "logging": {"tensorboard": False}}, resolve_base=False)
+
+
+def step_inputs(cfg, num_microbatches: int, dtype):
+    """This data-parallel rank's noised synthetic micro-batches and the step's loss (token counts summed over DP, as
+    the trainer does): ``(micro_batches, loss)``."""
+    import itertools
+
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from lmfusion.training.step import StepLoss, prepare_micro_batch
+    from lmfusion.training.synthetic import synthetic_batches
+
+    seq, rank, dp = cfg.data.seq_length, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    batches = itertools.islice(synthetic_batches(cfg.model, seq, 1, seed=rank), num_microbatches)
+    mbs = [prepare_micro_batch(b, seed=0, step=1, dp_rank=rank, index=i, device=torch.device("cpu"), dtype=dtype,
+                               cap=cfg.train.image_first_max_timestep, diffusion=cfg.diffusion)
+           for i, b in enumerate(batches)]
+    counts = torch.tensor([sum(m.lm_tokens for m in mbs), sum(m.image_tokens for m in mbs)], dtype=torch.float64)
+    dist.all_reduce(counts, group=ps.get_data_parallel_group())
+    img = cfg.model.image
+    return mbs, StepLoss(int(counts[0]), int(counts[1]), dp, len(mbs), cfg.train.diffusion_loss_weight,
+                         img.patch_size * img.downsample_factor)
+
+
+def optimizer_step(tm, micro_batches: list, loss, seq: int) -> Callable[[], None]:
+    """One whole training step of ``tm`` (:class:`lmfusion.training.model_setup.TrainModel`) over ``micro_batches``:
+    zero grads, megatron's forward-backward schedule, optimizer step, scheduler step."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        return model(mb.inputs), lambda out, mb=mb: loss(mb, out)
+
+    def step() -> None:
+        for chunk in tm.chunks:
+            chunk.zero_grad_buffer()
+        tm.optimizer.zero_grad()
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro_batches),
+                                    model=tm.chunks, num_microbatches=len(micro_batches), seq_length=seq,
+                                    micro_batch_size=1, decoder_seq_length=seq, forward_only=False)
+        tm.optimizer.step()
+        tm.scheduler.step(increment=1)
+
+    return step

@@ -20,7 +20,6 @@ Usage: python benchmarks/train_step.py [--hidden 768 --layers 4 --seq 1024 --rep
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 import time
@@ -32,23 +31,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _config(args):
-    from lmfusion.config_io import config_from_dict
+    from _common import train_config
 
     heads = args.hidden // 64
-    return config_from_dict({
-        "model": {"vocab_size": args.vocab, "hidden_size": args.hidden, "ffn_hidden_size": args.ffn,
-                  "num_layers": args.layers, "num_attention_heads": heads, "num_query_groups": max(1, heads // 2),
-                  "max_position_embeddings": args.seq, "bos_token_id": 1, "eos_token_id": 2, "boi_token_id": 3,
-                  "eoi_token_id": 4, "attention_backend": "sdpa", "linear_backend": "local",
-                  "image": {"latent_channels": 4, "latent_size": args.latent, "patch_size": 2, "kind": "unet",
-                            "block_channels": [64, 128], "downsample": [False, False], "layers_per_block": 1,
-                            "norm_groups": 32}},
-        "data": {"seq_length": args.seq, "num_workers": 0},
-        "train": {"micro_batch_size": 1, "global_batch_size": args.micro_batches, "train_iters": 1000,
-                  "precision": "fp32"},
-        "optimizer": {"lr": 1e-4, "lr_warmup_iters": 0},
-        "init": {"base_checkpoint": "none"}, "checkpoint": {"save": "none"},
-        "logging": {"tensorboard": False}}, resolve_base=False)
+    return train_config(vocab=args.vocab, hidden=args.hidden, ffn=args.ffn, layers=args.layers, heads=heads,
+                        kv_heads=max(1, heads // 2), seq=args.seq, global_batch=args.micro_batches,
+                        image={"latent_channels": 4, "latent_size": args.latent, "patch_size": 2, "kind": "unet",
+                               "block_channels": [64, 128], "downsample": [False, False], "layers_per_block": 1,
+                               "norm_groups": 32})
 
 
 def main(argv=None) -> float:
@@ -68,52 +58,30 @@ def main(argv=None) -> float:
     from _common import init_single_rank
 
     init_single_rank("cpu")  # megatron CPU mode
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    from _common import optimizer_step, step_inputs
     from lmfusion.training import flops
     from lmfusion.training.model_setup import build_train_model
-    from lmfusion.training.step import StepLoss, prepare_micro_batch
-    from lmfusion.training.synthetic import synthetic_batches
 
     cfg = _config(args)
     model_parallel_cuda_manual_seed(cfg.train.seed)
-    batches = list(itertools.islice(synthetic_batches(cfg.model, args.seq, 1, seed=0), args.micro_batches))
-    mbs = [prepare_micro_batch(b, seed=0, step=1, dp_rank=0, index=i, device=torch.device("cpu"),
-                               dtype=torch.float32, cap=cfg.train.image_first_max_timestep,
-                               diffusion=cfg.diffusion)
-           for i, b in enumerate(batches)]
+    mbs, loss = step_inputs(cfg, args.micro_batches, torch.float32)
     counts = sum((mb.counts for mb in mbs), flops.TokenCounts())
-    img = cfg.model.image
-    loss = StepLoss(sum(m.lm_tokens for m in mbs), sum(m.image_tokens for m in mbs), 1, len(mbs),
-                    cfg.train.diffusion_loss_weight, img.patch_size * img.downsample_factor)
 
     variants = {name: build_train_model(cfg, None, train_text=train_text)
                 for name, train_text in (("frozen", False), ("all_trainable", True))}
     trainable = {k: sum(p.numel() for c in v.chunks for p in c.parameters() if p.requires_grad)
                  for k, v in variants.items()}
-
-    def step(tm) -> None:
-        def forward_step(data_iterator, model):
-            mb = next(data_iterator)
-            return model(mb.inputs), lambda out, mb=mb: loss(mb, out)
-
-        for chunk in tm.chunks:
-            chunk.zero_grad_buffer()
-        tm.optimizer.zero_grad()
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(mbs), model=tm.chunks,
-                                    num_microbatches=len(mbs), seq_length=args.seq, micro_batch_size=1,
-                                    decoder_seq_length=args.seq, forward_only=False)
-        tm.optimizer.step()
-        tm.scheduler.step(increment=1)
+    steps = {name: optimizer_step(tm, mbs, loss, args.seq) for name, tm in variants.items()}
 
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for name, tm in variants.items():  # warm-up
-        step(tm)
+    for step in steps.values():  # warm-up
+        step()
     for _ in range(args.reps):
-        for name, tm in variants.items():
+        for name, step in steps.items():
             t0 = time.perf_counter()
-            step(tm)
+            step()
             times[name].append(time.perf_counter() - t0)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 

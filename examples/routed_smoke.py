@@ -97,9 +97,11 @@ def main(argv=None) -> None:
     target = chunk(target_full, 0) if config.sequence_parallel else target_full
     img_local = plan.local_modality_ids(rank, tp).view(x_local.shape[:2]) if config.sequence_parallel else ids
 
+    sp_shard = (rank, tp) if config.sequence_parallel else None
+
     def run(x):
         for mlp in stack:
-            x = mlp(x, plan)
+            x = x + mlp(x, plan, sp_shard)  # the residual add is the layer's
         return x
 
     out = run(x_local)

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -70,7 +69,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteSchedu
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_snr
 from torch import Tensor
 
-from lmfusion.config import DiffusionConfig
+from lmfusion.diffusion_config import DiffusionConfig, TimestepDensity  # TimestepDensity re-exported
 from lmfusion.errors import UserError
 
 __all__ = [
@@ -107,25 +106,6 @@ def make_train_scheduler(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
         prediction_type=prediction_type,
         clip_sample=False,  # latents are not in [-1, 1]; see module docstring
     )
-
-
-TIMESTEP_DENSITIES = ("uniform", "logit_normal")
-
-
-@dataclass(frozen=True)
-class TimestepDensity:
-    """How caption-first images draw their noise level: ``kind`` 'uniform' (paper) or 'logit_normal'
-    (``t/T = sigmoid(N(logit_mean, logit_std))``)."""
-
-    kind: str = "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in TIMESTEP_DENSITIES:
-            raise UserError(f"timestep density must be one of {TIMESTEP_DENSITIES}, got {self.kind!r}")
-        if not self.logit_std > 0:
-            raise UserError(f"timestep logit_std must be > 0, got {self.logit_std}")
 
 
 def sample_timesteps(

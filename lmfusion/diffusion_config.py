@@ -12,12 +12,31 @@ from typing import Literal
 from lmfusion.errors import UserError
 from lmfusion.utils import literal_choices
 
-__all__ = ["OBJECTIVES", "DiffusionConfig"]
+__all__ = ["OBJECTIVES", "DiffusionConfig", "TimestepDensity", "TIMESTEP_DENSITIES"]
 
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
+
+
+TIMESTEP_DENSITIES = ("uniform", "logit_normal")
+
+
+@dataclass(frozen=True)
+class TimestepDensity:
+    """How caption-first images draw their noise level: ``kind`` 'uniform' (paper) or 'logit_normal'
+    (``t/T = sigmoid(N(logit_mean, logit_std))``)."""
+
+    kind: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in TIMESTEP_DENSITIES:
+            raise UserError(f"timestep density must be one of {TIMESTEP_DENSITIES}, got {self.kind!r}")
+        if not self.logit_std > 0:
+            raise UserError(f"timestep logit_std must be > 0, got {self.logit_std}")
 
 
 Objective = Literal["epsilon", "v_prediction", "flow"]
@@ -59,7 +78,5 @@ class DiffusionConfig:
 
     @property
     def density(self):
-        """The caption-first noise-level density (:class:`lmfusion.diffusion.TimestepDensity`)."""
-        from lmfusion.diffusion import TimestepDensity
-
+        """The caption-first noise-level density (:class:`TimestepDensity`)."""
         return TimestepDensity(self.timestep_density, self.timestep_logit_mean, self.timestep_logit_std)

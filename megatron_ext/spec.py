@@ -5,8 +5,10 @@ As megatron-core's ``gpt_layer_specs``: a layer names its slots (``input_layerno
 torch) or Transformer Engine modules. Swapping a backend changes the spec, not the model: both backends follow one
 parameter contract (names, TP strides, checkpoint keys; :mod:`megatron_ext.contract`).
 
-:class:`RoutedMLP` is the pre-norm SwiGLU MLP half of a routed layer (norm -> fc1 -> SwiGLU -> fc2 -> residual);
-the attention half and the full layer are the model's (``lmfusion/model``).
+:class:`RoutedMLP` fills a routed layer's ``mlp`` slot: norm -> fc1 -> SwiGLU -> fc2, its norm fused in as in
+megatron's Transformer Engine spec (``TELayerNormColumnParallelLinear``; here the checkpoint key stays
+``mlp.pre_mlp_layernorm``). The layer (``lmfusion/model/layer.py``) owns both residual adds and the sequence-parallel
+shard, which it passes down.
 """
 
 from __future__ import annotations
@@ -16,12 +18,10 @@ from typing import Union
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megatron_ext.linear import ModalityColumnParallelLinear, ModalityRowParallelLinear
 from megatron_ext.norm import RoutedRMSNorm
@@ -82,7 +82,7 @@ def routed_mlp_spec(backend: str = "auto") -> ModuleSpec:
 
 
 class RoutedMLP(MegatronModule):
-    """``h + fc2(silu(gate) * up)``, gate/up from one fused fc1, every weight routed by modality.
+    """``fc2(silu(gate) * up)`` of ``norm(h)``, gate/up from one fused fc1, every weight routed by modality.
 
     fc1's output stays grouped by modality into fc2 (local backend): one permutation in, one out.
     """
@@ -103,13 +103,10 @@ class RoutedMLP(MegatronModule):
         self._grouped = isinstance(self.linear_fc1, ModalityColumnParallelLinear) and isinstance(
             self.linear_fc2, ModalityRowParallelLinear)
 
-    def forward(self, hidden: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        """hidden (s, b, h), (s/tp, b, h) with sequence parallelism."""
-        sp_shard = None
-        if self.config.sequence_parallel:
-            tp_group = parallel_state.get_tensor_model_parallel_group()
-            if get_pg_size(tp_group) > 1:
-                sp_shard = (get_pg_rank(tp_group), get_pg_size(tp_group))
+    def forward(self, hidden: torch.Tensor, plan: RoutingPlan, sp_shard: tuple[int, int] | None = None
+                ) -> torch.Tensor:
+        """hidden (s, b, h), or this rank's (s/tp, b, h) shard ``sp_shard`` = (tp_rank, tp_size) of the plan's
+        sequence under sequence parallelism; returns the MLP's output (the residual add is the layer's)."""
         x = self.pre_mlp_layernorm(hidden, plan, sp_shard)
         y, _ = self.linear_fc1(x, plan, keep_grouped=self._grouped)  # (rows, 2*ffn/tp) or (s, b, 2*ffn/tp)
         gate, up = torch.chunk(y, 2, dim=-1)
@@ -118,7 +115,7 @@ class RoutedMLP(MegatronModule):
             out, _ = self.linear_fc2(act, plan, input_grouped=True)
         else:
             out, _ = self.linear_fc2(act, plan)
-        return hidden + out
+        return out
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """As megatron's MLP: fc1's fused [gate; up] is saved as two separately sharded halves (both modalities),

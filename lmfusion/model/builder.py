@@ -17,7 +17,7 @@ from lmfusion.config import ModelConfig, to_transformer_config
 from lmfusion.model.model import LMFusionModel
 from lmfusion.model.weights import BaseTensors, freeze_text, init_image_twins_from_text, load_base_weights
 
-__all__ = ["build_model", "chunk_layout"]
+__all__ = ["build_model", "build_model_chunks", "chunk_layout"]
 
 
 def chunk_layout(num_layers: int, pp: int, pp_rank: int, vpp: int = 1, vp_stage: int = 0) -> tuple[int, int, bool, bool]:
@@ -67,3 +67,13 @@ def build_model(model_config: ModelConfig, *, base: Optional[BaseTensors] = None
     if device is not None:
         model.to(device=device)  # LMFusionModel._apply moves the RoPE table with it
     return model
+
+
+def build_model_chunks(model_config: ModelConfig, *, vpp: int = 1, **kwargs) -> list[LMFusionModel]:
+    """This rank's model chunks for megatron's schedules: ``[stage]``, or under an interleaved schedule (``vpp`` > 1)
+    one :func:`build_model` per virtual stage (chunk ``v`` of pipeline rank ``r`` holds the layers
+    :func:`chunk_layout` gives). ``kwargs``: :func:`build_model`'s."""
+    if vpp == 1:
+        return [build_model(model_config, **kwargs)]
+    return [build_model(model_config, vp_stage=v, virtual_pipeline_model_parallel_size=vpp, **kwargs)
+            for v in range(vpp)]

@@ -33,7 +33,6 @@ Design choices:
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d_blocks import get_down_block, get_up_block

@@ -84,7 +84,11 @@ class RoutedSelfAttention(MegatronModule):
 
 
 class LMFusionLayer(MegatronModule):
-    """Attention half then MLP half, both routed; ``forward(hidden, ctx)``."""
+    """Attention half then MLP half, both routed; ``forward(hidden, ctx)``. The layer owns both residual adds and
+    hands each half the context's routing plan and sequence-parallel shard; a spec fills its slots
+    (:class:`~megatron_ext.spec.RoutedLayerSubmodules`). The MLP half's norm runs inside the ``mlp`` slot
+    (``mlp.pre_mlp_layernorm``, the checkpoint key of every base and training checkpoint), as megatron's TE spec
+    fuses it into ``mlp.linear_fc1``."""
 
     def __init__(self, config: TransformerConfig, submodules: RoutedLayerSubmodules, layer_number: int = 1,
                  attention_backend: str = "sdpa"):
@@ -99,7 +103,7 @@ class LMFusionLayer(MegatronModule):
 
     def forward(self, hidden: Tensor, ctx: LayerContext) -> Tensor:
         hidden = hidden + self.self_attention(self.input_layernorm(hidden, ctx.plan, ctx.sp_shard), ctx)
-        return self.mlp(hidden, ctx.plan)
+        return hidden + self.mlp(hidden, ctx.plan, ctx.sp_shard)
 
 
 def lmfusion_layer_spec(submodules: RoutedLayerSubmodules) -> ModuleSpec:

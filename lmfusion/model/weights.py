@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Protocol
+from typing import Iterable, Protocol
 
 import torch
 from megatron.core import parallel_state

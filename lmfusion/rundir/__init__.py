@@ -8,7 +8,8 @@
   ``latest``, pruning).
 * :mod:`~lmfusion.rundir.lock`: one training per run directory.
 * :mod:`~lmfusion.rundir.trust`: reading distributed checkpoints without running code; the image-set load.
-* :mod:`~lmfusion.rundir.export`: ``lmfusion export-ckpt``, the shareable form (safetensors + JSON), and its loader.
+* :mod:`~lmfusion.rundir.export`: the export, the shareable form (safetensors + JSON), and its loader (written by
+  ``lmfusion export-ckpt``: :mod:`lmfusion.inference.export`).
 
 Trainer, both engines, inference, evaluation and export use these; nothing else reads or writes these files.
 """

@@ -1,4 +1,6 @@
-"""``lmfusion export-ckpt``: the shareable form of a training checkpoint, safetensors + JSON, nothing to unpickle.
+"""The export, the shareable form of a training checkpoint (safetensors + JSON, nothing to unpickle): its format and
+its loader. ``lmfusion export-ckpt`` writes it (:func:`lmfusion.inference.export.export_checkpoint`, which loads the
+iteration as inference does).
 
     OUT/lmfusion_export.json   the record: format, iteration, model config, VAE block, diffusion objective
                                (null: epsilon), EMA set (null: none), base ("base"), its conversion.json sha256 and
@@ -17,21 +19,17 @@ own runs.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lmfusion.errors import UserError
-from lmfusion.rundir import integrity
-from lmfusion.rundir.layout import base_sha256, json_text, read_record, resolve_base
+from lmfusion.rundir.layout import read_record
 from lmfusion.rundir.trust import CheckpointLoadError
-from lmfusion.utils import atomic_write_text
 
-__all__ = ["EXPORT_JSON", "IMAGE_SET", "EMA_SET", "EXPORT_FORMAT", "is_export", "export_checkpoint",
-           "image_set_tensors", "load_export"]
+__all__ = ["EXPORT_JSON", "IMAGE_SET", "EMA_SET", "EXPORT_FORMAT", "EXPORT_VERSION", "is_export", "image_set_tensors",
+           "load_export", "sharded_tensors", "shard_index"]
 
 EXPORT_JSON = "lmfusion_export.json"
 IMAGE_SET = "image.safetensors"
@@ -43,7 +41,7 @@ def is_export(path: Path) -> bool:
     return (Path(path) / EXPORT_JSON).is_file()
 
 
-def _sharded_tensors(model: torch.nn.Module) -> list:
+def sharded_tensors(model: torch.nn.Module) -> list:
     """The model's image set as ShardedTensors whose ``data`` are views of its parameters (factories, e.g. the fused
     SwiGLU [gate; up] weight, built into their parts)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
@@ -67,7 +65,7 @@ def _sharded_tensors(model: torch.nn.Module) -> list:
     return out
 
 
-def _index(sh) -> tuple:
+def shard_index(sh) -> tuple:
     """Where a local shard sits in its global tensor (prepended axes, e.g. the layer index, are integers)."""
     pre = sh.prepend_axis_num
     return tuple(sh.global_offset[:pre]) + tuple(slice(o, o + n) for o, n in zip(sh.global_offset[pre:],
@@ -77,9 +75,9 @@ def _index(sh) -> tuple:
 def image_set_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The image set as whole tensors keyed like the distributed checkpoint (a model built at TP = PP = 1)."""
     out: dict[str, torch.Tensor] = {}
-    for sh in _sharded_tensors(model):
+    for sh in sharded_tensors(model):
         full = out.setdefault(sh.key, torch.zeros(sh.global_shape, dtype=sh.data.dtype))
-        full[_index(sh)] = sh.data.detach().cpu()
+        full[shard_index(sh)] = sh.data.detach().cpu()
     return {k: v.contiguous() for k, v in sorted(out.items())}
 
 
@@ -91,7 +89,7 @@ def load_export(model: torch.nn.Module, export_dir: Path, name: str = IMAGE_SET)
     if name not in (IMAGE_SET, EMA_SET):
         raise ValueError(f"{name!r}: expected {IMAGE_SET} or {EMA_SET}")
     path = Path(export_dir) / name
-    shards = _sharded_tensors(model)
+    shards = sharded_tensors(model)
     with safe_open(str(path), framework="pt") as f:
         have = set(f.keys())
         wanted = {sh.key for sh in shards}
@@ -103,44 +101,7 @@ def load_export(model: torch.nn.Module, export_dir: Path, name: str = IMAGE_SET)
                 if tuple(full.shape) != tuple(sh.global_shape):
                     raise CheckpointLoadError(f"{path}: tensor {sh.key!r} has shape {tuple(full.shape)}, expected "
                                               f"{tuple(sh.global_shape)}")
-                sh.data.copy_(full[_index(sh)])
-
-
-def export_checkpoint(iter_dir: Path, output: Path) -> Path:
-    """Write the export of ``iter_dir`` (a training iteration; its base is checked against the recorded hash)."""
-    from lmfusion.inference.load import load_for_inference
-
-    iter_dir, output = Path(iter_dir), Path(output)
-    if output.exists():
-        raise FileExistsError(f"{output}: exists; expected a new directory")
-    record = read_record(iter_dir)
-    bundle = load_for_inference(iter_dir, device="cpu", weights="raw")  # verifies files and the base hash
-    base = resolve_base(record, iter_dir / "lmfusion_checkpoint.json")
-    tmp = output.with_name(f".tmp_{output.name}")  # a crash leaves no half-written directory under the final name
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    from safetensors.torch import save_file
-
-    save_file(image_set_tensors(bundle.model), str(tmp / IMAGE_SET), metadata={"format": "lmfusion-image-set"})
-    ema_key = record.get("ema_key_prefix")
-    if ema_key:  # train.ema: the average, through the same model (megatron reshards it to TP = 1 as the raw set)
-        from lmfusion.rundir.trust import load_image_set
-
-        load_image_set(bundle.model, iter_dir, ema_key)
-        save_file(image_set_tensors(bundle.model), str(tmp / EMA_SET), metadata={"format": "lmfusion-image-set"})
-    shutil.copytree(base, tmp / "base")
-    files = integrity.hash_files(tmp, distributed=False)
-    in_base = {name.removeprefix("base/"): entry for name, entry in files.items()
-               if name.startswith("base/") and name.count("/") == 1 and name != "base/conversion.json"}
-    export = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "iteration": record.get("iteration"),
-              "model": record["model"], "vae": record.get("vae"), "diffusion": record.get("diffusion"),
-              "base": "base", "ema": EMA_SET if ema_key else None,
-              "base_conversion_sha256": base_sha256(tmp / "base"), "base_files": in_base,
-              "source": str(iter_dir.resolve()), "integrity": integrity.write_manifest(tmp, files)}
-    atomic_write_text(tmp / EXPORT_JSON, json_text(export))
-    os.replace(tmp, output)
-    return output
+                sh.data.copy_(full[shard_index(sh)])
 
 
 def read_export(export_dir: Path) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 optimizer, LR schedule), the step (noise, schedule, loss), checkpoints, signals, metrics and FLOP accounting.
 
     from lmfusion.config_io import load_config
-    from lmfusion.training.trainer import build_trainer
+    from lmfusion.training.engines import build_trainer
     build_trainer(load_config("examples/configs/tiny_cpu.yaml", ["train.train_iters=10"])).run()
 
 Submodules import megatron; this package file imports nothing so that ``lmfusion.training.flops`` stays light.

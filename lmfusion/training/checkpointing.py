@@ -43,7 +43,7 @@ from lmfusion.training.model_setup import unwrap
 from megatron_ext.torch_adam import torch_optimizers
 
 __all__ = ["CHECKPOINT_JSON", "TRAIN_STATE", "LATEST", "iter_name", "find_checkpoint", "Checkpointer",
-           "scheduler_policy", "restore_scheduler"]
+           "scheduler_policy", "restore_scheduler", "rng_state", "set_rng_state"]
 
 # OptimizerParamScheduler state key -> the config key that sets it (megatron's load_state_dict checks these)
 _SCHEDULER_KEYS = {"max_lr": "optimizer.lr", "min_lr": "optimizer.min_lr",
@@ -94,7 +94,8 @@ def _layout() -> dict[str, int]:
             "dp": ps.get_data_parallel_world_size()}
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """This rank's RNG state: torch CPU (and CUDA) generators and megatron's RNG tracker (both engines save it)."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
@@ -103,7 +104,8 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore a :func:`rng_state`."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     torch.set_rng_state(state["cpu"])
@@ -114,7 +116,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _rng_sharded() -> ShardedObject:
     lay = _layout()
-    return ShardedObject("rng_state", _rng_state(), global_shape=(lay["pp"], lay["tp"], lay["dp"]),
+    return ShardedObject("rng_state", rng_state(), global_shape=(lay["pp"], lay["tp"], lay["dp"]),
                          global_offset=(ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
                                         ps.get_data_parallel_rank()), replica_id=0)
 
@@ -297,7 +299,7 @@ class Checkpointer:
                 _restore_adam_steps(self.optimizer, int(state["optimizer_steps"]))
             restore_scheduler(self.scheduler, state["scheduler"], self.scheduler_policy, iter_dir / TRAIN_STATE)
         if same_layout:
-            _set_rng_state(loaded["rng_state"])
+            set_rng_state(loaded["rng_state"])
         if with_ema:
             self.ema.load(loaded["ema"], state["ema"])
         elif self.ema is not None:

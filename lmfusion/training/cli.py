@@ -37,7 +37,8 @@ def run_training(config: Optional[str], overrides: Sequence[str]) -> int:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
     from lmfusion.config_io import load_config
     from lmfusion.data import DataError
-    from lmfusion.training.trainer import TrainingDiverged, build_trainer
+    from lmfusion.training.engines import build_trainer
+    from lmfusion.training.trainer import TrainingDiverged
 
     trainer = None
     try:
@@ -145,7 +146,7 @@ def _run_plot(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- export-ckpt
 def _run_export(args: argparse.Namespace) -> int:
     from lmfusion import rundir
-    from lmfusion.rundir.export import export_checkpoint
+    from lmfusion.inference.export import export_checkpoint
 
     iter_dir = rundir.find_checkpoint(args.ckpt)
     if iter_dir is None:

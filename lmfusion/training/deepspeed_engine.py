@@ -53,8 +53,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
-from megatron.core.optimizer import OptimizerConfig
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from lmfusion import rundir
 from lmfusion.config import Config
@@ -64,7 +62,8 @@ from lmfusion.model.builder import build_model
 from lmfusion.model.model import LMFusionModel
 from lmfusion.model.weights import is_image_param
 from lmfusion.training import checkpointing as ckpt
-from lmfusion.training.model_setup import TrainModel, param_group_overrides, params_dtype
+from lmfusion.training.model_setup import (TrainModel, build_scheduler, optimizer_config, param_groups, params_dtype,
+                                           recompute_layers)
 from lmfusion.training.step import MicroBatch
 from lmfusion.training.trainer import Trainer
 
@@ -113,15 +112,9 @@ def deepspeed_config(cfg: Config, num_microbatches: int, dtype: torch.dtype) -> 
 
 def image_param_groups(model: torch.nn.Module, cfg: Config) -> list[dict[str, Any]]:
     """megatron's parameter groups over the trainable (image) parameters: the same groups, ``wd_mult``,
-    ``max_lr``/``min_lr`` (``optimizer.lr_mult`` included: :func:`~lmfusion.training.model_setup.
-    param_group_overrides`) as the megatron engine's optimizer, so the shared scheduler sets the same values."""
-    from megatron.core.optimizer import _get_param_groups  # megatron-core 0.16.1 (pinned)
-
-    o = cfg.optimizer
-    opt_config = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-                                 adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps)
-    groups = [g for g in _get_param_groups([model], opt_config, param_group_overrides(cfg, opt_config))
-              if g["params"]]
+    ``max_lr``/``min_lr`` (``optimizer.lr_mult`` included) as the megatron engine's optimizer
+    (:func:`~lmfusion.training.model_setup.param_groups`), so the shared scheduler sets the same values."""
+    groups = param_groups(model, cfg, optimizer_config(cfg, params_dtype(cfg)))
     frozen = [n for n, p in model.named_parameters() if p.requires_grad and not is_image_param(n)]
     if frozen:
         raise ValueError(f"text parameters {frozen[:3]} are trainable; the DeepSpeed engine trains the image set only")
@@ -129,7 +122,8 @@ def image_param_groups(model: torch.nn.Module, cfg: Config) -> list[dict[str, An
 
 
 class DeepSpeedTrainer(Trainer):
-    """``engine: deepspeed``; built by :func:`~lmfusion.training.trainer.build_trainer` for such a config."""
+    """``engine: deepspeed``; built by :func:`~lmfusion.training.engines.build_trainer` for such a config. Overrides
+    the :class:`~lmfusion.training.trainer.Trainer`'s engine hooks only."""
 
     engine: Any
 
@@ -141,9 +135,7 @@ class DeepSpeedTrainer(Trainer):
         model = build_model(cfg.model, base=weights, params_dtype=dtype, seed=cfg.train.seed, freeze=True,
                             device=self.rt.device)  # every tensor, frozen text included, before DeepSpeed wraps it
         if cfg.train.recompute == "full":
-            from lmfusion.training.model_setup import _recompute_layers
-
-            _recompute_layers(model)
+            recompute_layers(model)
         groups = image_param_groups(model, cfg)
         o = cfg.optimizer
         kwargs = dict(lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay)
@@ -153,16 +145,11 @@ class DeepSpeedTrainer(Trainer):
             optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
         else:
             optimizer = torch.optim.AdamW(groups, **kwargs)  # what megatron-core uses without apex/TE
-        num_mb = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.rt.dp_size)
-        ds_config = deepspeed_config(cfg, num_mb, dtype)
+        ds_config = deepspeed_config(cfg, self.num_microbatches, dtype)
         self.engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                                 dist_init_required=False)
-        decay = o.lr_decay_iters or cfg.train.train_iters
-        scheduler = OptimizerParamScheduler(
-            ds_optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.lr_warmup_iters,
-            lr_decay_steps=decay, lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-            wd_incr_steps=cfg.train.train_iters, wd_incr_style="constant")
-        return TrainModel(chunks=[self.engine], optimizer=ds_optimizer, scheduler=scheduler, config=model.config)
+        return TrainModel(chunks=[self.engine], optimizer=ds_optimizer, scheduler=build_scheduler(cfg, ds_optimizer),
+                          config=model.config)
 
     def make_checkpointer(self, record: dict[str, Any]) -> "DeepSpeedCheckpointer":
         c = self.cfg.checkpoint
@@ -196,7 +183,7 @@ class DeepSpeedTrainer(Trainer):
 def _rank_rng_states() -> list[dict[str, Any]]:
     """Every rank's RNG state (a collective), indexed by global rank."""
     states: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, ckpt._rng_state())
+    dist.all_gather_object(states, ckpt.rng_state())
     return states
 
 
@@ -315,7 +302,7 @@ class DeepSpeedCheckpointer:
                                iter_dir / "client_state")
         rng = client["rng"]
         if len(rng) == dist.get_world_size():
-            ckpt._set_rng_state(rng[dist.get_rank()])
+            ckpt.set_rng_state(rng[dist.get_rank()])
         self.loader.load_state_dict(client["loader"])
         return {**state, "iteration": client["iteration"]}
 

@@ -8,7 +8,7 @@
 * **Precision.** bf16 on GPU: parameters are built in bf16 and wrapped in megatron's ``Float16Module``; the optimizer
   keeps fp32 main parameters and gradients are reduced in fp32. fp32 on CPU.
 * **Activation recompute** (``train.recompute: full``): every transformer layer's forward is re-run in backward
-  (``torch.utils.checkpoint``, or TE's checkpoint with TE linears; :func:`_recompute_layers`). No dropout, so
+  (``torch.utils.checkpoint``, or TE's checkpoint with TE linears; :func:`recompute_layers`). No dropout, so
   no RNG-tracker state needs replaying.
 * **Per-group learning rates** (``optimizer.lr_mult``): the image I/O blocks (trained from scratch) get ``lr_mult`` x
   the schedule's lr and min_lr, the image twins (copies of pretrained text weights) the schedule's own, through
@@ -16,6 +16,8 @@
   ``ParamKey`` on the I/O modules' names, added to ``get_standard_config_overrides``' weight-decay exemptions). Its
   ``OptimizerParamScheduler`` reads each group's ``max_lr``/``min_lr`` (it ignores ``lr_mult``, which is set too: it
   names the group in optimizer checkpoints). :func:`param_group_overrides`; the DeepSpeed engine uses the same.
+* **Shared builders.** Both engines build the optimizer config (:func:`optimizer_config`), parameter groups
+  (:func:`param_groups`), LR/WD schedule (:func:`build_scheduler`) and recompute (:func:`recompute_layers`) here.
 * **Optimizer state checkpoints** (megatron-core 0.16.1): 'fully_reshardable' needs one gradient bucket
   (``overlap_grad_reduce`` off gives exactly one); :func:`check_buckets` refuses more.
 """
@@ -32,13 +34,13 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from lmfusion.config import Config
 from lmfusion.errors import UserError
-from lmfusion.model.builder import build_model
+from lmfusion.model.builder import build_model_chunks
 from lmfusion.model.model import LMFusionModel
 from megatron_ext import cpu, torch_adam
 from megatron_ext.device import runtime_device
 
-__all__ = ["TrainModel", "params_dtype", "build_train_model", "check_buckets", "unwrap",
-           "IMAGE_IO_NAMES", "param_group_overrides"]
+__all__ = ["TrainModel", "params_dtype", "build_train_model", "check_buckets", "unwrap", "IMAGE_IO_NAMES",
+           "param_group_overrides", "optimizer_config", "param_groups", "build_scheduler", "recompute_layers"]
 
 #: Parameter names (fnmatch, through DDP / Float16Module ``module.`` prefixes) of the image I/O blocks.
 IMAGE_IO_NAMES = ("image_encoder.*", "*.image_encoder.*", "image_decoder.*", "*.image_decoder.*")
@@ -68,26 +70,11 @@ def unwrap(chunk: torch.nn.Module) -> LMFusionModel:
     return chunk
 
 
-def _config_overrides(cfg: Config) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if cfg.parallel.vpp > 1:
-        out["virtual_pipeline_model_parallel_size"] = cfg.parallel.vpp
-    if cfg.train.fp8 is not None:
-        out.update(fp8=cfg.train.fp8, fp8_recipe=cfg.train.fp8_recipe)
-    return out
+def _fp8_overrides(cfg: Config) -> dict[str, Any]:
+    return {} if cfg.train.fp8 is None else {"fp8": cfg.train.fp8, "fp8_recipe": cfg.train.fp8_recipe}
 
 
-def _build_chunks(cfg: Config, base, dtype: torch.dtype, train_text: bool, device: torch.device
-                  ) -> list[LMFusionModel]:
-    """This rank's model chunk(s), every tensor on ``device``: one stage, or one per virtual stage."""
-    vpp = cfg.parallel.vpp
-    return [build_model(cfg.model, base=base, sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=dtype,
-                        seed=cfg.train.seed, freeze=not train_text, device=device,
-                        vp_stage=v if vpp > 1 else None, **_config_overrides(cfg))
-            for v in range(vpp)]
-
-
-def _recompute_layers(model: LMFusionModel) -> None:
+def recompute_layers(model: LMFusionModel) -> None:
     """``train.recompute=full``: every layer of ``model`` re-runs its forward in backward (non-reentrant: a layer
     takes a non-tensor context). With Transformer Engine linears through TE's checkpoint, which re-enters the
     forward's ``fp8_autocast`` on recompute (torch's checkpoint would recompute outside it: not in FP8, against
@@ -132,6 +119,36 @@ def param_group_overrides(cfg: Config, opt_config: OptimizerConfig):
     return overrides
 
 
+def optimizer_config(cfg: Config, dtype: torch.dtype) -> OptimizerConfig:
+    """megatron's ``OptimizerConfig`` of ``cfg.optimizer`` (AdamW) for parameters of ``dtype``."""
+    o = cfg.optimizer
+    return OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16,
+        params_dtype=dtype, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+
+
+def param_groups(model: torch.nn.Module, cfg: Config, opt_config: OptimizerConfig) -> list[dict[str, Any]]:
+    """The trainable parameters of ``model`` in the groups megatron's optimizer builds (biases and 1-D weights get
+    ``wd_mult`` 0; ``optimizer.lr_mult``'s ``max_lr``/``min_lr``), for an optimizer megatron does not build (the
+    DeepSpeed engine's). Empty groups are dropped. A collective (megatron aligns the groups across ranks)."""
+    from megatron.core.optimizer import _get_param_groups  # megatron-core 0.16.1 (pinned): no public equivalent
+
+    return [g for g in _get_param_groups([model], opt_config, param_group_overrides(cfg, opt_config)) if g["params"]]
+
+
+def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
+    """megatron's LR/WD schedule over ``optimizer``'s parameter groups: warmup, decay to ``min_lr``, constant WD.
+    Megatron's default parameter groups exempt biases and 1-D weights (norms) from weight decay through a wd_mult of 0
+    that only the scheduler applies: it is always used."""
+    o = cfg.optimizer
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.lr_warmup_iters,
+        lr_decay_steps=o.lr_decay_iters or cfg.train.train_iters, lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=cfg.train.train_iters,
+        wd_incr_style="constant")
+
+
 def build_train_model(cfg: Config, base, train_text: bool = False, device: torch.device | None = None) -> TrainModel:
     """Model chunks (text from ``base``; random when None) on ``device`` (default: the runtime device), DDP, megatron
     optimizer and LR/WD scheduler, wired for the schedules. ``train_text``: train the text weights too (the
@@ -145,15 +162,13 @@ def build_train_model(cfg: Config, base, train_text: bool = False, device: torch
     # wrongly; the fixes apply on every device, not only in CPU mode.
     torch_adam.install()
     dtype = params_dtype(cfg)
-    chunks = _build_chunks(cfg, base, dtype, train_text, runtime_device() if device is None else device)
-    for model in chunks:
-        # megatron's finalize_model_grads reads this GPTModel attribute at PP > 1 to all-reduce tied embedding grads
-        # between the first and last stage. The embedding is frozen (no gradient): there is nothing to sync.
-        if not hasattr(model, "share_embeddings_and_output_weights"):
-            model.share_embeddings_and_output_weights = False
+    chunks = build_model_chunks(cfg.model, vpp=cfg.parallel.vpp, base=base,
+                                sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=dtype,
+                                seed=cfg.train.seed, freeze=not train_text,
+                                device=runtime_device() if device is None else device, **_fp8_overrides(cfg))
     if cfg.train.recompute == "full":
         for model in chunks:
-            _recompute_layers(model)
+            recompute_layers(model)
     tconfig = chunks[0].config
     if dtype == torch.bfloat16:
         from megatron.core.transformer.module import Float16Module
@@ -168,21 +183,11 @@ def build_train_model(cfg: Config, base, train_text: bool = False, device: torch
     ddp = [DistributedDataParallel(m.config, ddp_config, m, disable_bucketing=i > 0)
            for i, m in enumerate(wrapped)]
     check_buckets(cfg, ddp)
-    o = cfg.optimizer
-    opt_config = OptimizerConfig(
-        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
-        adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16,
-        params_dtype=dtype, use_distributed_optimizer=par.use_distributed_optimizer)
+    opt_config = optimizer_config(cfg, dtype)
     optimizer = get_megatron_optimizer(opt_config, ddp, config_overrides=param_group_overrides(cfg, opt_config))
     if cpu.is_enabled():
         cpu.fuse_adam(optimizer)  # torch's fused CPU AdamW, not megatron's per-tensor loop (docs/performance.md)
-    decay = o.lr_decay_iters or cfg.train.train_iters
-    # Megatron's default parameter groups exempt biases and 1-D weights (norms) from weight decay through a
-    # wd_mult of 0 that only the scheduler applies: it is always used.
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.lr_warmup_iters,
-        lr_decay_steps=decay, lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-        wd_incr_steps=cfg.train.train_iters, wd_incr_style="constant")
+    scheduler = build_scheduler(cfg, optimizer)
     # What megatron's training loop wires into the config the schedules read.
     tconfig.grad_scale_func = optimizer.scale_loss
     tconfig.finalize_model_grads_func = finalize_model_grads

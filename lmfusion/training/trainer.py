@@ -37,7 +37,7 @@ from lmfusion.training.signals import SignalWatcher
 from lmfusion.training.step import MicroBatch, StepLoss, prepare_micro_batch
 from lmfusion.utils import atomic_write_text
 
-__all__ = ["Trainer", "build_trainer", "TrainResult", "TrainingDiverged", "EXIT_STATUS"]
+__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "EXIT_STATUS"]
 
 EXIT_STATUS = "exit_status.json"
 
@@ -58,7 +58,8 @@ class Trainer:
     """``Trainer(cfg).run()``. ``loader``: any iterator of :class:`lmfusion.data.Batch` with JSON
     ``state_dict()/load_state_dict()`` for this data-parallel rank (default: ``MultimodalLoader`` over
     ``cfg.data``). Engine hooks (the DeepSpeed engine overrides them): ``build_train_model``, ``make_checkpointer``,
-    ``zero_grad``, ``forward_backward_step``, ``optimizer_step``."""
+    ``zero_grad``, ``forward_backward_step``, ``optimizer_step``; :func:`lmfusion.training.engines.build_trainer`
+    picks the engine of a config."""
 
     def __init__(self, cfg: Config, loader: Optional[Any] = None):
         self.cfg = cfg
@@ -81,10 +82,10 @@ class Trainer:
 
         base_cfg, weights = load_base_state(self.base_dir)
         self._check_text_fields(dataclasses.asdict(base_cfg), f"base {self.base_dir}")
+        self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.rt.dp_size)
         with weights:
             self.tm: TrainModel = self.build_train_model(weights)
         self.loader = self._loader if self._loader is not None else self._make_loader()
-        self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.rt.dp_size)
         self.dtype = params_dtype(cfg)
         record = {"format": rundir.RECORD_FORMAT, "base": str(self.base_dir),
                   "base_conversion_sha256": rundir.base_sha256(self.base_dir), "model": cfg.model.to_dict(),
@@ -383,12 +384,3 @@ def _saved_lr_mult(config_path: Path) -> float:
         raise UserError(f"{config_path}: invalid YAML ({e})") from None
     return float(((data.get("optimizer") if isinstance(data, dict) else None) or {}).get("lr_mult", 1.0))
 
-
-def build_trainer(cfg: Config, loader: Optional[Any] = None) -> Trainer:
-    """The trainer of ``cfg.engine``: :class:`Trainer` (megatron) or
-    :class:`lmfusion.training.deepspeed_engine.DeepSpeedTrainer`, which overrides its engine hooks."""
-    if cfg.engine == "deepspeed":
-        from lmfusion.training.deepspeed_engine import DeepSpeedTrainer
-
-        return DeepSpeedTrainer(cfg, loader)
-    return Trainer(cfg, loader)

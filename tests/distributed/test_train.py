@@ -111,7 +111,8 @@ def test_export_loads_from_its_own_base(reference, tmp_path):
     """A training checkpoint refers to its base; the export holds the image set as safetensors and a copy of the
     base, its record pointing at the copy (relative path), and inference loads it from there."""
     from lmfusion.inference.load import load_for_inference
-    from lmfusion.rundir.export import EXPORT_JSON, IMAGE_SET, export_checkpoint
+    from lmfusion.inference.export import export_checkpoint
+    from lmfusion.rundir.export import EXPORT_JSON, IMAGE_SET
 
     out = export_checkpoint(reference / "iter_0000030", tmp_path / "export")
     assert json.loads((out / EXPORT_JSON).read_text())["base"] == "base" and (out / IMAGE_SET).is_file()

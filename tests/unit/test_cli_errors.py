@@ -41,7 +41,7 @@ def test_config_error_is_one_line(tmp_path, capsys):
 
 def test_internal_value_error_propagates(tmp_path, monkeypatch, capsys):
     """A bug deep inside (here: the FLOP model, and building the trainer) is not swallowed as a user error."""
-    from lmfusion.training import flops, trainer
+    from lmfusion.training import engines, flops
 
     def broken(*args, **kwargs):
         raise ValueError("routing invariant broken (internal)")
@@ -52,7 +52,7 @@ def test_internal_value_error_propagates(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(flops, "compare", broken)
     with pytest.raises(ValueError, match="internal"):
         main(_flops_argv(base))
-    monkeypatch.setattr(trainer, "build_trainer", broken)
+    monkeypatch.setattr(engines, "build_trainer", broken)
     with pytest.raises(ValueError, match="internal"):
         training_cli.run_training(str(TINY_CONFIG), [f"init.base_checkpoint={base}"])
     assert "error:" not in capsys.readouterr().err

@@ -96,12 +96,13 @@ def _train_config(tiny):
 def test_megatron_trainer_builds_on_the_runtime_device_and_fixes_the_optimizer(tiny, spy_build, monkeypatch):
     from megatron.core.optimizer import distrib_optimizer
 
+    from lmfusion.model import builder
     from lmfusion.training import model_setup
     from lmfusion.training.trainer import Trainer
     from megatron_ext import cpu, torch_adam
 
     seen, spy = spy_build
-    monkeypatch.setattr(model_setup, "build_model", spy)
+    monkeypatch.setattr(builder, "build_model", spy)  # build_model_chunks' one call
     cfg = _train_config(tiny)
     with pytest.raises(_Built):
         model_setup.build_train_model(cfg, None)

@@ -14,7 +14,7 @@ import torch
 
 from lmfusion.config import ModelConfig
 from lmfusion.model.image_config import ImageIOConfig
-from lmfusion.training.model_setup import _recompute_layers
+from lmfusion.training.model_setup import recompute_layers
 from tests import fake_te
 
 MODEL = ModelConfig(vocab_size=300, hidden_size=32, ffn_hidden_size=48, num_layers=2, num_attention_heads=4,
@@ -38,7 +38,7 @@ def _grads(backend: str, recompute: bool, inputs, fp8: bool = False):
     model = build_model(dataclasses.replace(MODEL, linear_backend=backend), freeze=True, seed=3)
     names = [n for n, _ in model.named_parameters()]
     if recompute:
-        _recompute_layers(model)
+        recompute_layers(model)
         assert [n for n, _ in model.named_parameters()] == names  # checkpoint keys unchanged
         assert all("forward" not in vars(layer) for layer in model.decoder.layers)  # no instance patching
     with fake_te.fp8_autocast(enabled=fp8):

@@ -21,7 +21,7 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 
 from lmfusion.ema import ema_decay
-from lmfusion.rundir.export import _index, _sharded_tensors
+from lmfusion.rundir.export import shard_index, sharded_tensors
 from lmfusion.training import checkpointing as ckpt
 from lmfusion.training.ema import EMA_PREFIX
 from lmfusion.training.model_setup import unwrap
@@ -133,8 +133,8 @@ def ema_matches_checkpoint(trainer: Trainer, plain: dict[str, torch.Tensor], wha
                 p.copy_(gathered[k])
         checked = 0
         for chunk in trainer.tm.chunks:
-            for sh in _sharded_tensors(unwrap(chunk)):
-                want = plain[EMA_PREFIX + sh.key][_index(sh)]
+            for sh in sharded_tensors(unwrap(chunk)):
+                want = plain[EMA_PREFIX + sh.key][shard_index(sh)]
                 assert torch.equal(sh.data.float(), want), f"{what}: {sh.key} differs from the checkpoint's EMA"
                 checked += 1
         assert checked, f"{what}: nothing compared"

@@ -19,7 +19,6 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext.linear import ModalityColumnParallelLinear, ModalityRowParallelLinear
-from megatron_ext.norm import RoutedRMSNorm
 from megatron_ext.routing import RoutingPlan
 from megatron_ext.spec import RoutedMLP, routed_mlp_spec
 from megatron.core.transformer.spec_utils import build_module
@@ -198,7 +197,8 @@ def ref_mlp(x, ids, norm_w, fc1, fc2, eps=1e-5):
 
 @case
 def routed_mlp_parity():
-    """RoutedMLP (norm + fc1 + SwiGLU + fc2, grouped between fc1 and fc2) vs reference, SP on/off, frozen text."""
+    """RoutedMLP (norm + fc1 + SwiGLU + fc2, grouped between fc1 and fc2) plus the layer's residual vs reference, SP
+    on/off, frozen text."""
     tp = dist.get_world_size()
     for sp, frozen, layout in itertools.product((False, True), (False, True), ("mixed", "all_text", "all_image")):
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
@@ -235,7 +235,7 @@ def routed_mlp_parity():
             for mod in (mlp.pre_mlp_layernorm, mlp.linear_fc1, mlp.linear_fc2):
                 mod.weight.requires_grad_(False)
         x_local = (shard(x_full, 0, rank, tp) if sp else x_full.clone()).requires_grad_(True)
-        out = mlp(x_local, RoutingPlan.build(ids))
+        out = x_local + mlp(x_local, RoutingPlan.build(ids), (rank, tp) if sp else None)  # the layer's residual
         tag = f"sp={sp} frozen={frozen} layout={layout}"
         assert_close(f"{tag} mlp output", out, shard(out_ref.detach(), 0, rank, tp) if sp else out_ref.detach())
         (out * (shard(g_full, 0, rank, tp) if sp else g_full)).sum().backward()

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from lmfusion import rundir
-from lmfusion.rundir.export import export_checkpoint
+from lmfusion.inference.export import export_checkpoint
 from lmfusion.training.trainer import Trainer
 from tests.distributed.harness import case, worker_main
 from tests.distributed.workers.megatron_common import shared_tmpdir
-from tests.distributed.workers.train import config, losses, train
+from tests.distributed.workers.train import config, train
 
 
 def _run(run_dir: str, *overrides: str) -> Trainer:
@@ -48,7 +48,8 @@ def changed_schedule_is_an_error_unless_overridden_or_kept():
         copy = shared_tmpdir()
         shutil.copytree(run_dir, copy, dirs_exist_ok=True)
         t = _run(copy, "train.train_iters=4", "optimizer.lr=5e-3", f"checkpoint.{flag}=true")
-        assert [h["step"] for h in t.history] == [4] and abs(t.history[0]["lr"] - lr) < 1e-2 * lr, (flag, t.history[0]["lr"])
+        got = t.history[0]["lr"]
+        assert [h["step"] for h in t.history] == [4] and abs(got - lr) < 1e-2 * lr, (flag, got)
 
 
 @case

@@ -33,7 +33,8 @@ from lmfusion.training import checkpointing as ckpt
 from lmfusion.training.deepspeed_engine import DeepSpeedTrainer
 from lmfusion.training.model_setup import unwrap
 from lmfusion.training.step import StepLoss
-from lmfusion.training.trainer import Trainer, TrainingDiverged, build_trainer
+from lmfusion.training.engines import build_trainer
+from lmfusion.training.trainer import Trainer, TrainingDiverged
 from tests.distributed.harness import case, worker_main
 from tests.distributed.workers.megatron_common import shared_tmpdir
 from tests.distributed.workers.train import train as train_to_end
