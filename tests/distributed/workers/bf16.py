@@ -13,8 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from megatron.core import dist_checkpointing
 
+from lmfusion.ema import ema_decay
 from lmfusion.training import checkpointing as ckpt
+from lmfusion.training.ema import EMA_PREFIX
 from lmfusion.training.trainer import Trainer
 from tests.distributed.harness import case, worker_main
 from tests.distributed.workers.ema import EMA
@@ -23,6 +26,15 @@ from tests.distributed.workers.train import config, image_params, train
 
 N = 3
 BF16 = ["train.precision=bf16"]
+
+def _opt_fp32_key(plain: dict, model_key: str) -> str:
+    """The key under which megatron's distributed-optimizer checkpoint ('fully_reshardable') holds a parameter's fp32
+    main value (model space, whole tensor)."""
+    found = [k for k in plain if k.endswith("." + model_key) and k.startswith("optimizer.")
+             and "exp_avg" not in k]
+    assert len(found) == 1, f"{model_key}: fp32 main value in the checkpoint: {found}"
+    return found[0]
+
 
 @case
 def bf16_weights_only_load_restarts_the_fp32_main_params_from_the_loaded_weights():
@@ -54,6 +66,38 @@ def bf16_weights_only_load_restarts_the_fp32_main_params_from_the_loaded_weights
             bound = lr * 1.001 + loaded[k].float().abs() * 2.0 ** -8
             over = ((v.float() - loaded[k].float()).abs() > bound).sum().item()
             assert not over, f"{k}: {over} elements moved more than one step from the loaded weights"
+    finally:
+        t.close()
+
+
+@case
+def bf16_sharded_ema_is_the_fp32_average_of_the_fp32_main_weights():
+    """bf16, DP=2, distributed optimizer, EMA on, a checkpoint after every step. The EMA tensors are fp32; the
+    average saved at step N equals a one-process ``torch.lerp`` EMA of the fp32 main weights that megatron's own
+    optimizer checkpoints hold at steps 1..N (bit for bit), and differs from the EMA of the bf16 model weights (so
+    it is kept from the fp32 values, not the rounded ones)."""
+    run_dir = shared_tmpdir()
+    t = train(config(run_dir, f"train.train_iters={N}", *BF16, *EMA, "checkpoint.save_interval=1",
+                     "checkpoint.keep_last=null"))
+    try:
+        assert t.ema.sharded and t.ema.steps == N
+        assert all(e.ema.dtype == torch.float32 for e in t.ema.entries)
+        ref: dict[str, torch.Tensor] = {}
+        ref_bf16: dict[str, torch.Tensor] = {}
+        for step in range(1, N + 1):
+            plain = dist_checkpointing.load_plain_tensors(str(Path(run_dir) / ckpt.iter_name(step)))
+            keys = [k[len(EMA_PREFIX):] for k in plain if k.startswith(EMA_PREFIX)]
+            assert keys, f"step {step}: no EMA saved"
+            decay = ema_decay(t.cfg.train.ema, step)
+            for k in keys:
+                main = plain[_opt_fp32_key(plain, k)]
+                weight = plain[k]
+                assert main.dtype == torch.float32 and weight.dtype == torch.bfloat16, (k, main.dtype, weight.dtype)
+                ref[k] = main.clone() if k not in ref else ref[k].lerp_(main, 1.0 - decay)
+                ref_bf16[k] = weight.float() if k not in ref_bf16 else ref_bf16[k].lerp_(weight.float(), 1.0 - decay)
+        bad = [k for k in ref if not torch.equal(plain[EMA_PREFIX + k], ref[k])]
+        assert not bad, f"saved EMA differs from the one-process EMA of the fp32 main weights: {bad[:3]}"
+        assert any(not torch.equal(ref[k], ref_bf16[k]) for k in ref), "EMA of fp32 and of bf16 weights coincide"
     finally:
         t.close()
 
