@@ -252,7 +252,8 @@ class TrainConfig:
     seed: int = 1234
     """Seeds model init (U-Net), megatron's RNG tracker and the per-image diffusion noise."""
     precision: Precision = "auto"
-    """'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
+    """'auto' (bf16 on a GPU or on a CPU with bf16 matrix instructions, AMX-BF16 / AVX512-BF16; fp32 otherwise),
+    'bf16' or 'fp32'. The choice is printed at start."""
     recompute: Recompute = "none"
     """Activation recompute: 'none' or 'full' (each transformer layer re-runs its forward in backward)."""
     fp8: Fp8 = None
