@@ -5,7 +5,7 @@ model's parameters are bf16 (megatron's ``Float16Module``) and the distributed o
 its shard; the loss math stays fp32.
 
 Tolerances: the weights-only load and the EMA are compared bit for bit (copies and the same elementwise lerp on the
-same fp32 values).
+same fp32 values). bf16 vs fp32 losses: see :data:`BF16_LOSS_RTOL`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,19 @@ from lmfusion.training.trainer import Trainer
 from tests.distributed.harness import case, worker_main
 from tests.distributed.workers.ema import EMA
 from tests.distributed.workers.megatron_common import shared_tmpdir
-from tests.distributed.workers.train import config, image_params, train
+from tests.distributed.workers.train import LAYOUTS, config, image_params, losses, train
 
 N = 3
 BF16 = ["train.precision=bf16"]
+
+# bf16 keeps 8 significant bits: one rounding changes a value by at most u = 2^-9 relative. The loss is fp32 math (CE
+# over the vocabulary, MSE over the image tokens) averaged over every token of the batch, from bf16 activations whose
+# rounding errors are independent from token to token and cancel in the mean: the loss moves far less than one
+# rounding (measured 4e-5 relative over 5 steps at TP=2). The bound is one rounding, u, relative per step; a layout bug
+# (a wrong shard, a lost reduction, a skipped update) moves the loss by far more, which _check_discriminates makes sure
+# this comparison can see: the fp32 run's own losses move by more than 10 u over the 5 steps.
+BF16_LOSS_RTOL = 2.0 ** -9
+
 
 def _opt_fp32_key(plain: dict, model_key: str) -> str:
     """The key under which megatron's distributed-optimizer checkpoint ('fully_reshardable') holds a parameter's fp32
@@ -100,6 +109,54 @@ def bf16_sharded_ema_is_the_fp32_average_of_the_fp32_main_weights():
         assert any(not torch.equal(ref[k], ref_bf16[k]) for k in ref), "EMA of fp32 and of bf16 weights coincide"
     finally:
         t.close()
+
+
+def _check_discriminates(fp32: list[float], what: str) -> None:
+    """The comparison can fail: the fp32 run's own losses move by more than the tolerance over the steps."""
+    spread = max(fp32) - min(fp32)
+    assert spread > 10 * BF16_LOSS_RTOL * max(fp32), f"{what}: fp32 losses {fp32} move too little to test bf16 against"
+
+
+@case
+def bf16_losses_track_fp32_at_tp2_pp2_dp2():
+    """TP=2, PP=2, TP=2+SP and DP=2: 5 steps in bf16 and in fp32 from the same base and data; every bf16 loss is
+    finite and within BF16_LOSS_RTOL (relative) of the fp32 run's at the same step; bf16 runs keep fp32 gradient
+    buffers and main weights."""
+    variants = {name: (overrides, []) for name, overrides in LAYOUTS.items()}
+    errors = []
+    for name, (overrides, bf16_only) in variants.items():
+        runs = {}
+        for precision in ("fp32", "bf16"):
+            extra = bf16_only if precision == "bf16" else []
+            trainer = train(config(shared_tmpdir(), "train.train_iters=5", f"train.precision={precision}",
+                                   "checkpoint.save_interval=100", *overrides, *extra))
+            try:
+                runs[precision] = losses(trainer)
+                if precision == "bf16":
+                    _check_dtypes(trainer, torch.float32 if not bf16_only else torch.bfloat16, name)
+            finally:
+                trainer.close()
+        a, b = runs["fp32"], runs["bf16"]
+        rel = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+        print(f"bf16 vs fp32 {name}: fp32 {a} bf16 {b}: max relative loss difference {rel:.3g}", flush=True)
+        _check_discriminates(a, name)
+        if len(b) != 5 or not all(torch.isfinite(torch.tensor(b))) or rel > BF16_LOSS_RTOL:
+            errors.append(f"{name}: bf16 {b} vs fp32 {a}: relative {rel:.3g} > {BF16_LOSS_RTOL}")
+    if errors:
+        raise AssertionError("\n".join(errors))
+
+
+def _check_dtypes(trainer, grad_dtype: torch.dtype, what: str) -> None:
+    """bf16 trainable parameters, the DDP gradient buffers in ``grad_dtype``, fp32 main weights in the optimizer."""
+    from lmfusion.training.ema import _main_ranges
+
+    params = [p for c in trainer.tm.chunks for p in c.parameters() if p.requires_grad]
+    assert params and all(p.dtype == torch.bfloat16 for p in params), f"{what}: trainable parameters not bf16"
+    buffers = [b for c in trainer.tm.chunks for b in c.buffers]
+    assert buffers and all(b.grad_dtype == grad_dtype for b in buffers), \
+        f"{what}: gradient buffers {[b.grad_dtype for b in buffers]}, expected {grad_dtype}"
+    mains, _ = _main_ranges(trainer.tm.optimizer)
+    assert mains and all(m.dtype == torch.float32 for m, _, _ in mains.values()), f"{what}: main weights not fp32"
 
 
 if __name__ == "__main__":
