@@ -223,6 +223,10 @@ class ParallelConfig:
     PR #5077), so it needs ``checkpoint.optimizer_sharding: dp_reshardable``."""
     ddp_bucket_size: Optional[int] = None
     """Elements per gradient bucket with overlap_grad_reduce (None: megatron's default, max(4e7, 1e6 x DP))."""
+    grad_reduce_in_fp32: bool = True
+    """bf16 runs: keep the DDP gradient buffer in fp32 and reduce over DP in fp32 (megatron's default). False: the
+    buffer and the DP reduce-scatter/all-reduce are bf16 (half the bytes over gloo; micro-batch gradients accumulate
+    in bf16); the optimizer's main gradients and weights stay fp32. No effect in fp32 runs."""
 
     def __post_init__(self) -> None:
         _check_positive("parallel", self, "tensor_model_parallel_size", "pipeline_model_parallel_size")

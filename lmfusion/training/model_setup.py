@@ -7,7 +7,7 @@
   (distributed) optimizer holds state for them only.
 * **Precision.** bf16 (``train.precision``; 'auto': on a GPU or a CPU with AMX/AVX512-BF16, :func:`resolve_precision`):
   parameters are built in bf16 and wrapped in megatron's ``Float16Module``; the optimizer keeps fp32 main parameters
-  and gradients are reduced in fp32. fp32 otherwise.
+  and gradients are reduced in fp32 (bf16 with ``parallel.grad_reduce_in_fp32=false``). fp32 otherwise.
 * **Activation recompute** (``train.recompute: full``): every transformer layer's forward is re-run in backward
   (``torch.utils.checkpoint``, or TE's checkpoint with TE linears; :func:`_recompute_layers`). No dropout, so
   no RNG-tracker state needs replaying.
@@ -185,7 +185,7 @@ def build_train_model(cfg: Config, base, train_text: bool = False, device: torch
         wrapped = list(chunks)
     par = cfg.parallel
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce,
+        grad_reduce_in_fp32=par.grad_reduce_in_fp32, overlap_grad_reduce=par.overlap_grad_reduce,
         use_distributed_optimizer=par.use_distributed_optimizer, bucket_size=par.ddp_bucket_size)
     ddp = [DistributedDataParallel(m.config, ddp_config, m, disable_bucketing=i > 0)
            for i, m in enumerate(wrapped)]

@@ -119,10 +119,12 @@ def _check_discriminates(fp32: list[float], what: str) -> None:
 
 @case
 def bf16_losses_track_fp32_at_tp2_pp2_dp2():
-    """TP=2, PP=2, TP=2+SP and DP=2: 5 steps in bf16 and in fp32 from the same base and data; every bf16 loss is
-    finite and within BF16_LOSS_RTOL (relative) of the fp32 run's at the same step; bf16 runs keep fp32 gradient
-    buffers and main weights."""
+    """TP=2, PP=2, TP=2+SP and DP=2 (and DP=2 with the gradient reduce in bf16): 5 steps in bf16 and in fp32 from the
+    same base and data; every bf16 loss is finite and within BF16_LOSS_RTOL (relative) of the fp32 run's at the same
+    step. With ``parallel.grad_reduce_in_fp32=false`` the DDP gradient buffer is bf16 and the optimizer's main
+    weights stay fp32."""
     variants = {name: (overrides, []) for name, overrides in LAYOUTS.items()}
+    variants["dp2_bf16_reduce"] = (LAYOUTS["dp2"], ["parallel.grad_reduce_in_fp32=false"])
     errors = []
     for name, (overrides, bf16_only) in variants.items():
         runs = {}
