@@ -20,7 +20,6 @@ headline ``ema_update_over_step`` (target <= 0.02).
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 
@@ -29,102 +28,28 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _config(args):
-    from lmfusion.config_io import config_from_dict
-
-    return config_from_dict({
-        "model": {"vocab_size": args.vocab, "hidden_size": args.hidden, "ffn_hidden_size": args.ffn,
-                  "num_layers": args.layers, "num_attention_heads": args.heads, "num_query_groups": args.kv_heads,
-                  "max_position_embeddings": args.seq, "bos_token_id": 1, "eos_token_id": 2, "boi_token_id": 3,
-                  "eoi_token_id": 4, "attention_backend": "sdpa", "linear_backend": "local",
-                  "image": {"latent_channels": 4, "latent_size": 8, "patch_size": 4, "kind": "unet",
-                            "block_channels": [64, 64], "downsample": [False, False], "layers_per_block": 1,
-                            "norm_groups": 16}},
-        "data": {"seq_length": args.seq, "num_workers": 0},
-        "train": {"micro_batch_size": 1, "global_batch_size": args.global_batch, "train_iters": 1000,
-                  "precision": args.precision, "ema": {"enabled": True}},
-        "optimizer": {"lr": 1e-4, "lr_warmup_iters": 0},
-        "init": {"base_checkpoint": "none"}, "checkpoint": {"save": "none"},
-        "logging": {"tensorboard": False}}, resolve_base=False)
-
-
-def _init() -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from _common import init_single_rank
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("gloo")
-        parallel_state.initialize_model_parallel(1, 1)  # every rank data parallel, as the quickstart
-    else:
-        init_single_rank()
+from _common import add_quickstart_shape_args, build_step, init_data_parallel, quickstart_shape_config, time_interleaved  # noqa: E402
 
 
 def main(argv=None) -> float:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=576)
-    p.add_argument("--ffn", type=int, default=1536)
-    p.add_argument("--layers", type=int, default=30)
-    p.add_argument("--heads", type=int, default=9)
-    p.add_argument("--kv-heads", type=int, default=3)
-    p.add_argument("--vocab", type=int, default=49152)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--global-batch", type=int, default=2, help="rows per step over all ranks (one per micro-batch)")
+    add_quickstart_shape_args(p)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="threads per rank (the quickstart: 2 ranks x 1)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from megatron_ext import cpu
-
-    cpu.enable()
-    _init()
+    init_data_parallel()
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from _common import time_interleaved
     from lmfusion.training.ema import ShardedEMA
-    from lmfusion.training.model_setup import build_train_model, params_dtype
-    from lmfusion.training.step import StepLoss, prepare_micro_batch
-    from lmfusion.training.synthetic import synthetic_batches
 
-    cfg = _config(args)
-    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    if args.global_batch % dp:
-        raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of the {dp} data-parallel ranks")
+    cfg = quickstart_shape_config(args, args.precision, train={"ema": {"enabled": True}})
+    dp = ps.get_data_parallel_world_size()
     n_mb = args.global_batch // dp
-    model_parallel_cuda_manual_seed(cfg.train.seed)
-    dtype = params_dtype(cfg)
-    batches = list(itertools.islice(synthetic_batches(cfg.model, args.seq, 1, seed=rank), n_mb))
-    mbs = [prepare_micro_batch(b, seed=0, step=1, dp_rank=rank, index=i, device=torch.device("cpu"), dtype=dtype,
-                               cap=cfg.train.image_first_max_timestep, density=cfg.train.timesteps)
-           for i, b in enumerate(batches)]
-    counts = torch.tensor([sum(m.lm_tokens for m in mbs), sum(m.image_tokens for m in mbs)], dtype=torch.float64)
-    dist.all_reduce(counts, group=ps.get_data_parallel_group())
-    img = cfg.model.image
-    loss = StepLoss(int(counts[0]), int(counts[1]), dp, n_mb, cfg.train.diffusion_loss_weight,
-                    img.patch_size * img.downsample_factor)
-    tm = build_train_model(cfg, None)
+    tm, step = build_step(cfg, args)
     ema = ShardedEMA(cfg.train.ema, tm.chunks, tm.optimizer)
-
-    def step() -> None:
-        def forward_step(data_iterator, model):
-            mb = next(data_iterator)
-            return model(mb.inputs), lambda out, mb=mb: loss(mb, out)
-
-        for chunk in tm.chunks:
-            chunk.zero_grad_buffer()
-        tm.optimizer.zero_grad()
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(mbs), model=tm.chunks,
-                                    num_microbatches=n_mb, seq_length=args.seq, micro_batch_size=1,
-                                    decoder_seq_length=args.seq, forward_only=False)
-        tm.optimizer.step()
-        tm.scheduler.step(increment=1)
 
     times = time_interleaved({"step": step, "ema": ema.update}, reps=args.reps)
     trainable = sum(p.numel() for c in tm.chunks for p in c.parameters() if p.requires_grad)
