@@ -223,6 +223,10 @@ class ParallelConfig:
     PR #5077), so it needs ``checkpoint.optimizer_sharding: dp_reshardable``."""
     ddp_bucket_size: Optional[int] = None
     """Elements per gradient bucket with overlap_grad_reduce (None: megatron's default, max(4e7, 1e6 x DP))."""
+    grad_reduce_in_fp32: bool = True
+    """bf16 runs: keep the DDP gradient buffer in fp32 and reduce over DP in fp32 (megatron's default). False: the
+    buffer and the DP reduce-scatter/all-reduce are bf16 (half the bytes over gloo; micro-batch gradients accumulate
+    in bf16); the optimizer's main gradients and weights stay fp32. No effect in fp32 runs."""
 
     def __post_init__(self) -> None:
         _check_positive("parallel", self, "tensor_model_parallel_size", "pipeline_model_parallel_size")
@@ -252,7 +256,8 @@ class TrainConfig:
     seed: int = 1234
     """Seeds model init (U-Net), megatron's RNG tracker and the per-image diffusion noise."""
     precision: Precision = "auto"
-    """'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
+    """'auto' (bf16 on a GPU or on a CPU with bf16 matrix instructions, AMX-BF16 / AVX512-BF16; fp32 otherwise),
+    'bf16' or 'fp32'. The choice is printed at start."""
     recompute: Recompute = "none"
     """Activation recompute: 'none' or 'full' (each transformer layer re-runs its forward in backward)."""
     fp8: Fp8 = None

@@ -298,6 +298,8 @@ class Checkpointer:
             if "optimizer_steps" in state:
                 _restore_adam_steps(self.optimizer, int(state["optimizer_steps"]))
             restore_scheduler(self.scheduler, state["scheduler"], self.scheduler_policy, iter_dir / TRAIN_STATE)
+        else:  # bf16: the optimizer's fp32 main params still hold the init weights; its next step would write them back
+            self.optimizer.reload_model_params()
         if same_layout:
             set_rng_state(loaded["rng_state"])
         if with_ema:

@@ -22,8 +22,8 @@ and signals, with DeepSpeed ZeRO doing data parallelism, the optimizer step and 
 * **Same schedule.** megatron's ``OptimizerParamScheduler`` (built with the megatron engine's arguments) drives the
   learning rate and weight decay of the param groups DeepSpeed steps; clipping is DeepSpeed's
   ``gradient_clipping`` (global norm over the image set, like megatron's ``clip_grad``).
-* **Precision.** bf16 (``train.precision``; auto = bf16 on GPU): DeepSpeed's bf16 mode, bf16 parameters and fp32
-  master weights and optimizer state in the ZeRO optimizer. fp32 on CPU.
+* **Precision.** bf16 (``train.precision``; 'auto': ``model_setup.resolve_precision``): DeepSpeed's bf16 mode, bf16
+  parameters and fp32 master weights and optimizer state in the ZeRO optimizer. Otherwise fp32.
 * **Checkpoints.** The run directory keeps the megatron engine's layout and save protocol (:mod:`lmfusion.rundir`:
   ``RUN/.tmp_iter_N``, every file hashed into ``integrity.json``, the record written last, renamed to ``iter_N``,
   then ``latest``). Inside, DeepSpeed's own files

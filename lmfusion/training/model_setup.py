@@ -5,8 +5,9 @@
 * **Frozen text.** :func:`~lmfusion.model.builder.build_model` sets ``requires_grad`` on the image set only, before
   DDP and the optimizer exist: megatron DDP allocates gradient buffers for trainable parameters only, and the
   (distributed) optimizer holds state for them only.
-* **Precision.** bf16 on GPU: parameters are built in bf16 and wrapped in megatron's ``Float16Module``; the optimizer
-  keeps fp32 main parameters and gradients are reduced in fp32. fp32 on CPU.
+* **Precision.** bf16 (``train.precision``; 'auto': on a GPU or a CPU with AMX/AVX512-BF16, :func:`resolve_precision`):
+  parameters are built in bf16 and wrapped in megatron's ``Float16Module``; the optimizer keeps fp32 main parameters
+  and gradients are reduced in fp32 (bf16 with ``parallel.grad_reduce_in_fp32=false``). fp32 otherwise.
 * **Activation recompute** (``train.recompute: full``): every transformer layer's forward is re-run in backward
   (``torch.utils.checkpoint``, or TE's checkpoint with TE linears; :func:`recompute_layers`). No dropout, so
   no RNG-tracker state needs replaying.
@@ -39,8 +40,9 @@ from lmfusion.model.model import LMFusionModel
 from megatron_ext import cpu, torch_adam
 from megatron_ext.device import runtime_device
 
-__all__ = ["TrainModel", "params_dtype", "build_train_model", "check_buckets", "unwrap", "IMAGE_IO_NAMES",
-           "param_group_overrides", "optimizer_config", "param_groups", "build_scheduler", "recompute_layers"]
+__all__ = ["TrainModel", "params_dtype", "resolve_precision", "cpu_bf16_matmul", "build_train_model", "check_buckets",
+           "unwrap", "IMAGE_IO_NAMES", "param_group_overrides", "optimizer_config", "param_groups", "build_scheduler",
+           "recompute_layers"]
 
 #: Parameter names (fnmatch, through DDP / Float16Module ``module.`` prefixes) of the image I/O blocks.
 IMAGE_IO_NAMES = ("image_encoder.*", "*.image_encoder.*", "image_decoder.*", "*.image_decoder.*")
@@ -56,11 +58,32 @@ class TrainModel:
     """megatron TransformerConfig of chunk 0 (the schedules read it)."""
 
 
-def params_dtype(cfg: Config) -> torch.dtype:
+def cpu_bf16_matmul() -> str | None:
+    """The CPU's bf16 matrix instructions ('AMX-BF16' or 'AVX512-BF16', what oneDNN's bf16 GEMMs use), or None: on
+    a CPU without them torch's bf16 GEMMs are emulated and far slower than fp32."""
+    import torch.cpu
+
+    if torch.cpu._is_amx_tile_supported():
+        return "AMX-BF16"
+    if torch.cpu._is_avx512_bf16_supported():
+        return "AVX512-BF16"
+    return None
+
+
+def resolve_precision(cfg: Config) -> tuple[str, str]:
+    """``(precision, why)``: 'auto' is bf16 on a GPU, bf16 on a CPU with bf16 matrix instructions (3.5-10x the fp32
+    GEMM rate there, docs/performance.md), fp32 otherwise."""
     precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() else "fp32"
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    if precision != "auto":
+        return precision, "train.precision"
+    if torch.cuda.is_available():
+        return "bf16", "auto: GPU"
+    found = cpu_bf16_matmul()
+    return ("bf16", f"auto: CPU has {found}") if found else ("fp32", "auto: CPU has no bf16 matrix instructions")
+
+
+def params_dtype(cfg: Config) -> torch.dtype:
+    return torch.bfloat16 if resolve_precision(cfg)[0] == "bf16" else torch.float32
 
 
 def unwrap(chunk: torch.nn.Module) -> LMFusionModel:
@@ -178,7 +201,7 @@ def build_train_model(cfg: Config, base, train_text: bool = False, device: torch
         wrapped = list(chunks)
     par = cfg.parallel
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce,
+        grad_reduce_in_fp32=par.grad_reduce_in_fp32, overlap_grad_reduce=par.overlap_grad_reduce,
         use_distributed_optimizer=par.use_distributed_optimizer, bucket_size=par.ddp_bucket_size)
     ddp = [DistributedDataParallel(m.config, ddp_config, m, disable_bucketing=i > 0)
            for i, m in enumerate(wrapped)]

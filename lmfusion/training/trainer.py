@@ -31,7 +31,7 @@ from lmfusion.errors import UserError
 from lmfusion.training import checkpointing as ckpt
 from lmfusion.training.flops import TokenCounts, peak_tflops, step_flops
 from lmfusion.training.metrics import MetricsWriter
-from lmfusion.training.model_setup import TrainModel, build_train_model, params_dtype
+from lmfusion.training.model_setup import TrainModel, build_train_model, params_dtype, resolve_precision
 from lmfusion.training.runtime import Runtime, init_runtime
 from lmfusion.training.signals import SignalWatcher
 from lmfusion.training.step import MicroBatch, StepLoss, prepare_micro_batch
@@ -87,6 +87,9 @@ class Trainer:
             self.tm: TrainModel = self.build_train_model(weights)
         self.loader = self._loader if self._loader is not None else self._make_loader()
         self.dtype = params_dtype(cfg)
+        if self.rt.rank == 0:
+            precision, why = resolve_precision(cfg)
+            print(f"lmfusion train: precision: {precision} ({why})", flush=True)
         record = {"format": rundir.RECORD_FORMAT, "base": str(self.base_dir),
                   "base_conversion_sha256": rundir.base_sha256(self.base_dir), "model": cfg.model.to_dict(),
                   "vae": self._vae_block(), "diffusion": dataclasses.asdict(cfg.diffusion)}
