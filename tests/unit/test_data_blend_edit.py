@@ -282,3 +282,14 @@ def test_train_step_on_an_editing_shard(env, runtime):
         other = model(type(mb.inputs)(**{**vars(mb.inputs), "image_latents": latents}))
     tgt = batch.image_noised
     assert (other.noise_pred[tgt] - out.noise_pred[tgt]).abs().max() > 1e-4
+
+
+def test_run_records_the_vae_of_the_first_image_set_when_text_comes_first(env):
+    """The checkpoint's VAE (what ``generate``/``--edit`` decode and encode with) comes from the first set that has
+    one: a blend listing its text set first must not leave the run without a VAE."""
+    from types import SimpleNamespace
+
+    from lmfusion.training.trainer import Trainer
+
+    fake = SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(datasets=[str(env["text"]), str(env["edit"])])))
+    assert Trainer._vae_block(fake) == manifest(env["edit"])["vae"] is not None
