@@ -55,6 +55,7 @@ class Item:
     caption_ext: str = ""                        # "txt" | "json"
     reject: str = ""                             # reason, when rejected while listing
     detail: str = ""
+    target_path: str = ""                        # editing triples: the target image
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Loaded:
     pixels: np.ndarray                # (res, res, 3) uint8
     original_size: tuple[int, int]    # (w, h) after EXIF orientation
     crop_box: tuple[int, int, int, int]
+    target_pixels: np.ndarray | None = None   # editing triples: the target image, (res, res, 3) uint8
 
 
 @dataclass
@@ -114,7 +116,8 @@ def _iter_folder(root: Path) -> Iterator[dict[str, Any]]:
             yield item
 
 
-def _row_item(manifest: Path, where: str, row: Any, image_field: str, caption_field: str) -> dict[str, Any]:
+def _row_item(manifest: Path, where: str, row: Any, image_field: str, caption_field: str,
+              target_field: str = "") -> dict[str, Any]:
     source = f"{manifest.name}:{where}"
     if not isinstance(row, dict):
         return {"source": source, "reject": "bad_row", "detail": f"{source}: row is not an object"}
@@ -127,10 +130,18 @@ def _row_item(manifest: Path, where: str, row: Any, image_field: str, caption_fi
     if not isinstance(caption, str):
         return {"source": source, "reject": "bad_row", "detail": f"{source}: field '{caption_field}' is not a string"}
     path = Path(image) if os.path.isabs(image) else manifest.parent / image
-    return {"source": f"{source}:{image}", "image_path": str(path), "caption_text": caption}
+    out = {"source": f"{source}:{image}", "image_path": str(path), "caption_text": caption}
+    if target_field:  # an editing triple: (source image, instruction, target image)
+        target = row.get(target_field)
+        if not isinstance(target, str) or not target.strip():
+            return {"source": source, "reject": "bad_row",
+                    "detail": f"{source}: field '{target_field}' (the target image) missing or empty"}
+        out["target_path"] = str(Path(target) if os.path.isabs(target) else manifest.parent / target)
+    return out
 
 
-def _iter_manifest(path: Path, image_field: str, caption_field: str) -> Iterator[dict[str, Any]]:
+def _iter_manifest(path: Path, image_field: str, caption_field: str, target_field: str = ""
+                   ) -> Iterator[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         with open(path, "rb") as f:
@@ -143,14 +154,14 @@ def _iter_manifest(path: Path, image_field: str, caption_field: str) -> Iterator
                     yield {"source": f"{path.name}:{lineno}", "reject": "bad_row",
                            "detail": f"{path.name}:{lineno}: invalid JSON ({e})"}
                     continue
-                yield _row_item(path, str(lineno), row, image_field, caption_field)
+                yield _row_item(path, str(lineno), row, image_field, caption_field, target_field)
     elif suffix == ".csv":
         with open(path, newline="", encoding="utf-8", errors="replace") as f:
             reader = csv.DictReader(f)
-            if reader.fieldnames is None or image_field not in reader.fieldnames \
-                    or caption_field not in reader.fieldnames:
-                raise ValueError(f"{path}: header {reader.fieldnames} lacks column '{image_field}' or "
-                                 f"'{caption_field}' (set --image-field/--caption-field)")
+            wanted = [f for f in (image_field, caption_field, target_field) if f]
+            if reader.fieldnames is None or any(f not in reader.fieldnames for f in wanted):
+                raise ValueError(f"{path}: header {reader.fieldnames} lacks one of the columns {wanted} "
+                                 f"(set --image-field/--caption-field/--target-field)")
             while True:
                 try:
                     row = next(reader)
@@ -164,18 +175,19 @@ def _iter_manifest(path: Path, image_field: str, caption_field: str) -> Iterator
                     yield {"source": f"{path.name}:{reader.line_num}", "reject": "bad_row",
                            "detail": f"{path.name}:{reader.line_num}: more cells than header columns"}
                     continue
-                yield _row_item(path, str(reader.line_num), row, image_field, caption_field)
+                yield _row_item(path, str(reader.line_num), row, image_field, caption_field, target_field)
     elif suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError as e:
             raise ImportError(f"{path}: reading Parquet manifests needs pyarrow: pip install pyarrow") from e
         table = pq.read_table(path)
-        for field in (image_field, caption_field):
+        wanted = [f for f in (image_field, caption_field, target_field) if f]
+        for field in wanted:
             if field not in table.column_names:
                 raise ValueError(f"{path}: no column '{field}' (columns: {table.column_names})")
-        for rowno, row in enumerate(table.select([image_field, caption_field]).to_pylist()):
-            yield _row_item(path, f"row{rowno}", row, image_field, caption_field)
+        for rowno, row in enumerate(table.select(wanted).to_pylist()):
+            yield _row_item(path, f"row{rowno}", row, image_field, caption_field, target_field)
     else:
         raise ValueError(f"{path}: manifest must be one of {MANIFEST_EXTS}")
 
@@ -218,11 +230,16 @@ def _iter_tar(path: Path) -> Iterator[dict[str, Any]]:
         yield {"source": path.name, "reject": "bad_tar", "detail": error}
 
 
-def enumerate_inputs(inputs: list[str], image_field: str = "image", caption_field: str = "caption") -> list[Item]:
-    """All items of ``inputs`` (directories, manifests, tars) in order, indexed 0..N-1."""
+def enumerate_inputs(inputs: list[str], image_field: str = "image", caption_field: str = "caption",
+                     target_field: str = "") -> list[Item]:
+    """All items of ``inputs`` (directories, manifests, tars) in order, indexed 0..N-1. ``target_field``: editing
+    triples (manifests only)."""
     items: list[Item] = []
     for spec in inputs:
         path = Path(spec).expanduser().resolve()
+        if target_field and (path.is_dir() or path.suffix.lower() not in MANIFEST_EXTS):
+            raise ValueError(f"input {spec}: editing triples come from a manifest ({', '.join(MANIFEST_EXTS)}) with "
+                             f"columns '{image_field}', '{caption_field}', '{target_field}'")
         if path.is_dir():
             rows = _iter_folder(path)
         elif not path.is_file():
@@ -230,7 +247,7 @@ def enumerate_inputs(inputs: list[str], image_field: str = "image", caption_fiel
         elif path.suffix.lower() == ".tar":
             rows = _iter_tar(path)
         elif path.suffix.lower() in MANIFEST_EXTS:
-            rows = _iter_manifest(path, image_field, caption_field)
+            rows = _iter_manifest(path, image_field, caption_field, target_field)
         else:
             raise ValueError(f"input {spec}: expected a directory, a .tar, or a manifest ({', '.join(MANIFEST_EXTS)})")
         for row in rows:
@@ -286,12 +303,28 @@ def load_item(item: Item, resolution: int, min_size: int, caption_key: str = "ca
     caption, reason, detail = _caption(item, caption_key)
     if caption is None:
         return Rejected(item.index, item.source, reason, detail)
+    loaded = _load_image(item, item.image_path, item.image_span, resolution, min_size, "")
+    if isinstance(loaded, Rejected):
+        return loaded
+    pixels, size, box = loaded
+    target = None
+    if item.target_path:
+        loaded = _load_image(item, item.target_path, None, resolution, min_size, "target ")
+        if isinstance(loaded, Rejected):
+            return loaded
+        target = loaded[0]
+    return Loaded(item.index, item.source, caption, pixels, size, box, target)
+
+
+def _load_image(item: Item, path: str, span: tuple[int, int] | None, resolution: int, min_size: int, what: str
+                ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int, int, int]] | Rejected:
+    """(pixels, original size, crop box) of one image of ``item``, or why not; ``what`` names it in details."""
     try:
-        data = _read(item.image_path, item.image_span)
+        data = _read(path, span)
     except FileNotFoundError:
-        return Rejected(item.index, item.source, "missing_image", f"{item.source}: {item.image_path} not found")
+        return Rejected(item.index, item.source, "missing_image", f"{item.source}: {what}{path} not found")
     except (OSError, EOFError) as e:
-        return Rejected(item.index, item.source, "corrupt_image", f"{item.source}: unreadable ({e})")
+        return Rejected(item.index, item.source, "corrupt_image", f"{item.source}: {what + path + ' ' if what else ''}unreadable ({e})")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # EXIF/palette chatter from odd files; errors still raise
@@ -301,10 +334,11 @@ def load_item(item: Item, resolution: int, min_size: int, caption_key: str = "ca
             width, height = img.size
             if min(width, height) < min_size:
                 return Rejected(item.index, item.source, "too_small",
-                                f"{item.source}: {width}x{height} is below --min-size {min_size}")
+                                f"{item.source}: {what}{width}x{height} is below --min-size {min_size}")
             pixels, box = square_pixels(img, resolution)
     except UnidentifiedImageError:
-        return Rejected(item.index, item.source, "not_an_image", f"{item.source}: not an image Pillow can identify")
+        return Rejected(item.index, item.source, "not_an_image",
+                        f"{item.source}: {what}not an image Pillow can identify")
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        return Rejected(item.index, item.source, "corrupt_image", f"{item.source}: {type(e).__name__}: {e}")
-    return Loaded(item.index, item.source, caption, pixels, (width, height), box)
+        return Rejected(item.index, item.source, "corrupt_image", f"{item.source}: {what}{type(e).__name__}: {e}")
+    return pixels, (width, height), box

@@ -11,6 +11,12 @@ INPUT is a directory of images with ``.txt``/``.json`` sidecar captions, a ``.js
 manifest of (image, caption) rows, or an img2dataset-style ``.tar`` (see ``_sources.py``). The format of the output
 is described in ``lmfusion/data/shard_format.py``.
 
+Kinds (``--kind``, recorded as the manifest's ``kind``): ``caption`` (the above); ``edit``: a manifest of
+(source image, instruction, target image) rows (columns ``image``, ``instruction``, ``target``); both images are
+encoded, the source as ``latent.npy``, the target as ``target.npy``; a row whose target is missing is rejected
+like a missing image, its detail naming the file; ``text``: plain ``.txt`` files (one document each; a directory
+is walked for them) or ``.jsonl`` rows with a ``text`` field, stored as text, no VAE (``data_tools/_text_shards.py``).
+
 Design:
 
 * **Sharding by input position, not by rank.** Inputs are enumerated in a fixed order and indexed; shard ``i`` holds
@@ -91,8 +97,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:N")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="VAE compute dtype; auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--kind", choices=fmt.KINDS, default="caption",
+                   help="caption: images + captions; edit: (image, instruction, target) manifest rows; text: plain "
+                        "text (.txt files or .jsonl rows), no VAE")
     p.add_argument("--image-field", default="image", help="manifest column with the image path")
-    p.add_argument("--caption-field", default="caption", help="manifest column with the caption")
+    p.add_argument("--caption-field", default=None,
+                   help="manifest column with the caption (default: 'caption'; 'instruction' for --kind edit)")
+    p.add_argument("--target-field", default="target", help="--kind edit: manifest column with the target image")
+    p.add_argument("--text-field", default="text", help="--kind text: field of .jsonl rows holding the text")
     p.add_argument("--caption-key", default="caption", help="field of a .json sidecar holding the caption")
     p.add_argument("--max-reject-fraction", type=float, default=0.2,
                    help="fail the run if more than this fraction of inputs is rejected")
@@ -101,10 +113,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--merge-only", action="store_true", help="only merge per-shard stats into manifest.json")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     args = p.parse_args(argv)
+    if args.caption_field is None:
+        args.caption_field = "instruction" if args.kind == "edit" else "caption"
     if not args.merge_only:
         if not args.inputs:
             p.error("give at least one input (folder, manifest or tar)")
-        if args.vae is None:
+        if args.vae is None and args.kind != "text":
             p.error("--vae is required (a diffusers VAE directory or 'identity')")
     if args.resolution <= 0 or args.samples_per_shard <= 0 or args.batch_size <= 0:
         p.error("--resolution, --samples-per-shard and --batch-size must be positive")
@@ -156,6 +170,7 @@ class Batch:
     pixels: torch.Tensor | None        # (n, res, res, 3) uint8, stacked in the worker
     loaded: list[Loaded]               # pixels dropped (they are in `pixels`)
     rejected: list[Rejected]
+    targets: torch.Tensor | None = None  # --kind edit: (n, res, res, 3) uint8 target images
 
     def pin_memory(self) -> "Batch":
         """Called by DataLoader(pin_memory=True): page-locked pixels make the host-to-GPU copy asynchronous."""
@@ -167,9 +182,11 @@ class Batch:
 def collate(results: list[Loaded | Rejected]) -> Batch:
     loaded = [r for r in results if isinstance(r, Loaded)]
     pixels = torch.from_numpy(np.stack([r.pixels for r in loaded])) if loaded else None
+    edit = bool(loaded) and loaded[0].target_pixels is not None
+    targets = torch.from_numpy(np.stack([r.target_pixels for r in loaded])) if edit else None
     for r in loaded:
-        r.pixels = np.empty(0, np.uint8)
-    return Batch(pixels, loaded, [r for r in results if isinstance(r, Rejected)])
+        r.pixels = r.target_pixels = np.empty(0, np.uint8)
+    return Batch(pixels, loaded, [r for r in results if isinstance(r, Rejected)], targets)
 
 
 # -------------------------------------------------------------------------------------------------- writing
@@ -191,17 +208,19 @@ class ShardWriter:
         self.rejects: list[dict[str, Any]] = []
         self.latent_shape: list[int] | None = None
 
-    def add(self, loaded: Loaded, latent: np.ndarray, std: np.ndarray | None, vae_id: str) -> None:
+    def add(self, loaded: Loaded, latent: np.ndarray | None, std: np.ndarray | None, vae_id: str,
+            target: np.ndarray | None = None, target_std: np.ndarray | None = None) -> None:
+        """One sample; ``latent`` None: text only (``--kind text``); ``target``: an editing triple's target."""
         key = fmt.sample_key(loaded.index)
-        self.tar.add(f"{key}.latent.npy", fmt.npy_bytes(latent))
-        if std is not None:
-            self.tar.add(f"{key}.std.npy", fmt.npy_bytes(std))
+        for name, array in (("latent", latent), ("std", std), ("target", target), ("target_std", target_std)):
+            if array is not None:
+                self.tar.add(f"{key}.{name}.npy", fmt.npy_bytes(array))
         self.tar.add(f"{key}.txt", loaded.caption.encode("utf-8"))
         meta = {"key": key, "source": loaded.source, "original_size": list(loaded.original_size),
                 "crop_box": list(loaded.crop_box), "vae": vae_id}
         self.tar.add(f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"))
         self.samples += 1
-        self.latent_shape = list(latent.shape)
+        self.latent_shape = list(latent.shape) if latent is not None else None
 
     def finalize(self) -> None:
         self.tar.close()
@@ -254,19 +273,26 @@ def merge(out: Path, max_reject_fraction: float) -> dict[str, Any] | None:
     rejects = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for s in stats for r in s["rejects"])
     atomic_write_bytes(out / fmt.REJECTS, rejects.encode("utf-8"))
     by_reason = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()) if v) or "none"
+    first = next((r["detail"] for s in stats for r in s["rejects"]), "")
     if totals["samples"] == 0:
-        raise BuildError(f"no valid samples: all {totals['inputs']} inputs rejected ({by_reason}); "
+        raise BuildError(f"no valid samples: all {totals['inputs']} inputs rejected ({by_reason}; first: {first}); "
                          f"see {out / fmt.REJECTS}")
     fraction = totals["rejected"] / max(totals["inputs"], 1)
     if fraction > max_reject_fraction:
         raise BuildError(f"{totals['rejected']} of {totals['inputs']} inputs rejected ({fraction:.1%} > "
-                         f"--max-reject-fraction {max_reject_fraction}; {by_reason}); see {out / fmt.REJECTS}")
-    store = plan["store"]
+                         f"--max-reject-fraction {max_reject_fraction}; {by_reason}; first: {first}); "
+                         f"see {out / fmt.REJECTS}")
+    store, kind = plan["store"], plan.get("kind", "caption")
+    std = ["std.npy"] if store == "mean_std" else []
+    members = {"caption": ["latent.npy", *std], "text": [],
+               "edit": ["latent.npy", *std, "target.npy", *(["target_std.npy"] if std else [])]}[kind]
+    latent = None if kind == "text" else {
+        "shape": list(shapes.pop()), "dtype": plan["latent_dtype"], "store": store, "std": store == "mean_std",
+        "seed": plan["options"]["seed"] if store == "sample" else None, "members": members + ["txt", "json"]}
     manifest = {
-        "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "vae": plan["vae"],
-        "latent": {"shape": list(shapes.pop()), "dtype": plan["latent_dtype"], "store": store,
-                   "std": store == "mean_std", "seed": plan["options"]["seed"] if store == "sample" else None,
-                   "members": ["latent.npy"] + (["std.npy"] if store == "mean_std" else []) + ["txt", "json"]},
+        "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
+        **({"kind": kind} if kind != "caption" else {}),
+        **({"vae": plan["vae"], "latent": latent} if latent is not None else {"members": ["txt", "json"]}),
         "resolution": plan["resolution"], "samples_per_shard": plan["samples_per_shard"],
         "key_digits": fmt.KEY_DIGITS,
         "shards": [{k: s[k] for k in ("name", "inputs", "samples", "rejected", "sha256", "bytes")} for s in stats],
@@ -306,10 +332,16 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             raise BuildError(f"{out}: some shards are still missing; finish the build (rerun it) before merging")
         return {"rank": rank, "manifest": manifest, "built_inputs": 0, "elapsed_s": 0.0}
     (out / fmt.BUILD_DIR).mkdir(parents=True, exist_ok=True)
+    if args.kind == "text":
+        from data_tools._text_shards import build_text
+
+        manifest = build_text(args, out, rank, world)
+        return {"rank": rank, "manifest": manifest, "built_inputs": 0, "elapsed_s": 0.0}
     min_size = args.resolution if args.min_size is None else args.min_size
     device, dtype = resolve_device(args.device, args.dtype)
 
-    items = enumerate_inputs(args.inputs, args.image_field, args.caption_field)
+    edit = args.kind == "edit"
+    items = enumerate_inputs(args.inputs, args.image_field, args.caption_field, args.target_field if edit else "")
     if not items:
         raise BuildError(f"no inputs found in {args.inputs}")
     codec = fmt.load_codec(args.vae, device, dtype)
@@ -320,9 +352,10 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
                "latent_dtype": args.latent_dtype, "seed": args.seed, "batch_size": args.batch_size,
                "image_field": args.image_field, "caption_field": args.caption_field,
                "caption_key": args.caption_key, "device_type": device.type,
-               "items_sha256": hashlib.sha256("\n".join(i.source for i in items).encode()).hexdigest()}
+               "items_sha256": hashlib.sha256("\n".join(i.source for i in items).encode()).hexdigest(),
+               **({"kind": "edit", "target_field": args.target_field} if edit else {})}
     fingerprint = hashlib.sha256(json.dumps([options, codec.describe()], sort_keys=True).encode()).hexdigest()
-    plan = {"fingerprint": fingerprint, "num_shards": num_shards, "num_inputs": len(items), "store": store,
+    plan = {"fingerprint": fingerprint, "num_shards": num_shards, "kind": args.kind, "num_inputs": len(items), "store": store,
             "latent_dtype": args.latent_dtype, "resolution": args.resolution,
             "samples_per_shard": args.samples_per_shard, "vae": codec.describe(), "options": options}
     plan_path = out / fmt.BUILD_DIR / "plan.json"
@@ -363,17 +396,21 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             writer = ShardWriter(out, shard, min(args.samples_per_shard, len(items) - lo), fingerprint)
         writer.rejects += [r.record(shard) for r in batch.rejected]
         if batch.pixels is not None:
-            x = batch.pixels.to(device, non_blocking=True).permute(0, 3, 1, 2)  # (n, H, W, 3) u8 -> (n, 3, H, W)
+            pixels = batch.pixels if batch.targets is None else torch.cat([batch.pixels, batch.targets])
+            x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2)  # (n, H, W, 3) u8 -> (n, 3, H, W)
             x = x.to(codec.dtype, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)  # -> [-1, 1]
             mean, std = codec.encode(x)
-            if store == "sample":
-                noise = _sample_noise([r.index for r in batch.loaded], tuple(mean.shape[1:]), args.seed)
+            if store == "sample":  # targets (second half) draw from (seed, -1 - index): distinct from sources
+                keys = [r.index for r in batch.loaded] + ([-1 - r.index for r in batch.loaded] if edit else [])
+                noise = _sample_noise(keys, tuple(mean.shape[1:]), args.seed)
                 mean, std = mean + std * noise.to(mean.device), None
             np_dtype = getattr(np, args.latent_dtype)
             mean_np = mean.cpu().numpy().astype(np_dtype)
             std_np = std.cpu().numpy().astype(np_dtype) if std is not None and store == "mean_std" else None
+            n = len(batch.loaded)
             for i, loaded in enumerate(batch.loaded):
-                writer.add(loaded, mean_np[i], std_np[i] if std_np is not None else None, codec.vae_id)
+                tgt = (mean_np[n + i], std_np[n + i] if std_np is not None else None) if edit else (None, None)
+                writer.add(loaded, mean_np[i], std_np[i] if std_np is not None else None, codec.vae_id, *tgt)
                 written += 1
                 if die_after and written >= die_after:
                     os.kill(os.getpid(), signal.SIGKILL)  # testing hook: die mid-shard, like a preempted job
@@ -395,10 +432,15 @@ def summarize(summary: dict[str, Any], out: Path) -> str:
     m = summary["manifest"]
     t = m["totals"]
     reasons = ", ".join(f"{k} {v}" for k, v in m["rejected"].items() if v) or "none"
+    if m.get("kind") == "text":
+        return (f"build_shards: {t['shards']} text shards, {t['samples']} documents of {t['inputs']} inputs, "
+                f"{t['rejected']} rejected ({reasons})\nbuild_shards: wrote {out / fmt.MANIFEST} and "
+                f"{out / fmt.REJECTS}")
     rate = f"; this rank {summary['built_inputs']} inputs at {summary.get('images_per_s', 0):.1f} images/s" \
         if summary["built_inputs"] else ""
+    kind = "; editing triples" if m.get("kind") == "edit" else ""
     return (f"build_shards: {t['shards']} shards, {t['samples']} samples of {t['inputs']} inputs, "
-            f"{t['rejected']} rejected ({reasons}); latent {tuple(m['latent']['shape'])} {m['latent']['dtype']} "
+            f"{t['rejected']} rejected ({reasons}){kind}; latent {tuple(m['latent']['shape'])} {m['latent']['dtype']} "
             f"store={m['latent']['store']}, VAE {m['vae']['id']}{rate}\n"
             f"build_shards: wrote {out / fmt.MANIFEST} and {out / fmt.REJECTS}")
 

@@ -164,7 +164,7 @@ class MultimodalLoader:
             builder=builder, seq_length=config.seq_length, tokens_per_image=T, pad=mc.eos_token_id,
             boi=mc.boi_token_id, control_ids=(mc.bos_token_id, mc.eos_token_id, mc.boi_token_id, mc.eoi_token_id),
             seed=config.seed, num_streams=0, max_consecutive_failures=config.max_consecutive_failures,
-            verify_checksums=config.verify_checksums)
+            verify_checksums=config.verify_checksums, latent_shape=tuple(latent_shape))
         self._iter: Optional[Iterator[_Item]] = None
         self._set_layout(config.streams or config.global_batch_size // config.micro_batch_size)
         self._states: dict[int, dict[str, Any]] = {k: initial_stream_state(len(sets)) for k in self.local_streams}

@@ -43,6 +43,10 @@ from lmfusion.utils import atomic_write_bytes
 
 FORMAT_NAME = "lmfusion-latent-shards"
 FORMAT_VERSION = 1
+#: What a shard set's samples are (manifest field ``kind``; absent means ``caption``): image + caption, plain text
+#: (``key.txt`` + ``key.json`` only, no VAE), or an editing triple (``key.latent.npy`` source, ``key.target.npy``
+#: target, ``key.txt`` instruction; ``std.npy`` / ``target_std.npy`` with store=mean_std).
+KINDS = ("caption", "text", "edit")
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 BUILD_DIR = ".build"

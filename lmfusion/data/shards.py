@@ -6,6 +6,10 @@ verifies it (sha256 from the manifest, sample count, members, latent shapes) and
 raises :class:`ShardError`, which the loader turns into a logged, counted skip. A shard is taken whole or not at
 all, so a skip does not depend on how far a reader got: the same shards are skipped on every run and resume.
 Nothing is unpickled: ``.npy`` members go through ``np.load(allow_pickle=False)``.
+
+Kinds (the manifest's ``kind``, :data:`lmfusion.data.shard_format.KINDS`): ``caption`` (default; one latent and a
+caption per sample), ``text`` (a ``txt`` member only: no VAE, no latent block) and ``edit`` (source ``latent.npy``,
+``target.npy`` and the instruction as ``txt``; ``std.npy``/``target_std.npy`` with ``store=mean_std``).
 """
 
 from __future__ import annotations
@@ -35,9 +39,11 @@ class ShardError(Exception):
 @dataclass(frozen=True)
 class RawSample:
     key: str
-    caption: str
-    latent: np.ndarray            # (C, H, W) float16/float32, scaled mean or a stored draw
+    caption: str                  # caption, text (kind text) or instruction (kind edit)
+    latent: Optional[np.ndarray]  # (C, H, W) float16/float32, scaled mean or a stored draw; None for text
     std: Optional[np.ndarray]     # (C, H, W) scaled std (store=mean_std) or None
+    target: Optional[np.ndarray] = None      # kind edit: the target image's latent
+    target_std: Optional[np.ndarray] = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,24 @@ class ShardSet:
         self.directory = Path(directory).expanduser().resolve()
         self.manifest = fmt.read_manifest(self.directory)
         where = self.directory / fmt.MANIFEST
+        self.kind = str(self.manifest.get("kind", "caption"))
+        if self.kind not in fmt.KINDS:
+            raise UserError(f"{where}: field 'kind' is {self.kind!r}, expected one of {list(fmt.KINDS)}")
+        self.latent_shape = tuple(latent_shape)
+        if self.kind == "text":  # no latents, no VAE
+            self.vae, self.store, self.has_std = {}, "none", False
+        else:
+            self._read_latent_block(where, latent_shape, expected_vae)
+        self.fingerprint = str(self.manifest.get("fingerprint", ""))
+        shards = self._field(self.manifest, "shards", where)
+        # Shards with no valid sample hold nothing to read: leaving them out keeps the order deterministic.
+        self.shards = [ShardEntry(str(self.directory / s["name"]), int(s["samples"]), str(s.get("sha256", "")))
+                       for s in shards if int(s["samples"]) > 0]
+        if not self.shards:
+            raise UserError(f"{where}: no shard holds a sample")
+        self.num_samples = sum(s.samples for s in self.shards)
+
+    def _read_latent_block(self, where: Path, latent_shape: Sequence[int], expected_vae: Optional[str]) -> None:
         latent = self._field(self.manifest, "latent", where)
         shape = list(self._field(latent, "shape", where, "latent."))
         if shape != list(latent_shape):
@@ -68,15 +92,6 @@ class ShardSet:
                             f"expected data.vae {expected_vae!r}")
         self.store = str(self._field(latent, "store", where, "latent."))
         self.has_std = bool(latent.get("std", self.store == "mean_std"))
-        self.fingerprint = str(self.manifest.get("fingerprint", ""))
-        shards = self._field(self.manifest, "shards", where)
-        # Shards with no valid sample hold nothing to read: leaving them out keeps the order deterministic.
-        self.shards = [ShardEntry(str(self.directory / s["name"]), int(s["samples"]), str(s.get("sha256", "")))
-                       for s in shards if int(s["samples"]) > 0]
-        if not self.shards:
-            raise UserError(f"{where}: no shard holds a sample")
-        self.num_samples = sum(s.samples for s in self.shards)
-        self.latent_shape = tuple(shape)
 
     @staticmethod
     def _field(obj: dict[str, Any], key: str, where: Path, prefix: str = "") -> Any:
@@ -90,6 +105,9 @@ class ShardSet:
 
 def check_same_vae(sets: Sequence[ShardSet]) -> None:
     """Blended sets must hold latents of one VAE with one scaling, or the image model sees two distributions."""
+    sets = [s for s in sets if s.kind != "text"]  # text sets hold no latents
+    if not sets:
+        return
     first = sets[0]
     for other in sets[1:]:
         if other.vae_identity() != first.vae_identity():
@@ -99,8 +117,8 @@ def check_same_vae(sets: Sequence[ShardSet]) -> None:
                             f"must share one VAE")
 
 
-def read_shard(entry: ShardEntry, latent_shape: tuple[int, ...], has_std: bool, verify_checksum: bool
-               ) -> list[RawSample]:
+def read_shard(entry: ShardEntry, latent_shape: tuple[int, ...], has_std: bool, verify_checksum: bool,
+               kind: str = "caption") -> list[RawSample]:
     """All samples of one shard, in file order; :class:`ShardError` naming the shard if anything is off."""
     path = entry.path
     try:
@@ -113,7 +131,7 @@ def read_shard(entry: ShardEntry, latent_shape: tuple[int, ...], has_std: bool, 
     try:
         files = ({**f, "__url__": path} for f in tar_file_iterator(io.BytesIO(data)))
         for group in group_by_keys(files):
-            samples.append(_decode(group, path, latent_shape, has_std))
+            samples.append(_decode(group, path, latent_shape, has_std, kind))
     except ShardError:
         raise
     except Exception as e:  # tarfile.ReadError, EOFError, ValueError from the tar or key grouping
@@ -124,14 +142,19 @@ def read_shard(entry: ShardEntry, latent_shape: tuple[int, ...], has_std: bool, 
     return samples
 
 
-def _decode(group: dict[str, Any], path: str, latent_shape: tuple[int, ...], has_std: bool) -> RawSample:
+def _decode(group: dict[str, Any], path: str, latent_shape: tuple[int, ...], has_std: bool,
+            kind: str = "caption") -> RawSample:
     key = group["__key__"]
-    need = ["latent.npy", "txt"] + (["std.npy"] if has_std else [])
+    arrays_of = {"text": (), "caption": ("latent.npy",), "edit": ("latent.npy", "target.npy")}[kind]
+    if has_std:
+        arrays_of = {"caption": ("latent.npy", "std.npy"),
+                     "edit": ("latent.npy", "std.npy", "target.npy", "target_std.npy")}[kind]
+    need = list(arrays_of) + ["txt"]
     missing = [m for m in need if m not in group]
     if missing:
         raise ShardError(f"{path}: sample {key} lacks member(s) {missing}")
     arrays = []
-    for member in ("latent.npy", "std.npy") if has_std else ("latent.npy",):
+    for member in arrays_of:
         try:
             arr = fmt.load_npy(group[member], f"{path}:{key}.{member}")
         except ValueError as e:
@@ -144,4 +167,6 @@ def _decode(group: dict[str, Any], path: str, latent_shape: tuple[int, ...], has
         caption = group["txt"].decode("utf-8").strip()
     except UnicodeDecodeError as e:
         raise ShardError(f"{path}: {key}.txt is not UTF-8 ({e})") from e
-    return RawSample(key=key, caption=caption, latent=arrays[0], std=arrays[1] if has_std else None)
+    named = dict(zip(arrays_of, arrays))
+    return RawSample(key=key, caption=caption, latent=named.get("latent.npy"), std=named.get("std.npy"),
+                     target=named.get("target.npy"), target_std=named.get("target_std.npy"))

@@ -14,6 +14,15 @@ Order of a stream (``d``: dataset, ``n_d``: its shards, ``p``: a position in its
 * Each next sample comes from dataset ``d`` drawn with the blending weights by a generator seeded by
   (seed, k, draw counter); its layout, caption dropout and latent noise by one seeded by (seed, d, p, sample).
 
+Document kinds follow the dataset's ``kind`` (:mod:`lmfusion.data.shards`): ``caption`` documents as before;
+``text`` samples are **tokenised here, at load time**, like captions: text shards stay independent of the base
+model's tokenizer (one corpus serves any base; the loader state already fingerprints the tokenizer, so a resume
+with another one is refused), and the cost is small next to a step (a shard is tokenised once per visit, in a
+worker, as one batched fast-tokenizer call). A text longer than ``seq_length - 2`` tokens is cut into pieces at
+that point; the pieces are the shard's "documents" (key ``<key>.<piece>``) and are walked in the shard's seeded
+order like samples, so the resume state is unchanged. ``edit`` samples become editing documents (clean source,
+noised target; :meth:`lmfusion.data.sequence.SequenceBuilder.build_edit`).
+
 The resumable state is plain JSON: per dataset the visit number and the index within the visited shard (plus
 failure and bookkeeping counters), the draw counter, and the rows emitted. A micro-batch's state is taken before
 the document left waiting for the next row, so a restored stream rereads it and continues identically.
@@ -107,6 +116,7 @@ class StreamContext:
     num_streams: int
     max_consecutive_failures: int
     verify_checksums: bool
+    latent_shape: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self._tokenizer = None
@@ -136,6 +146,15 @@ class _OpenShard:
     samples: list[RawSample]
     caption_ids: list[list[int]]
     order: np.ndarray
+    pieces: Optional[list[tuple[int, int]]] = None  # kind text: (sample, piece) per document, in file order
+
+
+def _draw(mean: np.ndarray, std: Optional[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """The clean latent to train on: the stored one, or (store=mean_std) a fresh draw at every visit."""
+    latent = mean.astype(np.float32)
+    if std is not None:
+        latent = latent + std.astype(np.float32) * rng.standard_normal(latent.shape, dtype=np.float32)
+    return latent
 
 
 class Stream:
@@ -167,7 +186,7 @@ class Stream:
         entry = shards[int(_shard_permutation(self.ctx.seed, d, epoch, len(shards))[r])]
         try:
             samples = read_shard(entry, self.ctx.sets[d].latent_shape, self.ctx.sets[d].has_std,
-                                 self.ctx.verify_checksums)
+                                 self.ctx.verify_checksums, self.ctx.sets[d].kind)
         except ShardError as e:
             source = self.state["source"]
             source["skipped_shards"] += 1
@@ -191,8 +210,13 @@ class Stream:
         ids = self.ctx.tokenizer([s.caption for s in samples], add_special_tokens=False)["input_ids"]
         control = set(self.ctx.control_ids)  # a caption spelling out e.g. "<boi>" must not become the real token
         ids = [[t for t in x if t not in control] for x in ids]
-        order = np.random.default_rng([self.ctx.seed, _SAMPLE_ORDER, d, p]).permutation(len(samples))
-        self._open[d] = _OpenShard(reader["visit"], p, epoch, samples, ids, order)
+        pieces = None
+        if self.ctx.sets[d].kind == "text":
+            n = self.ctx.builder.text_piece_length
+            pieces = [(i, j) for i, x in enumerate(ids) for j in range(max(1, -(-len(x) // n)))]
+        count = len(pieces) if pieces is not None else len(samples)
+        order = np.random.default_rng([self.ctx.seed, _SAMPLE_ORDER, d, p]).permutation(count)
+        self._open[d] = _OpenShard(reader["visit"], p, epoch, samples, ids, order, pieces)
         return self._open[d]
 
     def _choose_dataset(self) -> int:
@@ -219,14 +243,25 @@ class Stream:
             reader["index"] = 0
         i = int(shard.order[reader["index"]])
         reader["index"] += 1
-        sample = shard.samples[i]
-        rng = np.random.default_rng([self.ctx.seed, _SAMPLE, d, shard.position, i])
-        dropped, caption_first = self.ctx.builder.choices(rng)
-        latent = sample.latent.astype(np.float32)
-        if sample.std is not None:  # a fresh draw from the encoder's distribution at every visit
-            latent = latent + sample.std.astype(np.float32) * rng.standard_normal(latent.shape, dtype=np.float32)
-        doc = self.ctx.builder.build(shard.caption_ids[i], dropped, caption_first, latent,
-                                     f"{d}:{sample.key}:{shard.epoch}")
+        kind = self.ctx.sets[d].kind
+        if kind == "text":
+            i, piece = shard.pieces[i]
+            n = self.ctx.builder.text_piece_length
+            ids = shard.caption_ids[i]
+            sample = shard.samples[i]
+            doc = self.ctx.builder.build_text(ids[piece * n:(piece + 1) * n], (piece + 1) * n >= len(ids),
+                                              f"{d}:{sample.key}.{piece}:{shard.epoch}")
+        else:
+            sample = shard.samples[i]
+            rng = np.random.default_rng([self.ctx.seed, _SAMPLE, d, shard.position, i])
+            dropped, caption_first = self.ctx.builder.choices(rng)
+            latent = _draw(sample.latent, sample.std, rng)
+            sample_id = f"{d}:{sample.key}:{shard.epoch}"
+            if kind == "edit":
+                target = _draw(sample.target, sample.target_std, rng)
+                doc = self.ctx.builder.build_edit(shard.caption_ids[i], dropped, latent, target, sample_id)
+            else:
+                doc = self.ctx.builder.build(shard.caption_ids[i], dropped, caption_first, latent, sample_id)
         self.state["source"]["documents"] += 1
         self.state["source"]["truncated"] += int(doc.truncated)
         return doc, before
@@ -240,5 +275,5 @@ class Stream:
         after = {"rows": self.state["rows"],
                  "source": _copy_source(resume if resume is not None else self.state["source"])}
         batch = collate(packed, self.ctx.seq_length, self.ctx.tokens_per_image, self.ctx.pad, self.ctx.boi,
-                        self.ctx.sets[0].latent_shape)
+                        self.ctx.latent_shape or self.ctx.sets[0].latent_shape)
         return batch, after

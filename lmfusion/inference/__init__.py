@@ -5,6 +5,7 @@ This module holds only the command line (``lmfusion generate``, ``lmfusion capti
 the heavy modules (megatron, diffusers) when a command runs, so ``lmfusion --help`` stays fast::
 
     lmfusion generate --ckpt DIR --prompt "a red shoe" --out grid.png [--cfg 1.6 --steps 250 --seed 0 --n 4]
+    lmfusion generate --ckpt DIR --edit photo.png --prompt "make it red" --out edited.png
     lmfusion generate --ckpt DIR --prompt "Once upon a time" --text [--max-new-tokens 64 --temperature 0 --top-p 1]
     lmfusion caption --ckpt DIR --image x.png
     lmfusion chat --ckpt DIR --out-dir chat_images
@@ -115,13 +116,16 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _check_context(cfg, encoded: list, args: argparse.Namespace) -> None:
+def _check_context(cfg, encoded: list, args: argparse.Namespace, edit: bool = False) -> None:
     """Refuse prompts that do not fit the model's context (max_position_embeddings) with what they generate."""
     from lmfusion.model.image_config import tokens_per_image
 
     limit = cfg.max_position_embeddings
     extra = args.max_new_tokens if args.text else 3 + tokens_per_image(cfg.image)  # <bos> <boi> image <eoi>
     what = f"--max-new-tokens {extra}" if args.text else f"<bos>, <boi>, {extra - 3} image tokens and <eoi>"
+    if edit:  # <bos> <boi> source <eoi> instruction <boi> target <eoi>
+        extra = 5 + 2 * tokens_per_image(cfg.image)
+        what = f"<bos>, two images of {tokens_per_image(cfg.image)} tokens and their <boi>/<eoi>"
     for i, ids in enumerate(encoded):
         need = len(ids) + extra + (1 if args.text else 0)
         if need > limit:
@@ -144,6 +148,12 @@ def _check_caption_context(cfg, args: argparse.Namespace) -> None:
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
+    if args.edit is not None and args.text:
+        raise UserError("--edit draws an edited image; it cannot be combined with --text")
+    if args.edit is not None:
+        from lmfusion.inference.image import check_image_file
+
+        check_image_file(args.edit)
     if not args.text and args.out is None:
         raise UserError("--out GRID.png is required for image generation (or pass --text for a text continuation)")
     if args.n < 1:
@@ -161,7 +171,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     tok = _tokenizer(bundle)
     cfg = bundle.config
     encoded = [tok.encode(p, add_special_tokens=False) for p in args.prompt]
-    _check_context(cfg, encoded, args)
+    _check_context(cfg, encoded, args, edit=args.edit is not None)
     if args.text:
         from lmfusion.inference.text import generate_text
 
@@ -175,9 +185,17 @@ def _run_generate(args: argparse.Namespace) -> int:
     from lmfusion.inference.image import check_vae, save_images, text_to_image, to_pil
 
     check_vae(codec, cfg)
-    latents = text_to_image(bundle.model, encoded, n_per_caption=args.n, sampler=args.sampler, steps=args.steps,
-                            cfg_scale=args.cfg, seed=args.seed, clip_x0=clip_x0_arg(args.clip_x0, codec),
-                            diffusion=bundle.diffusion)
+    if args.edit is not None:  # the source image, encoded as captioning does (clean, VAE mean), as context
+        from lmfusion.inference.image import edit_image, encode_image
+
+        source = encode_image(codec, cfg, args.edit)
+        latents = edit_image(bundle.model, source, encoded, n_per_instruction=args.n, sampler=args.sampler,
+                             steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
+                             clip_x0=clip_x0_arg(args.clip_x0, codec), diffusion=bundle.diffusion)
+    else:
+        latents = text_to_image(bundle.model, encoded, n_per_caption=args.n, sampler=args.sampler,
+                                steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
+                                clip_x0=clip_x0_arg(args.clip_x0, codec), diffusion=bundle.diffusion)
     if _is_main():
         paths = save_images(to_pil(codec, latents), args.out, cols=args.n if len(encoded) > 1 else None)
         print(f"lmfusion generate: wrote {paths[0]} and {len(paths) - 1} image(s) beside it")
@@ -230,6 +248,9 @@ def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--out", type=Path, default=None, help="grid PNG path (images: <stem>-NNN.png beside it)")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--text", action="store_true", help="print the text continuation instead of drawing")
+    p.add_argument("--edit", type=Path, default=None, metavar="IMG",
+                   help="edit this image: it is encoded with the run's VAE as clean context and --prompt is the "
+                        "instruction (a model fine-tuned on editing shards)")
     _diffusion(p)
     _sampling(p, max_new=64)
     p.set_defaults(run=_run_generate)

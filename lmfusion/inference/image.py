@@ -45,7 +45,7 @@ from lmfusion.errors import UserError
 from lmfusion.inference.text import Image, SamplingParams, Session, generate_text
 
 __all__ = ["DEFAULT_CFG_SCALE", "DEFAULT_STEPS", "LATENT_RANGE_FILE", "latent_range", "denoise", "commit_image",
-           "unconditional_session", "text_to_image", "check_vae", "vae_scale_factor", "check_image_file", "load_image", "encode_image", "caption_image",
+           "unconditional_session", "text_to_image", "edit_image", "check_vae", "vae_scale_factor", "check_image_file", "load_image", "encode_image", "caption_image",
            "to_pil", "make_grid", "save_images"]
 
 DEFAULT_CFG_SCALE = 1.6
@@ -140,6 +140,31 @@ def text_to_image(model: torch.nn.Module, captions: Sequence[Sequence[int]], *, 
     cond = Session(model, len(rows))
     cond.extend(rows)  # the text prefix, computed once
     uncond = None if cfg_scale is None else unconditional_session(model, len(rows))
+    generator = torch.Generator().manual_seed(seed)
+    return denoise(cond, uncond, sampler=sampler, steps=steps, cfg_scale=1.0 if cfg_scale is None else cfg_scale,
+                   generator=generator, clip_x0=clip_x0, diffusion=diffusion)
+
+
+@torch.no_grad()
+def edit_image(model: torch.nn.Module, source: Tensor, instructions: Sequence[Sequence[int]], *,
+               n_per_instruction: int = 1, sampler: Optional[str] = None, steps: Optional[int] = None,
+               cfg_scale: Optional[float] = DEFAULT_CFG_SCALE, seed: int = 0, clip_x0: Optional[float] = None,
+               diffusion: Optional[DiffusionConfig] = None) -> Tensor:
+    """Image editing as trained (``SequenceBuilder.build_edit``): the prefix ``<bos> <boi> [source at t=0] <eoi>
+    instruction <boi>`` is cached once and the target sampled after it. ``source``: (C, H, W) clean latent;
+    guidance's unconditional branch drops the instruction but keeps the source (what instruction dropout trains).
+    Returns (len(instructions) * n_per_instruction, C, H, W) float32, instruction-major."""
+    if n_per_instruction < 1 or not instructions:
+        raise UserError(f"need at least one instruction and n >= 1, got {len(instructions)} and {n_per_instruction}")
+    cfg = model.model_config
+    prefix = [cfg.bos_token_id, cfg.boi_token_id, Image(source, 0), cfg.eoi_token_id]
+    rows = [[*prefix, *ins, cfg.boi_token_id] for ins in instructions for _ in range(n_per_instruction)]
+    cond = Session(model, len(rows))
+    cond.extend(rows)
+    uncond = None
+    if cfg_scale is not None:
+        uncond = Session(model, len(rows))
+        uncond.extend([[*prefix, cfg.boi_token_id]] * len(rows))
     generator = torch.Generator().manual_seed(seed)
     return denoise(cond, uncond, sampler=sampler, steps=steps, cfg_scale=1.0 if cfg_scale is None else cfg_scale,
                    generator=generator, clip_x0=clip_x0, diffusion=diffusion)

@@ -16,6 +16,9 @@
   loss of the same run at DP=1. The schedule divides each micro-batch's loss by their number and DDP averages over
   DP, so the loss handed back is scaled by ``dp x num_microbatches`` (the DP factor undoes DDP's mean over ranks,
   the micro-batch factor the schedule's averaging).
+* **Clean context images** (``Batch.image_noised`` False, e.g. an editing document's source) enter the model as
+  their clean latent at timestep 0 and add nothing to the diffusion loss or its token count; their noise is still
+  drawn (and discarded), so every other image's draw is unchanged.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class MicroBatch:
     lm_tokens: int
     image_tokens: int
     counts: TokenCounts
+    image_trained: Optional[Tensor] = None
+    """(n_img,) bool: which images the diffusion loss counts (None: all of them)."""
 
 
 def _seed_of(*parts: Any) -> int:
@@ -65,7 +70,9 @@ def image_noise(batch, seed: int, fallback_key: tuple, cap: int,
     """(noise levels (n,), noise (n, C, H, W) fp32) for the batch's images; see the module docstring. Levels are
     DDPM steps (int64) or, for flow, ``s`` (float32): :func:`lmfusion.diffusion.noise_levels`."""
     n = batch.num_images
-    ids = [s for row in (batch.sample_ids or []) for s in row]
+    ids = list(getattr(batch, "image_keys", None) or [])  # one key per image (multi-image and text-only documents)
+    if len(ids) != n:
+        ids = [s for row in (batch.sample_ids or []) for s in row]
     if len(ids) != n:
         ids = [(*fallback_key, j) for j in range(n)]
     shape = tuple(batch.image_latents.shape[1:])
@@ -88,12 +95,18 @@ def prepare_micro_batch(batch, *, seed: int, step: int, dp_rank: int, index: int
     lm_tokens = int(batch.text_loss_mask.sum())
     image_tokens = int(batch.image_loss_mask.sum())
     diffusion = diffusion if diffusion is not None else DiffusionConfig()
-    target = weight = None
+    target = weight = trained = None
     if batch.num_images:
         level, noise = image_noise(batch, seed, (seed, step, dp_rank, index), cap, diffusion)
         # fp32 on CPU: layout-independent values
         x_t, t, target = noise_and_target(batch.image_latents.float(), noise, level, diffusion)
         weight = loss_weights(level, diffusion)
+        noised = getattr(batch, "image_noised", None)
+        if noised is not None and not bool(noised.all()):
+            clean = ~noised.bool().cpu()
+            x_t[clean] = batch.image_latents[clean].float()  # clean context: x_0 itself at t = 0
+            t[clean] = 0
+            trained = noised.bool().to(device)
         batch = batch.to(device)
         inputs = batch.to_model_inputs(x_t.to(device=device, dtype=dtype), t.to(device))
         target = target.to(device)
@@ -103,7 +116,7 @@ def prepare_micro_batch(batch, *, seed: int, step: int, dp_rank: int, index: int
         inputs = batch.to_model_inputs(None, None)
     return MicroBatch(inputs=inputs, labels=batch.labels.t().contiguous(),
                       loss_mask=batch.text_loss_mask.t().contiguous(), target=target, loss_weight=weight,
-                      lm_tokens=lm_tokens, image_tokens=image_tokens, counts=counts)
+                      lm_tokens=lm_tokens, image_tokens=image_tokens, counts=counts, image_trained=trained)
 
 
 class StepLoss:
@@ -120,8 +133,9 @@ class StepLoss:
         lm_sum, lm_count = lm_loss(output.logits.float(), mb.labels, mb.loss_mask)
         if output.noise_pred is not None:
             weight = None if mb.loss_weight is None else mb.loss_weight[:, None]  # (n_img, 1): every token of an image
-            d_sum, _ = diffusion_loss(patchify(output.noise_pred, self.patch), patchify(mb.target, self.patch),
-                                      weight=weight)
+            pred, target = patchify(output.noise_pred, self.patch), patchify(mb.target, self.patch)
+            mask = None if mb.image_trained is None else mb.image_trained[:, None].expand(pred.shape[:-1])
+            d_sum, _ = diffusion_loss(pred, target, image_mask=mask, weight=weight)
         else:
             d_sum = torch.zeros((), device=lm_sum.device)
         dev = lm_sum.device

@@ -172,7 +172,8 @@ class Trainer:
             return None
         from lmfusion.data import shard_format
 
-        return shard_format.read_manifest(Path(self.cfg.data.datasets[0])).get("vae")
+        blocks = (shard_format.read_manifest(Path(d)).get("vae") for d in self.cfg.data.datasets)
+        return next((b for b in blocks if b is not None), None)  # text-only sets have no VAE: the first image set's
 
     def _resume(self) -> None:
         c = self.cfg.checkpoint
