@@ -1,4 +1,4 @@
-"""Hugging Face Llama import/export: the base checkpoint format (:mod:`.llama`) and ``lmfusion convert-hf`` /
+"""Hugging Face Llama and LLaVA-NeXT import/export: the base checkpoint format (:mod:`.llama`; VLM bases :mod:`.llava`) and ``lmfusion convert-hf`` /
 ``lmfusion export-hf`` (:mod:`.convert`).
 
 A *base* checkpoint is a converted Hugging Face Llama: the text model only, full (TP=1) tensors in megatron naming
