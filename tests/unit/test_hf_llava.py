@@ -25,12 +25,12 @@ from lmfusion.hf import llava
 VOCAB = 300
 IMAGE_TOKEN = VOCAB - 3  # <image>; the tokenizer below adds it, and <boi>/<eoi> get VOCAB-2, VOCAB-1 by flag
 BOI, EOI = VOCAB - 2, VOCAB - 1
-TILE = 28  # CLIP image size; pinpoints are 1x2 and 2x1 tiles
+TILE, PATCH = 28, 7  # CLIP image and patch size (4x4 features a tile); pinpoints are 1x2 and 2x1 tiles
 
 
 def llava_config(**overrides) -> LlavaNextConfig:
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=TILE, patch_size=14, projection_dim=16)
+                              image_size=TILE, patch_size=PATCH, projection_dim=16)
     text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
@@ -64,7 +64,7 @@ def add_processor(directory: Path, config: LlavaNextConfig):
     assert fast.convert_tokens_to_ids("<image>") == IMAGE_TOKEN
     images = LlavaNextImageProcessorPil(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
                                         image_grid_pinpoints=config.image_grid_pinpoints)
-    processor = LlavaNextProcessor(image_processor=images, tokenizer=fast, patch_size=14,
+    processor = LlavaNextProcessor(image_processor=images, tokenizer=fast, patch_size=PATCH,
                                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                    chat_template="{% for m in messages %}USER: {{ m['content'] }} {% endfor %}")
     processor.save_pretrained(directory)
