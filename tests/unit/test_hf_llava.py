@@ -268,3 +268,23 @@ def test_bad_weights_name_the_tensor(tiny, tmp_path, capsys):
     save_file({(k.replace("vision_tower.", "vision_tower.vision_model.") if k == key else k): t
                for k, t in state.items()}, str(src / "model.safetensors"))
     assert "mix key layouts" in run_cli_error(capsys, convert_argv(src, tmp_path / "b2"))
+
+
+def test_sharded_base_and_bf16_conversion(tiny, tmp_path, capsys):
+    """Small shards (LM and vision files both split, with their indexes) and a bf16 conversion: the export equals the
+    source cast to bf16, tensor for tensor, and loads in transformers."""
+    model, hf_dir, _ = tiny
+    base = tmp_path / "base"
+    assert main(["convert-hf", "--hf-dir", str(hf_dir), "--output", str(base), "--dtype", "bf16",
+                 "--max-shard-size", "20KB"]) == 0
+    record = json.loads((base / hf.CONVERSION).read_text())
+    assert len(record["weight_files"]) > 1 and len(record["vision_weight_files"]) > 1
+    assert (base / hf.INDEX_FILE).is_file() and (base / f"{llava.VISION_NAME}.safetensors.index.json").is_file()
+    assert record["dtype"] == "bfloat16"
+    out = hf.export_hf(base, tmp_path / "out")
+    exported, source = tensors(out), tensors(hf_dir)
+    assert sorted(exported) == sorted(source)
+    assert all(torch.equal(exported[k], source[k].to(torch.bfloat16)) for k in source)
+    assert json.loads((out / "config.json").read_text()) == dict(json.loads((hf_dir / "config.json").read_text()),
+                                                                 dtype="bfloat16")
+    LlavaNextForConditionalGeneration.from_pretrained(out)
