@@ -45,7 +45,7 @@ from lmfusion.hf.llama import (CONVERSION, HF_CONFIG, BaseWeights, hf_config_to_
                                write_safetensors)
 
 __all__ = ["LLAVA_NEXT", "VLM_CONFIG", "VISION_NAME", "PROCESSOR_FILES", "KINDS", "SAVE_LAYOUT", "is_llava_next",
-           "llava_model_kwargs", "split_llava_state", "join_llava_state", "vision_shapes", "check_vision_state",
+           "llava_model_kwargs", "resolved_text_config", "image_token_id", "split_llava_state", "join_llava_state", "vision_shapes", "check_vision_state",
            "write_vision", "load_vision_state", "base_kind", "export_llava_config", "copy_processor_files"]
 
 LLAVA_NEXT = "LlavaNextForConditionalGeneration"
@@ -122,7 +122,7 @@ def llava_model_kwargs(hf: Mapping[str, Any], source: str = HF_CONFIG) -> dict[s
                                                                  x % clip.image_size == 0 for x in p) for p in pins):
         raise bad("image_grid_pinpoints", pins, f"need a list of [height, width] pairs, each a multiple of "
                                                 f"vision_config.image_size={clip.image_size}")
-    kwargs = hf_config_to_model_kwargs(text, source=f"{source}: text_config")
+    kwargs = hf_config_to_model_kwargs(resolved_text_config(text, source), source=f"{source}: text_config")
     image_token = hf.get("image_token_index", hf.get("image_token_id", d.image_token_index))
     if not isinstance(image_token, int) or not 0 <= image_token < kwargs["vocab_size"]:
         raise bad("image_token_index", image_token, f"need a token id below text_config.vocab_size="
@@ -131,6 +131,18 @@ def llava_model_kwargs(hf: Mapping[str, Any], source: str = HF_CONFIG) -> dict[s
         raise bad("tie_word_embeddings", hf["tie_word_embeddings"],
                   f"need it equal to text_config.tie_word_embeddings={kwargs['tie_word_embeddings']}")
     return kwargs
+
+
+def resolved_text_config(text: Mapping[str, Any], source: str = HF_CONFIG) -> dict[str, Any]:
+    """``text_config`` as transformers reads it: keys it omits take ``LlamaConfig``'s defaults. Hub LLaVA configs
+    are sparse (``llava-hf/llama3-llava-next-8b-hf`` leaves ``hidden_size`` etc. to the defaults), unlike a
+    standalone Llama ``config.json``, whose missing keys the text path reports."""
+    from transformers import LlamaConfig
+
+    try:
+        return LlamaConfig.from_dict(dict(text)).to_dict()
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{source}: text_config is not a valid Llama config ({str(e).splitlines()[0]})") from e
 
 
 def image_token_id(hf: Mapping[str, Any]) -> int:
@@ -267,7 +279,7 @@ def export_llava_config(hf: Mapping[str, Any], text_hf: Mapping[str, Any], dtype
     base's ``lmfusion_config.json`` as HF Llama keys) only where the base's config was edited since conversion, and
     its dtype key set to ``dtype``."""
     def modelled(text: Mapping[str, Any]) -> dict[str, Any]:
-        kwargs = hf_config_to_model_kwargs(text)
+        kwargs = hf_config_to_model_kwargs(resolved_text_config(text))
         kwargs["head_dim"] = kwargs["head_dim"] or kwargs["hidden_size"] // kwargs["num_attention_heads"]
         return kwargs
 

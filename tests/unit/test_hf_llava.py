@@ -288,3 +288,15 @@ def test_sharded_base_and_bf16_conversion(tiny, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text()) == dict(json.loads((hf_dir / "config.json").read_text()),
                                                                  dtype="bfloat16")
     LlavaNextForConditionalGeneration.from_pretrained(out)
+
+
+def test_sparse_hub_text_config(tiny, tmp_path):
+    """Hub LLaVA configs leave Llama defaults out of text_config (transformers fills them): the conversion reads them
+    as transformers does, and the export gives back the sparse config as it was."""
+    model, hf_dir, _ = tiny
+    assert model.config.text_config.bos_token_id == LlamaConfig().bos_token_id  # the default, so it may be omitted
+    src = edited_copy(hf_dir, tmp_path / "sparse", lambda c: c["text_config"].pop("bos_token_id"))
+    base = hf.convert_hf(src, tmp_path / "base")
+    assert json.loads((base / hf.BASE_CONFIG).read_text())["bos_token_id"] == LlamaConfig().bos_token_id
+    out = hf.export_hf(base, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text()) == json.loads((src / "config.json").read_text())
