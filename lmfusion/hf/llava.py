@@ -46,8 +46,8 @@ from lmfusion.hf.llama import (CONVERSION, HF_CONFIG, BaseWeights, hf_config_to_
 
 __all__ = ["LLAVA_NEXT", "VLM_CONFIG", "VISION_NAME", "PROCESSOR_FILES", "KINDS", "SAVE_LAYOUT", "is_llava_next",
            "llava_model_kwargs", "resolved_text_config", "image_token_id", "split_llava_state", "join_llava_state",
-           "vision_shapes", "check_vision_state", "write_vision", "load_vision_state", "base_kind", "export_llava_config",
-           "copy_processor_files"]
+           "vision_shapes", "check_vision_state", "write_vision", "load_vision_state", "base_kind",
+           "export_llava_config", "copy_processor_files"]
 
 LLAVA_NEXT = "LlavaNextForConditionalGeneration"
 VLM_CONFIG = "vlm_config.json"
