@@ -28,7 +28,7 @@ SIZES = [(70, 40), (40, 70), (70, 20), (20, 30)]
 
 @pytest.fixture(scope="module")
 def vlm(runtime, tmp_path_factory):
-    """(HF model, processor, our model at TP=PP=1 with the base's vision path)."""
+    """(HF model, processor, our model at TP=PP=1 with the base's vision path, the base directory)."""
     from lmfusion.model.builder import build_model
     from tests.fixtures import GEN_IMAGE, perturb_image_set
 
@@ -44,7 +44,7 @@ def vlm(runtime, tmp_path_factory):
         ours = build_model(cfg, base=weights)
     perturb_image_set(ours, seed=7)
     attach_vision_path(ours, base)
-    return model, processor, ours.eval()
+    return model, processor, ours.eval(), base
 
 
 def processed(processor, size: tuple[int, int], text: str = "<image> w1 w2 w3"):
@@ -68,7 +68,7 @@ def test_sizes_make_different_tilings():
 
 @pytest.mark.parametrize("size", SIZES)
 def test_logits_equal_hf(vlm, size):
-    model, processor, ours = vlm
+    model, processor, ours, _ = vlm
     inputs = processed(processor, size)
     with torch.no_grad():
         expected = model(**inputs).logits
@@ -78,7 +78,7 @@ def test_logits_equal_hf(vlm, size):
 
 
 def test_features_equal_hf(vlm):
-    model, processor, ours = vlm
+    model, processor, ours, _ = vlm
     inputs = processed(processor, SIZES[0])
     with torch.no_grad():
         expected = torch.cat(model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"],
@@ -89,7 +89,7 @@ def test_features_equal_hf(vlm):
 
 
 def test_vision_path_is_frozen(vlm):
-    _, processor, ours = vlm
+    _, processor, ours, _ = vlm
     vision_names = [f"vision.{n}" for n, _ in ours.vision.named_parameters()]
     assert vision_names and not any(p.requires_grad for p in ours.vision.parameters())
     assert not set(vision_names) & set(trainable_parameter_names(ours))
@@ -104,7 +104,7 @@ def test_vision_path_is_frozen(vlm):
 
 
 def test_placeholder_count_mismatch_is_one_line(vlm):
-    _, processor, ours = vlm
+    _, processor, ours, _ = vlm
     inputs = processed(processor, SIZES[0])
     tokens = inputs["input_ids"].clone()
     tokens[0, 0] = 3  # one placeholder fewer
@@ -115,7 +115,7 @@ def test_placeholder_count_mismatch_is_one_line(vlm):
 
 def test_a_size_is_unpadded(vlm):
     """One of SIZES loses feature columns to unpadding (so the parity above covers ``unpad_image``)."""
-    _, processor, _ = vlm
+    _, processor, _, _ = vlm
     pins, side = llava_config().image_grid_pinpoints, TILE // PATCH
     grids = [get_anyres_image_grid_shape(list(s), pins, TILE) for s in SIZES]
     full = [side * side + rows * side * (cols * side + 1) for rows, cols in grids]  # base tile + rows with newlines
@@ -128,7 +128,7 @@ def test_greedy_tokens_equal_hf_generate(vlm, size):
     from lmfusion.inference.text import SamplingParams
     from lmfusion.inference.vlm import generate_with_images
 
-    model, processor, ours = vlm
+    model, processor, ours, _ = vlm
     inputs = processed(processor, size)
     n = 12
     with torch.no_grad():
@@ -138,3 +138,21 @@ def test_greedy_tokens_equal_hf_generate(vlm, size):
     got = generate_with_images(ours, inputs["input_ids"][0], inputs["pixel_values"], inputs["image_sizes"],
                                SamplingParams(max_new_tokens=n))
     assert got == want
+
+
+def test_load_for_inference_attaches_the_vision_path(vlm, tmp_path):
+    """``load_for_inference`` of a VLM base (what ``generate``/``chat``/``caption`` use) gives the understanding path:
+    greedy tokens equal HF's generate."""
+    from lmfusion.inference.load import load_for_inference
+    from lmfusion.inference.text import SamplingParams
+    from lmfusion.inference.vlm import generate_with_images
+
+    model, processor, _, base = vlm
+    loaded = load_for_inference(base, device="cpu").model
+    assert loaded.vision is not None and not any(p.requires_grad for p in loaded.vision.parameters())
+    inputs = processed(processor, SIZES[2])
+    with torch.no_grad():
+        want = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    got = generate_with_images(loaded, inputs["input_ids"][0], inputs["pixel_values"], inputs["image_sizes"],
+                               SamplingParams(max_new_tokens=6))
+    assert got == want[0, inputs["input_ids"].shape[1]:].tolist()
