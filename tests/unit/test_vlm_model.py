@@ -156,3 +156,39 @@ def test_load_for_inference_attaches_the_vision_path(vlm, tmp_path):
     got = generate_with_images(loaded, inputs["input_ids"][0], inputs["pixel_values"], inputs["image_sizes"],
                                SamplingParams(max_new_tokens=6))
     assert got == want[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_training_checkpoint_keeps_the_understanding_path(vlm, tmp_path):
+    """A training checkpoint on a VLM base (image set moved by a perturbation standing in for training) answers via the
+    base's understanding path unchanged: its logits on an image + question are bit-identical to the base's, and the
+    image set did load (the image modules differ from the base's)."""
+    import json
+
+    from megatron.core import dist_checkpointing
+
+    from lmfusion.inference.load import load_for_inference
+    from lmfusion.model.builder import build_model
+    from lmfusion.rundir import CHECKPOINT_JSON, LATEST, base_files, base_sha256
+    from tests.fixtures import GEN_IMAGE, perturb_image_set
+
+    _, processor, _, base = vlm
+    cfg, weights = hf.load_base_state(base)
+    cfg = dataclasses.replace(cfg, image=GEN_IMAGE, attention_backend="sdpa", linear_backend="local")
+    with weights:
+        trained = build_model(cfg, base=weights)
+    perturb_image_set(trained, seed=13)
+    iter_dir = tmp_path / "run" / "iter_0000003"
+    iter_dir.mkdir(parents=True)
+    dist_checkpointing.save(trained.sharded_state_dict(), str(iter_dir))
+    (iter_dir / CHECKPOINT_JSON).write_text(json.dumps({
+        "base": str(base), "model": cfg.to_dict(), "vae": {"kind": "identity"},
+        "base_conversion_sha256": base_sha256(base), "base_files": base_files(base)}))
+    (tmp_path / "run" / LATEST).write_text("3\n")
+    assert "vision.safetensors" in base_files(base)  # the run record pins the vision weights too
+
+    run, plain = load_for_inference(tmp_path / "run", device="cpu").model, load_for_inference(base, device="cpu").model
+    image_params = [(n, p) for n, p in run.named_parameters() if n.endswith("image_weight")]
+    assert image_params and not all(torch.equal(p, dict(plain.named_parameters())[n]) for n, p in image_params)
+    inputs = processed(processor, SIZES[0])
+    with torch.no_grad():
+        assert torch.equal(our_logits(run, inputs), our_logits(plain, inputs))
