@@ -22,9 +22,11 @@ import torch
 
 from lmfusion.config import ModelConfig
 from lmfusion.errors import UserError
+from lmfusion.hf import llava
 from lmfusion.hf.llama import (BASE_CONFIG, BOI_TOKEN, CONVERSION, DEFAULT_MAX_SHARD_SIZE, EOI_TOKEN, HF_CONFIG,
-                               TOKENIZER_FILES, hf_config_of, hf_eos_token_ids, hf_to_megatron, load_base_state,
-                               megatron_to_hf, read_hf_llama, read_json, tokenizer_token_id, write_safetensors)
+                               TOKENIZER_FILES, BaseWeights, hf_config_of, hf_config_to_model_kwargs,
+                               hf_eos_token_ids, hf_to_megatron, load_base_state, megatron_to_hf, read_json,
+                               tokenizer_token_id, write_safetensors)
 
 __all__ = ["convert_hf", "export_hf", "add_subparser"]
 
@@ -89,6 +91,8 @@ def convert_hf(hf_dir: str | Path, output: str | Path, *, tp: int = 1, pp: int =
                dtype: str | torch.dtype | None = None, boi: Optional[int] = None, eoi: Optional[int] = None,
                overwrite: bool = False, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Convert a Hugging Face Llama directory into an LMFusion base directory at ``output``; returns ``output``.
+    A ``LlavaNextForConditionalGeneration`` directory makes a VLM base (:mod:`lmfusion.hf.llava`): the same text
+    base of its language model plus the vision tower, projector, ``image_newline`` and the processor's files.
 
     The base holds full tensors, so it is TP/PP-agnostic: each rank slices at load. ``tp``/``pp`` only check that
     the model divides (``ModelConfig.check_parallel``) and are recorded. ``dtype``: 'bf16'|'fp16'|'fp32' (default:
@@ -99,7 +103,15 @@ def convert_hf(hf_dir: str | Path, output: str | Path, *, tp: int = 1, pp: int =
     if output.exists() and output.is_dir() and any(output.iterdir()) and not overwrite:  # fail before reading weights
         raise FileExistsError(f"{output}: exists and is not empty; pass --overwrite to replace it")
     hf_config = read_json(hf_dir / HF_CONFIG)
-    kwargs, hf_state = read_hf_llama(hf_dir)
+    vlm = llava.is_llava_next(hf_config)
+    source = str(hf_dir / HF_CONFIG)
+    kwargs = llava.llava_model_kwargs(hf_config, source) if vlm else hf_config_to_model_kwargs(hf_config, source)
+    with BaseWeights(hf_dir) as weights:
+        hf_state = {name: weights.get(name) for name in weights.keys()}
+    vision, layout = {}, {}
+    if vlm:
+        hf_state, vision, layout = llava.split_llava_state(hf_state, source=str(hf_dir))
+        llava.check_vision_state({k: tuple(t.shape) for k, t in vision.items()}, hf_config, str(hf_dir))
     ids, id_sources = {}, {}
     for name, given, token, flag in (("boi", boi, BOI_TOKEN, "--boi-token-id"),
                                      ("eoi", eoi, EOI_TOKEN, "--eoi-token-id")):
@@ -109,15 +121,21 @@ def convert_hf(hf_dir: str | Path, output: str | Path, *, tp: int = 1, pp: int =
             raise UserError(f"{hf_dir}: the tokenizer files do not define {token}; pass {flag} (a token id the "
                             f"tokenizer reserves)")
     cfg = ModelConfig(**kwargs, boi_token_id=ids["boi"], eoi_token_id=ids["eoi"])
-    clash = {ids["boi"], ids["eoi"]} & {cfg.bos_token_id, *hf_eos_token_ids(hf_config)}
+    text_config = hf_config["text_config"] if vlm else hf_config  # the LM's eos ids
+    reserved = {cfg.bos_token_id, *hf_eos_token_ids(text_config)}
+    if vlm:
+        reserved.add(llava.image_token_id(hf_config))
+    clash = {ids["boi"], ids["eoi"]} & reserved
     if clash:
-        raise UserError(f"boi/eoi token id(s) {sorted(clash)} equal the bos/eos ids of {hf_dir / HF_CONFIG}")
+        raise UserError(f"boi/eoi token id(s) {sorted(clash)} equal the bos/eos{'/image' if vlm else ''} ids of "
+                        f"{hf_dir / HF_CONFIG}")
     cfg.check_parallel(tp, pp)
     target = _resolve_dtype(dtype) or _resolve_dtype(hf_config.get("dtype") or hf_config.get("torch_dtype"),
                                                       source=str(hf_dir / HF_CONFIG))
     state = hf_to_megatron(hf_state, cfg, source=str(hf_dir))
     if target is not None:
         state = {k: t.to(target) for k, t in state.items()}
+        vision = {k: t.to(target) for k, t in vision.items()}
     stored = state["embedding.word_embeddings.weight"].dtype
     with _atomic_dir(output, overwrite) as tmp:
         files = write_safetensors(tmp, state, max_shard_size)
@@ -130,9 +148,16 @@ def convert_hf(hf_dir: str | Path, output: str | Path, *, tp: int = 1, pp: int =
             "source": str(hf_dir.resolve()),
             "source_config_sha256": hashlib.sha256((hf_dir / HF_CONFIG).read_bytes()).hexdigest(),
             "dtype": str(stored).removeprefix("torch."), "versions": versions,
-            "transformers_version": versions["transformers"], "eos_token_ids": hf_eos_token_ids(hf_config),
+            "transformers_version": versions["transformers"], "eos_token_ids": hf_eos_token_ids(text_config),
             "boi_eoi_source": id_sources, "checked_parallel": {"tp": tp, "pp": pp},
-            "weight_files": files, "tokenizer_files": tokenizer_files, "num_tensors": len(state)}
+            "weight_files": files, "tokenizer_files": tokenizer_files, "num_tensors": len(state),
+            "kind": "vlm" if vlm else "text"}
+        if vlm:
+            record.update(hf_architecture=llava.LLAVA_NEXT, hf_key_prefixes=layout,
+                          image_token_id=llava.image_token_id(hf_config),
+                          vision_weight_files=llava.write_vision(tmp, vision, hf_config, max_shard_size),
+                          num_vision_tensors=len(vision),
+                          processor_files=llava.copy_processor_files(hf_dir, tmp))
         (tmp / CONVERSION).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return output
 
@@ -141,6 +166,7 @@ def export_hf(base_dir: str | Path, output: str | Path, dtype: str | torch.dtype
               state: Optional[Mapping[str, torch.Tensor]] = None, overwrite: bool = False,
               max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write a Hugging Face Llama directory (config.json, safetensors, tokenizer files) from a base; returns it.
+    A VLM base exports a ``LlavaNextForConditionalGeneration`` directory in its source's key layout.
 
     ``state``: text weights in megatron naming (full tensors, e.g. gathered from a training checkpoint) to export
     instead of the base's own; rows of the embedding/output layer beyond ``vocab_size`` (megatron's vocabulary
@@ -164,8 +190,19 @@ def export_hf(base_dir: str | Path, output: str | Path, dtype: str | torch.dtype
     eos_ids = record.get("eos_token_ids") or [cfg.eos_token_id]
     if eos_ids[0] != cfg.eos_token_id:  # the base config was edited after conversion: it wins
         eos_ids = [cfg.eos_token_id]
+    vlm = llava.base_kind(base_dir) == "vlm"
+    if vlm:  # the same LM, inside the LLaVA-NeXT layout the source had
+        vlm_config, vision_weights = llava.load_vision_state(base_dir)
+        with vision_weights:
+            vision = {k: vision_weights.get(k).to(target) for k in vision_weights.keys()}
+        hf_state = llava.join_llava_state(hf_state, vision, record.get("hf_key_prefixes") or llava.SAVE_LAYOUT)
+        vlm_config = llava.export_llava_config(vlm_config, hf_config_of(cfg, eos_ids, target).to_dict(), target)
     with _atomic_dir(output, overwrite) as tmp:
-        hf_config_of(cfg, eos_ids, target).save_pretrained(tmp)
+        if vlm:
+            (tmp / HF_CONFIG).write_text(json.dumps(vlm_config, indent=2, sort_keys=True) + "\n")
+            llava.copy_processor_files(base_dir, tmp)
+        else:
+            hf_config_of(cfg, eos_ids, target).save_pretrained(tmp)
         write_safetensors(tmp, hf_state, max_shard_size)
         _copy_tokenizer_files(base_dir, tmp)
     return output
@@ -189,8 +226,9 @@ def _run_export(args: argparse.Namespace) -> int:
 def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
     """Register ``convert-hf`` and ``export-hf``."""
     p = subparsers.add_parser(
-        "convert-hf", help="Hugging Face Llama directory -> LMFusion base checkpoint",
-        description="Convert a local Hugging Face Llama directory (safetensors) into an LMFusion base checkpoint. "
+        "convert-hf", help="Hugging Face Llama or LLaVA-NeXT directory -> LMFusion base checkpoint",
+        description="Convert a local Hugging Face Llama directory (safetensors) into an LMFusion base checkpoint; "
+                    "a LlavaNextForConditionalGeneration directory (Llama LM, CLIP tower) makes a VLM base. "
                     "The base holds full tensors and serves every TP/PP layout (each rank slices at load); "
                     "--tp/--pp only check that the model divides and are recorded.")
     p.add_argument("--hf-dir", required=True, type=Path, help="directory with config.json and *.safetensors")
@@ -205,7 +243,8 @@ def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
     p.set_defaults(run=_run_convert)
 
     p = subparsers.add_parser("export-hf", help="LMFusion base checkpoint -> Hugging Face Llama directory",
-                              description="Write the text model as a Hugging Face LlamaForCausalLM directory.")
+                              description="Write the text model as a Hugging Face LlamaForCausalLM directory; a VLM "
+                                          "base as a LlavaNextForConditionalGeneration directory.")
     p.add_argument("--ckpt", required=True, type=Path, help="base checkpoint directory (from convert-hf)")
     p.add_argument("--output", required=True, type=Path, help="Hugging Face directory to create")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="dtype to write (default: as stored)")

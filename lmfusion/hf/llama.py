@@ -236,21 +236,24 @@ def megatron_to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig,
 
 
 # ---------------------------------------------------------------------------------------------------- safetensors IO
-def write_safetensors(directory: Path, state: Mapping[str, torch.Tensor], max_shard_size: int | str) -> list[str]:
-    """``model.safetensors``, or HF-style shards + index above ``max_shard_size`` (int bytes or '5GB', '500MB')."""
+def write_safetensors(directory: Path, state: Mapping[str, torch.Tensor], max_shard_size: int | str,
+                      name: str = "model") -> list[str]:
+    """``model.safetensors``, or HF-style shards + index above ``max_shard_size`` (int bytes or '5GB', '500MB').
+    ``name``: the file stem (``vision`` writes ``vision.safetensors`` / ``vision.safetensors.index.json``)."""
     from huggingface_hub import split_torch_state_dict_into_shards  # what transformers' save_pretrained uses
     from safetensors.torch import save_file
 
     tensors = {k: t.contiguous() for k, t in state.items()}
     try:
-        split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+        split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size,
+                                                   filename_pattern=name + "{suffix}.safetensors")
     except ValueError as e:
         raise UserError(f"max_shard_size {max_shard_size!r}: {e}") from e
     for fname, names in split.filename_to_tensors.items():
         save_file({k: tensors[k] for k in names}, str(directory / fname), metadata={"format": "pt"})
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (directory / f"{name}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return sorted(split.filename_to_tensors)
 
 
@@ -258,12 +261,13 @@ class BaseWeights:
     """Lazy, read-only access to a safetensors directory (single file or index + shards).
 
     ``get(name, slices)`` reads only the requested slice (safetensors ``get_slice``), so a TP rank of an 8B model
-    does not read full tensors. Use as a context manager, or call :meth:`close`.
+    does not read full tensors. Use as a context manager, or call :meth:`close`. ``name``: the file stem
+    (``model`` reads ``model.safetensors`` or ``model.safetensors.index.json``; a VLM base's ``vision``).
     """
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, name: str = "model"):
         self.directory = Path(directory)
-        self._file_of = _weight_files(self.directory)
+        self._file_of = _weight_files(self.directory, name)
         self._handles: dict[Path, Any] = {}
 
     def keys(self) -> list[str]:
@@ -286,7 +290,7 @@ class BaseWeights:
             self._handles[path] = (handle, set(handle.keys()))
         handle, names = self._handles[path]
         if name not in names:
-            raise UserError(f"{self.directory / INDEX_FILE}: maps {name!r} to {path.name}, which lacks it")
+            raise UserError(f"{self.directory}: its safetensors index maps {name!r} to {path.name}, which lacks it")
         return handle
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -314,14 +318,15 @@ class BaseWeights:
         self.close()
 
 
-def _weight_files(directory: Path) -> dict[str, Path]:
+def _weight_files(directory: Path, name: str = "model") -> dict[str, Path]:
     """Tensor name -> file, from the index or the single file; refuses torch pickles."""
     from safetensors import safe_open
 
+    single, index = f"{name}.safetensors", f"{name}.safetensors.index.json"
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such directory")
-    if (directory / INDEX_FILE).is_file():
-        index_path = directory / INDEX_FILE
+    if (directory / index).is_file():
+        index_path = directory / index
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -329,15 +334,15 @@ def _weight_files(directory: Path) -> dict[str, Path]:
         for fname in sorted(set(weight_map.values())):
             if not (directory / fname).is_file():
                 raise FileNotFoundError(f"{index_path}: shard {fname} does not exist")
-        return {name: directory / fname for name, fname in weight_map.items()}
-    if (directory / SINGLE_FILE).is_file():
-        with safe_open(str(directory / SINGLE_FILE), framework="pt") as f:
-            return {name: directory / SINGLE_FILE for name in f.keys()}
+        return {key: directory / fname for key, fname in weight_map.items()}
+    if (directory / single).is_file():
+        with safe_open(str(directory / single), framework="pt") as f:
+            return {key: directory / single for key in f.keys()}
     pickles = [p for p in ("pytorch_model.bin", "pytorch_model.bin.index.json") if (directory / p).exists()]
     if pickles:
         raise UserError(f"{directory}: only {pickles[0]} (a torch pickle) found; LMFusion never unpickles weights. "
-                        f"Re-save it as safetensors: LlamaForCausalLM.from_pretrained(dir).save_pretrained(new_dir)")
-    raise FileNotFoundError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
+                        f"Re-save it as safetensors: <its model class>.from_pretrained(dir).save_pretrained(new_dir)")
+    raise FileNotFoundError(f"{directory}: no {single} or {index}")
 
 
 def read_json(path: Path) -> dict[str, Any]:

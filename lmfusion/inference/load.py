@@ -254,6 +254,11 @@ def load_for_inference(ckpt: str | Path, device: str | torch.device | None = Non
         rundir.load_image_set(model, path, ema_key if chosen == "ema" else prefix)
     elif kind == "export":
         load_export(model, path, EMA_SET if chosen == "ema" else IMAGE_SET)
+    from lmfusion.hf.llava import base_kind
+    from lmfusion.model.vision import attach_vision_path
+
+    if base_kind(base_dir) == "vlm":  # a VLM base's understanding path (lmfusion/model/vision.py), cast below
+        attach_vision_path(model, base_dir)
     model.requires_grad_(False)
     # params_dtype covers megatron's modules only; the image encoder/decoder (plain torch) follow here, as megatron's
     # Float16Module casts the whole model in training.

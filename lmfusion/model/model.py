@@ -68,6 +68,8 @@ class ModelInputs:
     image_latents: (n_img, C, H, W) noisy latents x_t fed to the image encoder (clean ones for understanding).
     image_timesteps: (n_img,) diffusion step of each image.
     image_batch / image_start: (n_img,) row and first position of each image.
+    pixel_values / image_sizes: understanding images of a VLM base (LLaVA-NeXT processor output), whose features
+    replace the ``<image>`` placeholder tokens (:mod:`lmfusion.model.vision`); those stay text tokens.
     """
 
     tokens: Tensor
@@ -77,6 +79,8 @@ class ModelInputs:
     image_timesteps: Optional[Tensor] = None
     image_batch: Optional[Tensor] = None
     image_start: Optional[Tensor] = None
+    pixel_values: Optional[Tensor] = None
+    image_sizes: Optional[Tensor] = None
 
     @property
     def num_images(self) -> int:
@@ -330,6 +334,11 @@ class LMFusionModel(MegatronModule):
             s, b, h = hidden.shape
             hidden = hidden.view(s * b, h).index_put((flat_image_index,), img.reshape(-1, h).to(hidden.dtype))
             hidden = hidden.view(s, b, h)
+        if inputs.pixel_values is not None:  # a VLM base's understanding images (lmfusion/model/vision.py)
+            if getattr(self, "vision", None) is None:
+                raise UserError("inputs carry pixel_values but the model has no vision path (a VLM base's: "
+                                "lmfusion.model.vision.attach_vision_path)")
+            hidden = self.vision.place(hidden, inputs.tokens, inputs.pixel_values, inputs.image_sizes)
         if self.config.sequence_parallel and self._tp()[1] > 1:
             hidden = scatter_to_sequence_parallel_region(hidden)  # (s/tp, b, h)
         return hidden
