@@ -267,7 +267,7 @@ def _read(path: str, span: tuple[int, int] | None) -> bytes:
     return data
 
 
-def _caption(item: Item, caption_key: str) -> tuple[str | None, str, str]:
+def read_caption(item: Item, caption_key: str) -> tuple[str | None, str, str]:
     """(caption, reason, detail): caption is None when rejected."""
     if item.caption_text is not None:
         text = item.caption_text
@@ -300,7 +300,7 @@ def load_item(item: Item, resolution: int, min_size: int, caption_key: str = "ca
     """Caption + decoded, RGB, centre-cropped, resized image; or why not. Never raises on bad data."""
     if item.reject:
         return Rejected(item.index, item.source, item.reject, item.detail)
-    caption, reason, detail = _caption(item, caption_key)
+    caption, reason, detail = read_caption(item, caption_key)
     if caption is None:
         return Rejected(item.index, item.source, reason, detail)
     loaded = _load_image(item, item.image_path, item.image_span, resolution, min_size, "")

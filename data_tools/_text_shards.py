@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterator
 
-from data_tools._sources import Item, Loaded, Rejected, _caption
+from data_tools._sources import Item, Loaded, Rejected, read_caption
 
 __all__ = ["enumerate_text", "build_text"]
 
@@ -69,15 +69,15 @@ def enumerate_text(inputs: list[str], field: str) -> list[Item]:
 def _load(item: Item) -> Loaded | Rejected:
     if item.reject:
         return Rejected(item.index, item.source, item.reject, item.detail)
-    text, reason, detail = _caption(item, "text")
+    text, reason, detail = read_caption(item, "text")
     if text is None:
         return Rejected(item.index, item.source, reason, detail.replace("caption", "text"))
     return Loaded(item.index, item.source, text, None, (0, 0), (0, 0, 0, 0))  # type: ignore[arg-type]
 
 
-def build_text(args: argparse.Namespace, out: Path, rank: int, world: int) -> dict[str, Any] | None:
-    """This rank's text shards, then the merge (None if other ranks' shards are still missing)."""
-    from data_tools import build_shards as bs
+def build_text(args: argparse.Namespace, out: Path, rank: int, world: int, bs) -> dict[str, Any] | None:
+    """This rank's text shards, then the merge (None if other ranks' shards are still missing). ``bs``: the builder
+    (``data_tools.build_shards``, passed in by it: its writer, completeness check, merge and error type)."""
     from lmfusion.data import shard_format as fmt
 
     items = enumerate_text(args.inputs, args.text_field)

@@ -335,7 +335,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     if args.kind == "text":
         from data_tools._text_shards import build_text
 
-        manifest = build_text(args, out, rank, world)
+        manifest = build_text(args, out, rank, world, sys.modules[__name__])
         return {"rank": rank, "manifest": manifest, "built_inputs": 0, "elapsed_s": 0.0}
     min_size = args.resolution if args.min_size is None else args.min_size
     device, dtype = resolve_device(args.device, args.dtype)
