@@ -13,7 +13,9 @@ import argparse
 import sys
 from typing import Callable, Optional, Sequence
 
-from lmfusion import evaluation, hf, inference, quickstart
+from lmfusion import hf, quickstart
+from lmfusion.evaluation import cli as evaluation_cli
+from lmfusion.inference import cli as inference_cli
 from lmfusion.errors import USER_ERRORS
 from lmfusion.training import cli as training_cli
 
@@ -21,8 +23,8 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 SUBCOMMANDS: list[Callable[["argparse._SubParsersAction"], None]] = [
     hf.add_subparser,  # convert-hf, export-hf
-    inference.add_subparser,  # generate, caption, chat
-    evaluation.add_subparser,  # eval generation|caption|text
+    inference_cli.add_subparser,  # generate, caption, chat
+    evaluation_cli.add_subparser,  # eval generation|caption|text
     training_cli.add_subparser,  # train, flops, plot, export-ckpt
     quickstart.add_subparser,  # quickstart
 ]

@@ -203,7 +203,7 @@ def test_latent_range_of_codecs(tmp_path):
     import torch
 
     from lmfusion.data.shard_format import load_codec
-    from lmfusion.inference import clip_x0_arg
+    from lmfusion.inference.cli import clip_x0_arg
     from lmfusion.inference.image import LATENT_RANGE_FILE, latent_range
 
     identity = load_codec("identity", torch.device("cpu"), torch.float32)
