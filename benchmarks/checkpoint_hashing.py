@@ -16,13 +16,17 @@ head stay text); a checkpoint holds bf16 weights + fp32 main params + two fp32 A
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from benchmarks._common import init_single_rank, time_interleaved
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import init_single_rank, time_interleaved  # noqa: E402
 
 IMAGE_PARAMS_8B = 7.0e9
 BYTES_PER_PARAM = 14

@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import io
 import statistics
+import os
 import sys
 import tempfile
 import time
@@ -117,7 +118,8 @@ def measure_loader(cfg: DataConfig, mc: ModelConfig, seconds: float) -> tuple[fl
 
 def tiny_step_seconds(mc: ModelConfig, loader: MultimodalLoader, reps: int) -> float:
     """Median seconds of forward + backward (LM + diffusion loss) of the tiny model on loader micro-batches."""
-    from benchmarks._common import init_single_rank
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _common import init_single_rank
     from lmfusion.diffusion import add_noise, sample_timesteps
     from lmfusion.losses import diffusion_loss, lm_loss, total_loss
     from lmfusion.model.builder import build_model
