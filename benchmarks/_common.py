@@ -158,49 +158,16 @@ def init_data_parallel() -> None:
 
 def build_step(cfg, args, tm=None):
     """``(tm, step)``: the trainer's model/DDP/optimizer for ``cfg`` (built unless given) and one whole optimizer step
-    (megatron's forward-backward schedule over this rank's micro-batches, optimizer, scheduler) as a closure. The
-    micro-batches are synthetic packed rows (the loader's builder and packer), noised as the step does."""
-    import itertools
-
-    import torch
-    import torch.distributed as dist
+    (:func:`optimizer_step` over this rank's :func:`step_inputs`) as a closure."""
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from lmfusion.training.model_setup import build_train_model, params_dtype
-    from lmfusion.training.step import StepLoss, prepare_micro_batch
-    from lmfusion.training.synthetic import synthetic_batches
 
-    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    dp = ps.get_data_parallel_world_size()
     if args.global_batch % dp:
         raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of the {dp} data-parallel ranks")
-    n_mb = args.global_batch // dp
     model_parallel_cuda_manual_seed(cfg.train.seed)
-    dtype = params_dtype(cfg)
-    batches = list(itertools.islice(synthetic_batches(cfg.model, args.seq, 1, seed=rank), n_mb))
-    mbs = [prepare_micro_batch(b, seed=0, step=1, dp_rank=rank, index=i, device=torch.device("cpu"), dtype=dtype,
-                               cap=cfg.train.image_first_max_timestep, diffusion=cfg.diffusion)
-           for i, b in enumerate(batches)]
-    counts = torch.tensor([sum(m.lm_tokens for m in mbs), sum(m.image_tokens for m in mbs)], dtype=torch.float64)
-    dist.all_reduce(counts, group=ps.get_data_parallel_group())
-    img = cfg.model.image
-    loss = StepLoss(int(counts[0]), int(counts[1]), dp, n_mb, cfg.train.diffusion_loss_weight,
-                    img.patch_size * img.downsample_factor)
+    mbs, loss = step_inputs(cfg, args.global_batch // dp, params_dtype(cfg))
     tm = tm if tm is not None else build_train_model(cfg, None)
-
-    def forward_step(data_iterator, model):
-        mb = next(data_iterator)
-        return model(mb.inputs), lambda out, mb=mb: loss(mb, out)
-
-    def step() -> None:
-        for chunk in tm.chunks:
-            chunk.zero_grad_buffer()
-        tm.optimizer.zero_grad()
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(mbs), model=tm.chunks,
-                                    num_microbatches=n_mb, seq_length=args.seq, micro_batch_size=1,
-                                    decoder_seq_length=args.seq, forward_only=False)
-        tm.optimizer.step()
-        tm.scheduler.step(increment=1)
-
-    return tm, step
+    return tm, optimizer_step(tm, mbs, loss, args.seq)

@@ -28,6 +28,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _common import add_quickstart_shape_args, init_data_parallel  # noqa: E402
+
 
 def _config(args):
     from _common import train_config
@@ -39,62 +41,30 @@ def _config(args):
                                          "layers_per_block": 1, "norm_groups": 16})
 
 
-def _init() -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from _common import init_single_rank
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("gloo")
-        parallel_state.initialize_model_parallel(1, 1)  # every rank data parallel, as the quickstart
-    else:
-        init_single_rank()
-
-
 def main(argv=None) -> float:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=576)
-    p.add_argument("--ffn", type=int, default=1536)
-    p.add_argument("--layers", type=int, default=30)
-    p.add_argument("--heads", type=int, default=9)
-    p.add_argument("--kv-heads", type=int, default=3)
-    p.add_argument("--vocab", type=int, default=49152)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--global-batch", type=int, default=2, help="rows per step over all ranks (one per micro-batch)")
+    add_quickstart_shape_args(p)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="threads per rank (the quickstart: 2 ranks x 1)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from megatron_ext import cpu
-
-    cpu.enable()
-    _init()
+    init_data_parallel()
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from _common import optimizer_step, step_inputs, time_interleaved
+    from _common import build_step, time_interleaved
     from lmfusion.training.ema import ShardedEMA
-    from lmfusion.training.model_setup import build_train_model, params_dtype
 
     cfg = _config(args)
-    dp = ps.get_data_parallel_world_size()
-    if args.global_batch % dp:
-        raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of the {dp} data-parallel ranks")
-    n_mb = args.global_batch // dp
-    model_parallel_cuda_manual_seed(cfg.train.seed)
-    mbs, loss = step_inputs(cfg, n_mb, params_dtype(cfg))
-    tm = build_train_model(cfg, None)
+    tm, step = build_step(cfg, args)
     ema = ShardedEMA(cfg.train.ema, tm.chunks, tm.optimizer)
-    step = optimizer_step(tm, mbs, loss, args.seq)
 
     times = time_interleaved({"step": step, "ema": ema.update}, reps=args.reps)
     trainable = sum(p.numel() for c in tm.chunks for p in c.parameters() if p.requires_grad)
     ratio = times["ema"] / times["step"]
     if dist.get_rank() == 0:
+        dp = dist.get_world_size()  # every rank data parallel
+        n_mb = args.global_batch // dp
         print(f"model: hidden {args.hidden}, ffn {args.ffn}, {args.layers} layers, vocab {args.vocab}, seq "
               f"{args.seq}; {dp} data-parallel rank(s) x {args.threads} thread(s), {n_mb} micro-batch(es) each, "
               f"{args.precision}")
