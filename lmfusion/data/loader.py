@@ -43,7 +43,7 @@ from lmfusion.model.image_config import tokens_per_image
 if TYPE_CHECKING:  # a type only: lmfusion.config imports this package (its data section)
     from lmfusion.config import ModelConfig
 
-__all__ = ["MultimodalLoader", "merge_states", "DataError", "STATE_FORMAT"]
+__all__ = ["MultimodalLoader", "merge_states", "all_gather_json", "DataError", "STATE_FORMAT"]
 
 log = logging.getLogger("lmfusion.data")
 STATE_FORMAT = "lmfusion-loader-state"
@@ -104,7 +104,7 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def _all_gather_json(obj: Any, group) -> list[Any]:
+def all_gather_json(obj: Any, group) -> list[Any]:
     """All-gather JSON-serialisable objects as UTF-8 byte tensors (no pickling)."""
     import torch.distributed as dist
 
@@ -257,7 +257,7 @@ class MultimodalLoader:
 
         if not dist.is_initialized():
             return local
-        return merge_states(_all_gather_json(local, self.dp_group))
+        return merge_states(all_gather_json(local, self.dp_group))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore (before or between iterations; prefetched batches are dropped). Rules: module docstring."""

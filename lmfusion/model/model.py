@@ -180,6 +180,24 @@ class Decoder(MegatronModule):
         return out
 
 
+def llama3_inv_freq(model_config: ModelConfig) -> Tensor:
+    """RoPE inverse frequencies with Llama-3.1 scaling (``model_config.rope_scaling``), from transformers'
+    ``ROPE_INIT_FUNCTIONS["llama3"]``: the same formula megatron applies with fixed constants, taking a base's own."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rs = model_config.rope_scaling
+    hf = LlamaConfig(hidden_size=model_config.hidden_size, num_attention_heads=model_config.num_attention_heads,
+                     head_dim=model_config.head_dim,  # transformers warns unless the context exceeds the original
+                     max_position_embeddings=max(
+                         model_config.max_position_embeddings, rs.original_max_position_embeddings + 1),
+                     rope_parameters=dict(rope_type="llama3", rope_theta=model_config.rope_theta, factor=rs.factor,
+                                          low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor,
+                                          original_max_position_embeddings=rs.original_max_position_embeddings))
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, device=torch.device("cpu"))
+    return inv_freq.float()
+
+
 class _Rotary(RotaryEmbedding):
     """megatron's RoPE with its table kept where the model is: megatron's ``get_emb`` moves a host ``inv_freq`` to
     ``torch.cuda.current_device()`` on first use, which would drag a host model's table (an fp32 CPU reference on a
@@ -222,16 +240,11 @@ class LMFusionModel(MegatronModule):
         self.rotary = _Rotary(kv_channels=model_config.head_dim, rotary_percent=1.0,
                               rotary_base=model_config.rope_theta, use_cpu_initialization=True)
         if model_config.rope_scaling is not None:
-            rs = model_config.rope_scaling
             # megatron's public switch (RotaryEmbedding(rope_scaling=True, rope_scaling_factor=f)) fixes the Llama-3.1
-            # constants (low/high frequency factors 1 and 4, original context 8192); a base may configure others.
-            # Its private _apply_scaling is that same formula with them as arguments, kept rather than copied here
-            # (megatron-core is pinned to 0.16.1 in setup.py; tests/distributed/workers/model.py's gqa_rope_scaling
-            # case checks the logits against Hugging Face's Llama, which would catch a changed signature).
-            self.rotary.inv_freq = self.rotary._apply_scaling(
-                self.rotary.inv_freq, factor=rs.factor, low_freq_factor=rs.low_freq_factor,
-                high_freq_factor=rs.high_freq_factor,
-                original_max_position_embeddings=rs.original_max_position_embeddings)
+            # constants (low/high frequency factors 1 and 4, original context 8192); a base may configure others, so
+            # the frequencies come from transformers' public RoPE table, the reference a converted base is checked
+            # against (tests/distributed/workers/model.py's gqa_rope_scaling case compares logits with HF's Llama).
+            self.rotary.inv_freq = llama3_inv_freq(model_config).to(self.rotary.inv_freq.device)
 
         encoder, decoder = build_image_io(model_config.image, model_config.hidden_size)
         # Module names follow megatron's GPTModel (embedding.word_embeddings, decoder.layers.N..., output_layer),

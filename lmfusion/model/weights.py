@@ -26,7 +26,7 @@ from lmfusion.errors import UserError
 from megatron_ext.contract import is_image_param_name, text_twin_name
 
 __all__ = ["is_image_param", "trainable_parameter_names", "freeze_text", "init_image_twins_from_text",
-           "load_base_weights", "BaseTensors"]
+           "load_base_weights", "BaseTensors", "tp_shard"]
 
 _IMAGE_PREFIXES = ("image_encoder.", "image_decoder.")
 
@@ -91,7 +91,7 @@ def _shard_ranges(full_rows: int, param: torch.Tensor, rank: int, world: int) ->
     return [((s * world + rank) * part, (s * world + rank + 1) * part) for s in range(stride)]
 
 
-def _shard(full: torch.Tensor, param: torch.Tensor, rank: int, world: int, name: str = "") -> torch.Tensor:
+def tp_shard(full: torch.Tensor, param: torch.Tensor, rank: int, world: int, name: str = "") -> torch.Tensor:
     """This rank's shard of a full tensor, as megatron lays it out (identity for replicated params)."""
     if not getattr(param, "tensor_model_parallel", False) or world == 1:
         return full

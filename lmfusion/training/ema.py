@@ -33,7 +33,7 @@ from megatron.core import parallel_state as ps
 from lmfusion.ema import EmaConfig, ema_decay
 from lmfusion.training.model_setup import unwrap
 
-__all__ = ["ShardedEMA", "EMA_PREFIX"]
+__all__ = ["ShardedEMA", "EMA_PREFIX", "main_ranges"]
 
 EMA_PREFIX = "ema."
 """Checkpoint keys of the average: the model's keys with this prefix."""
@@ -54,7 +54,7 @@ def _optimizers(optimizer) -> list:
     return [o for inner in chained for o in _optimizers(inner)] if chained is not None else [optimizer]
 
 
-def _main_ranges(optimizer) -> tuple[dict[int, tuple[torch.Tensor, int, int]], bool]:
+def main_ranges(optimizer) -> tuple[dict[int, tuple[torch.Tensor, int, int]], bool]:
     """``id(model param) -> (flat fp32 main tensor, start, end)`` for what this rank's optimizer updates, and whether
     that is a distributed-optimizer shard."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
@@ -69,7 +69,10 @@ def _main_ranges(optimizer) -> tuple[dict[int, tuple[torch.Tensor, int, int]], b
                      *zip(opt.model_fp32_groups, opt.shard_fp32_groups)]
             for models, mains in pairs:
                 for p, main in zip(models, mains):
-                    r = opt._get_model_param_range_map(p)["param"]
+                    # the range this DP rank owns, from the optimizer's public buffer maps (what its private
+                    # _get_model_param_range_map reads)
+                    gbuf, dtype, bucket = opt.model_param_gbuf_map[p]
+                    r = opt.gbuf_ranges[gbuf][dtype][bucket]["param_map"][p]["param"]
                     out[id(p)] = (main.view(-1), r.start, r.end)
         elif isinstance(opt, Float16OptimizerWithFloat16Params):
             for models, mains in zip(opt.float16_groups, opt.fp32_from_float16_groups):
@@ -92,7 +95,7 @@ class ShardedEMA:
     def __init__(self, cfg: EmaConfig, chunks: list, optimizer):
         self.cfg = cfg
         self.steps = 0
-        ranges, self.sharded = _main_ranges(optimizer)
+        ranges, self.sharded = main_ranges(optimizer)
         self.entries: list[_Entry] = []
         for i, chunk in enumerate(chunks):
             for name, p in unwrap(chunk).named_parameters():

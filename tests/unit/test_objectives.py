@@ -281,14 +281,14 @@ def _old_step_terms(batch, seed, cap, density, noise_pred, logits, lam, patch, l
     configurable (commit 1af99b4), kept here as the reference: (x_t, t, loss terms)."""
     from lmfusion.losses import lm_loss, total_loss
     from lmfusion.model.image_io import patchify
-    from lmfusion.training.step import _seed_of
+    from lmfusion.training.step import sample_seed
 
     ids = [s for row in (batch.sample_ids or []) for s in row]
     shape = tuple(batch.image_latents.shape[1:])
     first = batch.image_first.bool().cpu()
     t, noise = torch.empty(len(ids), dtype=torch.long), torch.empty((len(ids), *shape), dtype=torch.float32)
     for j, sample in enumerate(ids):
-        gen = torch.Generator().manual_seed(_seed_of(seed, sample))
+        gen = torch.Generator().manual_seed(sample_seed(seed, sample))
         t[j] = sample_timesteps(1, first[j:j + 1], cap=cap, generator=gen, density=density)[0]
         noise[j] = torch.randn(shape, generator=gen)
     x_t = add_noise(batch.image_latents.float(), noise, t)

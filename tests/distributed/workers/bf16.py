@@ -150,14 +150,14 @@ def bf16_losses_track_fp32_at_tp2_pp2_dp2():
 
 def _check_dtypes(trainer, grad_dtype: torch.dtype, what: str) -> None:
     """bf16 trainable parameters, the DDP gradient buffers in ``grad_dtype``, fp32 main weights in the optimizer."""
-    from lmfusion.training.ema import _main_ranges
+    from lmfusion.training.ema import main_ranges
 
     params = [p for c in trainer.tm.chunks for p in c.parameters() if p.requires_grad]
     assert params and all(p.dtype == torch.bfloat16 for p in params), f"{what}: trainable parameters not bf16"
     buffers = [b for c in trainer.tm.chunks for b in c.buffers]
     assert buffers and all(b.grad_dtype == grad_dtype for b in buffers), \
         f"{what}: gradient buffers {[b.grad_dtype for b in buffers]}, expected {grad_dtype}"
-    mains, _ = _main_ranges(trainer.tm.optimizer)
+    mains, _ = main_ranges(trainer.tm.optimizer)
     assert mains and all(m.dtype == torch.float32 for m, _, _ in mains.values()), f"{what}: main weights not fp32"
 
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from lmfusion.data import DataConfig, MultimodalLoader
-from lmfusion.data.loader import _all_gather_json
+from lmfusion.data.loader import all_gather_json
 from tests.distributed.harness import case, worker_main
 from tests.fixtures import model_config
 
@@ -44,7 +44,7 @@ def tp_ranks_share_batches_dp_ranks_split_and_state_moves_to_dp1():
     loader = MultimodalLoader.from_parallel_state(cfg, mc)
     per_step = loader.micro_batches_per_step
     head = [_summary(b) for b in itertools.islice(loader, 2 * per_step)]
-    everyone = _all_gather_json({"dp": dp_rank, "batches": head}, None)
+    everyone = all_gather_json({"dp": dp_rank, "batches": head}, None)
     by_dp = {}
     for r in everyone:
         by_dp.setdefault(r["dp"], []).append(r["batches"])
@@ -57,7 +57,7 @@ def tp_ranks_share_batches_dp_ranks_split_and_state_moves_to_dp1():
     state = loader.state_dict()  # collective over the DP group: every stream of every replica
     assert sorted(int(k) for k in state["streams"]) == list(range(loader.num_streams))
     nxt = [_summary(b) for b in itertools.islice(loader, per_step)]
-    gathered = _all_gather_json({"tp": ps.get_tensor_model_parallel_rank(), "batches": nxt}, None)
+    gathered = all_gather_json({"tp": ps.get_tensor_model_parallel_rank(), "batches": nxt}, None)
     expected = [b for r in gathered if r["tp"] == 0 for b in r["batches"]]
     single = MultimodalLoader(cfg, mc)  # dp_size 1, in this process: the whole next global batch
     single.load_state_dict(json.loads(json.dumps(state)))

@@ -328,7 +328,7 @@ def _perturb_image_params(model, tp: int) -> None:
     logical tensor gets the same values at any TP/PP): a checkpoint that mixes up shards or layers cannot pass."""
     import zlib
 
-    from lmfusion.model.weights import _shard
+    from lmfusion.model.weights import tp_shard
 
     rank = parallel_state.get_tensor_model_parallel_rank()
     with torch.no_grad():
@@ -340,7 +340,7 @@ def _perturb_image_params(model, tp: int) -> None:
                 full_shape[p.partition_dim] *= tp
             gen = torch.Generator().manual_seed(zlib.crc32(_global_name(name, model.layer_offset).encode()))
             pattern = 0.01 * torch.randn(full_shape, generator=gen)
-            p.add_(_shard(pattern, p, rank, tp, name))
+            p.add_(tp_shard(pattern, p, rank, tp, name))
 
 
 @case
