@@ -10,10 +10,8 @@ vocabulary padding differ). Resume is compared bit for bit (same layout, same pr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import signal
 from pathlib import Path
 
 import torch
@@ -23,9 +21,9 @@ from megatron.core import dist_checkpointing
 from lmfusion.config_io import load_config
 from lmfusion.training import checkpointing as ckpt
 from lmfusion.training.model_setup import unwrap
-from lmfusion.training.step import StepLoss
-from lmfusion.training.trainer import Trainer, TrainingDiverged
+from lmfusion.training.trainer import Trainer
 from tests.distributed.harness import case, worker_main
+from tests.distributed.workers import engine_cases
 from tests.distributed.workers.megatron_common import shared_tmpdir
 from tests.fixtures import SPECIALS
 
@@ -91,14 +89,6 @@ def losses(trainer: Trainer) -> list[float]:
 def image_params(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {f"{i}.{n}": p.detach().clone() for i, c in enumerate(trainer.tm.chunks)
             for n, p in unwrap(c).named_parameters() if p.requires_grad}
-
-
-def tree_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 @case
@@ -333,113 +323,19 @@ def lr_mult_scales_the_image_io_groups_and_their_update():
     assert "optimizer.lr_mult is 3.0 in the checkpoint, 1.0 in this config" in message and "\n" not in message
 
 
-class _NanLoss(StepLoss):
-    def terms(self, mb, output):
-        terms = super().terms(mb, output)
-        terms.loss = terms.loss * float("nan")
-        terms.lm = terms.lm * float("nan")
-        return terms
-
-
-class _NanAt(Trainer):
-    nan_step, kind = 4, "loss"
-
-    def step_loss(self, lm_tokens, image_tokens):
-        if self.kind == "loss" and self.iteration + 1 == self.nan_step:
-            img = self.cfg.model.image
-            return _NanLoss(lm_tokens, image_tokens, self.rt.dp_size, self.num_microbatches,
-                            self.cfg.train.diffusion_loss_weight, img.patch_size * img.downsample_factor)
-        return super().step_loss(lm_tokens, image_tokens)
-
-    def forward_backward_step(self, micro_batches):
-        out = super().forward_backward_step(micro_batches)
-        if self.kind == "grad" and self.iteration + 1 == self.nan_step:
-            p = next(p for c in self.tm.chunks for p in c.module.parameters() if p.requires_grad)
-            p.main_grad.fill_(float("nan"))
-        return out
-
-
 @case
 def nan_loss_or_grad_stops_with_the_step_and_keeps_the_last_checkpoint():
-    """A NaN loss (step 4, a save step) and a NaN gradient raise TrainingDiverged naming the step; ``latest`` still
-    names step 2's checkpoint, whose files are unchanged; no step-4 checkpoint exists."""
-    for kind, words in (("loss", "loss is nan"), ("grad", "gradient norm is nan")):
-        run_dir = Path(shared_tmpdir())
-        cls = type(f"NanAt_{kind}", (_NanAt,), {"kind": kind})
-        cfg = config(str(run_dir), "train.train_iters=6", "checkpoint.save_interval=2")
-        trainer = cls(cfg)
-        digest = None
-        try:
-            trainer.setup()
-            original_save = trainer.checkpointer.save
-
-            def save_and_hash(iteration, extra):
-                nonlocal digest
-                original_save(iteration, extra)
-                digest = tree_digest(run_dir / ckpt.iter_name(2))
-
-            trainer.checkpointer.save = save_and_hash
-            try:
-                trainer.run()
-            except TrainingDiverged as e:
-                message = str(e)
-            else:
-                raise AssertionError(f"{kind}: no TrainingDiverged")
-        finally:
-            trainer.close()
-        assert message.startswith("step 4:") and words in message, message
-        assert ckpt.iter_name(2) in message, f"the error does not name the last good checkpoint: {message}"
-        assert (run_dir / ckpt.LATEST).read_text().strip() == ckpt.iter_name(2)
-        assert not (run_dir / ckpt.iter_name(4)).exists()
-        assert tree_digest(run_dir / ckpt.iter_name(2)) == digest, "step 2's checkpoint changed"
-        status = json.loads((run_dir / "exit_status.json").read_text())
-        assert status["reason"] == "error" and status["iteration"] == 3, status
-
-
-class _SignalRank0(Trainer):
-    def train_step(self, step):
-        if step == 2 and dist.get_rank() == 0:
-            os.kill(os.getpid(), signal.SIGUSR1)  # only rank 0 is signalled: the ranks must agree anyway
-        return super().train_step(step)
+    engine_cases.nan_stops_with_the_step_and_keeps_the_last_checkpoint(Trainer, config)
 
 
 @case
 def signal_on_one_rank_stops_all_ranks_after_saving():
-    before = signal.getsignal(signal.SIGUSR1)
-    run_dir = Path(shared_tmpdir())
-    trainer = _SignalRank0(config(str(run_dir), "train.train_iters=50", "checkpoint.save_interval=100"))
-    try:
-        result = trainer.run()
-    finally:
-        trainer.close()
-    assert (result.reason, result.iteration) == ("signal", 2), (result.reason, result.iteration)
-    assert (run_dir / ckpt.LATEST).read_text().strip() == ckpt.iter_name(2)
-    assert signal.getsignal(signal.SIGUSR1) == before, "the trainer did not restore the SIGUSR1 handler"
-
-
-class _SignalRank1(Trainer):
-    def train_step(self, step):
-        if step == 2 and dist.get_rank() == 1:
-            os.kill(os.getpid(), signal.SIGUSR1)  # a non-zero rank only: rank 0, which logs, received nothing
-        return super().train_step(step)
+    engine_cases.signal_on_one_rank_stops_all_ranks(Trainer, config, rank=0)
 
 
 @case
 def signal_on_a_non_zero_rank_is_logged_as_such():
-    """Issue #18 item 7: rank 0 logs the stop of a signal that only rank 1 received as "a stop signal (on another
-    rank) received", not "None received" (it has no signal name of its own)."""
-    run_dir = Path(shared_tmpdir())
-    trainer = _SignalRank1(config(str(run_dir), "train.train_iters=50", "checkpoint.save_interval=100")).setup()
-    notes = []
-    note = trainer.metrics.note
-    trainer.metrics.note = lambda message: (notes.append(message), note(message))
-    try:
-        result = trainer.run()
-    finally:
-        trainer.close()
-    assert (result.reason, result.iteration) == ("signal", 2), (result.reason, result.iteration)
-    if dist.get_rank() == 0:
-        assert notes == ["a stop signal (on another rank) received: saved step 2, exiting"], notes
+    engine_cases.signal_on_one_rank_stops_all_ranks(Trainer, config, rank=1)
 
 
 if __name__ == "__main__":

@@ -21,21 +21,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from lmfusion.config_io import load_config
 from lmfusion.model.weights import is_image_param
 from lmfusion.training import checkpointing as ckpt
 from lmfusion.training.deepspeed_engine import DeepSpeedTrainer
 from lmfusion.training.model_setup import unwrap
-from lmfusion.training.step import StepLoss
 from lmfusion.training.engines import build_trainer
-from lmfusion.training.trainer import Trainer, TrainingDiverged
+from lmfusion.training.trainer import Trainer
 from tests.distributed.harness import case, worker_main
+from tests.distributed.workers import engine_cases
 from tests.distributed.workers.megatron_common import shared_tmpdir
 from tests.distributed.workers.train import train as train_to_end
 
@@ -321,88 +319,26 @@ def weights_only_loads_across_stages_and_engines_optimizer_state_needs_the_same_
         t.close()
 
 
-class _NanGrad(torch.autograd.Function):
-    """Identity forward (finite loss), NaN gradient."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
-
-
-class _NanLoss(StepLoss):
-    kind = "loss"
-
-    def terms(self, mb, output):
-        terms = super().terms(mb, output)
-        if self.kind == "loss":
-            terms.loss = terms.loss * float("nan")
-            terms.lm = terms.lm * float("nan")
-        else:
-            terms.loss = _NanGrad.apply(terms.loss)
-        return terms
-
-
-class _NanAt(DeepSpeedTrainer):
-    nan_step, kind = 4, "loss"
-
-    def step_loss(self, lm_tokens, image_tokens):
-        if self.iteration + 1 != self.nan_step:
-            return super().step_loss(lm_tokens, image_tokens)
-        img = self.cfg.model.image
-        loss = _NanLoss(lm_tokens, image_tokens, self.rt.dp_size, self.num_microbatches,
-                        self.cfg.train.diffusion_loss_weight, img.patch_size * img.downsample_factor)
-        loss.kind = self.kind
-        return loss
+def _ds_config(stage: int):
+    return lambda run_dir, *overrides: config(run_dir, *overrides, *ds(stage))
 
 
 @case
 def nan_loss_or_grad_stops_with_the_step_and_keeps_the_last_checkpoint():
-    """ZeRO-2: a NaN loss and a NaN gradient (finite loss) at step 4 raise TrainingDiverged naming the step and the
-    last good checkpoint (before the update for a loss, right after it for a gradient norm); ``latest`` stays on
-    step 2 and no step-4 checkpoint exists."""
-    # DeepSpeed's ZeRO norm reports a NaN gradient as inf
-    for kind, words in (("loss", ("loss is nan",)), ("grad", ("gradient norm is nan", "gradient norm is inf"))):
-        run_dir = Path(shared_tmpdir())
-        cls = type(f"NanAt_{kind}", (_NanAt,), {"kind": kind})
-        trainer = cls(config(str(run_dir), "train.train_iters=6", "checkpoint.save_interval=2", *ds(2)))
-        try:
-            trainer.run()
-        except TrainingDiverged as e:
-            message = str(e)
-        else:
-            raise AssertionError(f"{kind}: no TrainingDiverged")
-        finally:
-            trainer.close()
-        assert message.startswith("step 4:") and any(w in message for w in words), message
-        assert ckpt.iter_name(2) in message, message
-        assert (run_dir / ckpt.LATEST).read_text().strip() == ckpt.iter_name(2)
-        assert not (run_dir / ckpt.iter_name(4)).exists()
-        assert not list(run_dir.glob(".tmp_*")), "a partial checkpoint was left"
-
-
-class _SignalRank0(DeepSpeedTrainer):
-    def train_step(self, step):
-        if step == 2 and dist.get_rank() == 0:
-            os.kill(os.getpid(), signal.SIGUSR1)  # only rank 0 is signalled: the ranks must agree anyway
-        return super().train_step(step)
+    """ZeRO-2."""
+    engine_cases.nan_stops_with_the_step_and_keeps_the_last_checkpoint(DeepSpeedTrainer, _ds_config(2))
 
 
 @case
 def signal_on_one_rank_stops_all_ranks_after_saving():
-    before = signal.getsignal(signal.SIGUSR1)
-    run_dir = Path(shared_tmpdir())
-    trainer = _SignalRank0(config(str(run_dir), "train.train_iters=50", "checkpoint.save_interval=100", *ds(1)))
-    try:
-        result = trainer.run()
-    finally:
-        trainer.close()
-    assert (result.reason, result.iteration) == ("signal", 2), (result.reason, result.iteration)
-    assert (run_dir / ckpt.LATEST).read_text().strip() == ckpt.iter_name(2)
-    assert signal.getsignal(signal.SIGUSR1) == before
+    """ZeRO-1."""
+    engine_cases.signal_on_one_rank_stops_all_ranks(DeepSpeedTrainer, _ds_config(1), rank=0)
+
+
+@case
+def signal_on_a_non_zero_rank_is_logged_as_such():
+    """ZeRO-1."""
+    engine_cases.signal_on_one_rank_stops_all_ranks(DeepSpeedTrainer, _ds_config(1), rank=1)
 
 
 if __name__ == "__main__":
