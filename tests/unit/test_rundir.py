@@ -376,3 +376,20 @@ def test_a_changed_file_is_named_after_an_overlapped_load(tmp_path):
     (d / "__0_0.distcp").write_bytes(bytes(data[:-1]))
     with pytest.raises(integrity.IntegrityError, match=r"__0_0.distcp: 4095 bytes, expected 4096"):
         integrity.start_verify(d, record)
+
+
+@pytest.mark.parametrize("parallel_min", [0, 3000, 1 << 40])
+def test_sha256_files_equal_hashlib_in_order_whichever_files_go_to_threads(tmp_path, monkeypatch, parallel_min):
+    """Files at or above the threshold hash in a pool, the rest in the caller: the result is the same list."""
+    import hashlib
+
+    from lmfusion.rundir import digest
+
+    monkeypatch.setattr(digest, "_PARALLEL_MIN", parallel_min)
+    paths = []
+    for i, n in enumerate((5000, 10, 0, 4096, 3000, 70000)):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(os.urandom(n))
+        paths.append(p)
+    want = [{"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size} for p in paths]
+    assert digest.sha256_files(paths) == want
