@@ -5,6 +5,10 @@ Usage::
     python data_tools/inspect_shards.py DIR                       # validate; exit 1 on any problem
     python data_tools/inspect_shards.py DIR --grid grid.png -n 16  # also decode the first 16 latents with the VAE
 
+Every kind of set (``caption``, ``text``, ``edit``; the manifest's ``kind``) is checked against its own members; an
+editing set's ``target.npy`` (and ``target_std.npy``) like its source latent; a grid of an editing set shows each
+source followed by its target; a text set has nothing to decode.
+
 Checks: every shard listed in ``manifest.json`` exists with the recorded size and sha256 and no unlisted shard sits
 beside them; every sample has exactly the manifest's members; latents (and stds) have the manifest's shape and dtype
 and are finite (stds non-negative); captions are non-empty UTF-8; JSON metadata parses and names its key; keys are
@@ -75,14 +79,16 @@ def _check_array(report: Report, where: str, data: bytes, shape: list[int], dtyp
 
 
 def _check_sample(report: Report, shard: str, key: str, fields: dict[str, bytes], manifest: dict[str, Any]) -> None:
-    latent = manifest["latent"]
-    expected = set(latent["members"])
+    latent = manifest.get("latent")  # absent for a text shard set (kind: text)
+    expected = set(latent["members"] if latent else manifest["members"])
     if set(fields) != expected:
         report.add(f"{shard}:{key}: members {sorted(fields)}, expected {sorted(expected)}")
-    if "latent.npy" in fields:
-        _check_array(report, f"{shard}:{key}.latent.npy", fields["latent.npy"], latent["shape"], latent["dtype"], False)
-    if "std.npy" in fields and latent["std"]:
-        _check_array(report, f"{shard}:{key}.std.npy", fields["std.npy"], latent["shape"], latent["dtype"], True)
+    if latent:
+        for member, nonneg in (("latent.npy", False), ("std.npy", True), ("target.npy", False),
+                               ("target_std.npy", True)):  # target*: an editing triple's output image
+            if member in fields and member in expected:
+                _check_array(report, f"{shard}:{key}.{member}", fields[member], latent["shape"], latent["dtype"],
+                             nonneg)
     if "txt" in fields:
         try:
             if not fields["txt"].decode("utf-8").strip():
@@ -148,14 +154,19 @@ def validate(directory: Path, check_hash: bool = True) -> tuple[Report, dict[str
 
 
 def first_latents(directory: Path, manifest: dict[str, Any], n: int) -> tuple[np.ndarray, list[str]]:
-    """The first ``n`` latents in shard order (mean or stored sample) and their captions."""
+    """The first ``n`` latents in shard order (mean or stored sample) and their captions; for an editing set each
+    source is followed by its target (``n`` latents in all)."""
+    if "latent" not in manifest:
+        raise ValueError(f"{directory}: a {manifest.get('kind')!r} shard set holds no latents to decode")
+    members = ["latent.npy", "target.npy"] if manifest.get("kind") == "edit" else ["latent.npy"]
     latents, captions = [], []
     for entry in manifest["shards"]:
         for _key, fields in fmt.iter_samples(Path(directory) / entry["name"]):
-            latents.append(fmt.load_npy(fields["latent.npy"], f"{entry['name']}:{_key}.latent.npy"))
-            captions.append(fields["txt"].decode("utf-8"))
-            if len(latents) == n:
-                return np.stack(latents), captions
+            for member in members:
+                latents.append(fmt.load_npy(fields[member], f"{entry['name']}:{_key}.{member}"))
+                captions.append(fields["txt"].decode("utf-8"))
+                if len(latents) == n:
+                    return np.stack(latents), captions
     if not latents:
         raise ValueError(f"{directory}: no samples to decode")
     return np.stack(latents), captions
@@ -201,10 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"inspect_shards: error: {e}", file=sys.stderr)
         return 1
-    latent = manifest["latent"]
-    print(f"inspect_shards: {directory}: {report.shards}/{len(manifest['shards'])} shards, {report.samples} samples "
-          f"(manifest {manifest['totals']['samples']}), latent {tuple(latent['shape'])} {latent['dtype']} "
-          f"store={latent['store']}, VAE {manifest['vae']['id']}, {manifest['totals']['rejected']} rejected")
+    latent = manifest.get("latent")
+    what = (f"latent {tuple(latent['shape'])} {latent['dtype']} store={latent['store']}, VAE {manifest['vae']['id']}"
+            if latent else "text only")
+    kind = manifest.get("kind", "caption")
+    print(f"inspect_shards: {directory}: {kind} set, {report.shards}/{len(manifest['shards'])} shards, "
+          f"{report.samples} samples (manifest {manifest['totals']['samples']}), {what}, "
+          f"{manifest['totals']['rejected']} rejected")
     for problem in report.problems:
         print(f"  PROBLEM {problem}")
     if args.grid:

@@ -293,3 +293,39 @@ def test_run_records_the_vae_of_the_first_image_set_when_text_comes_first(env):
 
     fake = SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(datasets=[str(env["text"]), str(env["edit"])])))
     assert Trainer._vae_block(fake) == manifest(env["edit"])["vae"] is not None
+
+
+def _inspect(directory, *args) -> tuple[int, str]:
+    from data_tools import inspect_shards
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        rc = inspect_shards.main([str(directory), *map(str, args)])
+    return rc, out.getvalue()
+
+
+def test_inspect_shards_validates_text_and_edit_sets_and_names_a_bad_target(env, tmp_path):
+    import shutil
+
+    from lmfusion.data import shard_format as fmt
+
+    rc, out = _inspect(env["text"])
+    assert rc == 0 and "text set" in out and f"{len(env['texts'])} samples" in out, out
+    assert _inspect(env["text"], "--grid", tmp_path / "t.png")[0] == 1  # nothing to decode: an error, not a crash
+    rc, out = _inspect(env["edit"], "--grid", tmp_path / "e.png", "-n", 4)
+    assert rc == 0 and "edit set" in out and (tmp_path / "e.png").is_file(), out
+
+    bad = tmp_path / "edit"
+    shutil.copytree(env["edit"], bad)
+    shard = bad / manifest(bad)["shards"][0]["name"]
+    samples = list(fmt.iter_samples(shard))
+    key, fields = samples[0]
+    target = fmt.load_npy(fields["target.npy"], "target")
+    fields["target.npy"] = fmt.npy_bytes(target[:, :-1])  # a target of another shape than the manifest's latents
+    writer = fmt.DeterministicTarWriter(shard)
+    for k, fs in samples:
+        for name, data in fs.items():
+            writer.add(f"{k}.{name}", data)
+    writer.close()
+    rc, out = _inspect(bad, "--no-hash")
+    assert rc == 1 and f"{shard.name}:{key}.target.npy: shape" in out, out
