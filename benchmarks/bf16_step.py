@@ -95,6 +95,10 @@ def main(argv=None) -> float:
     from lmfusion.training.model_setup import cpu_bf16_matmul
 
     chosen = args.variants.split(",")
+    known = ("fp32", "bf16_fp32_reduce", "bf16")
+    if set(chosen) - set(known) or "fp32" not in chosen or not {"bf16", "bf16_fp32_reduce"} & set(chosen):
+        p.error(f"--variants {args.variants!r}: expected fp32 and at least one of bf16, bf16_fp32_reduce "
+                f"(from {', '.join(known)}): a ratio needs both sides")
     steps = {}
     for name, precision, parallel in (("fp32", "fp32", {}), ("bf16_fp32_reduce", "bf16", {}),
                                       ("bf16", "bf16", {"grad_reduce_in_fp32": False})):
@@ -104,7 +108,8 @@ def main(argv=None) -> float:
         steps[name] = build_step(cfg, args)[1]
     times = time_interleaved(steps, reps=args.reps)
     profiles = {name: profile(step, args.top) for name, step in steps.items()} if args.profile else {}
-    ratio = times["bf16"] / times["fp32"] if {"bf16", "fp32"} <= set(times) else float("nan")
+    headline = "bf16" if "bf16" in times else "bf16_fp32_reduce"
+    ratio = times[headline] / times["fp32"]
     if dist.get_rank() == 0:
         dp = ps.get_data_parallel_world_size()
         print(f"model: hidden {args.hidden}, ffn {args.ffn}, {args.layers} layers, vocab {args.vocab}, seq "
@@ -118,9 +123,9 @@ def main(argv=None) -> float:
                 print(f"    {op:<48} {t:8.4f} s  {t / total:6.1%}  [{_category(op)}]")
         for name, t in times.items():
             print(f"step time {name:<16} median {t:.4f} s")
-        if {"bf16_fp32_reduce", "fp32"} <= set(times):
+        if headline == "bf16" and "bf16_fp32_reduce" in times:
             print(f"bf16_fp32_reduce_over_fp32: {times['bf16_fp32_reduce'] / times['fp32']:.4f}")
-        print(f"bf16_over_fp32: {ratio:.4f}")
+        print(f"{headline}_over_fp32: {ratio:.4f}")
     return ratio
 
 
