@@ -12,6 +12,8 @@ Precedence: dataclass defaults < the base checkpoint's model config < the YAML f
   that sets one to another value is refused. Image I/O and backends are the config's.
 * **The engine** is the one top-level value: ``engine: megatron`` (default) or ``engine: deepspeed`` (its settings in
   the ``deepspeed`` section).
+* **Files build on files**: ``extends: ../llama3_8b.yaml`` at the top of a config reads that file first (relative
+  to this one; chains allowed, loops refused) and merges this one over it, so a variant states only what differs.
 * **Batch sizes** are set in ``train`` (Megatron's names); ``data.micro_batch_size``/``data.global_batch_size`` are
   refused (the loader takes them from ``train``).
 * **Moved keys** (``train.timestep_density``/``timestep_logit_mean``/``timestep_logit_std`` -> ``diffusion.*``) are
@@ -52,6 +54,9 @@ _SECTIONS = {"parallel": ParallelConfig, "train": TrainConfig, "optimizer": Opti
              "diffusion": DiffusionConfig}
 _SCALARS = {"engine": Engine}  # top-level keys that are values, not sections
 _TRAIN_OWNED = ("micro_batch_size", "global_batch_size")
+EXTENDS = "extends"
+"""Top-level key of a config file naming the file it builds on."""
+
 # Keys that moved: old (section, name) -> new. A config (or an older run's config.yaml) using the old key still loads.
 _MOVED = {("train", name): ("diffusion", name)
           for name in ("timestep_density", "timestep_logit_mean", "timestep_logit_std")}
@@ -316,19 +321,32 @@ def _move_keys(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping with its ``extends`` chain merged under it (the named file, relative to this one,
+    first; this file's keys win; mappings merge key by key, lists and scalars are replaced)."""
+    if not path.is_file():
+        where = f" (extended by {chain[-1]})" if chain else ""
+        raise FileNotFoundError(f"{path}: no such config file{where}")
+    if path.resolve() in chain:
+        raise UserError(f"{path}: 'extends' loops back to a file already read ({' -> '.join(map(str, chain))})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    parent = data.pop(EXTENDS, None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent:
+        raise UserError(f"{path}: field '{EXTENDS}' expected the path of a config file, found {parent!r}")
+    return _merge(_read_yaml(path.parent / parent, (*chain, path.resolve())), data)
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = (), resolve_base: bool = True) -> Config:
-    """Read a YAML config (``path`` may be None: overrides only) and apply ``key=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such config file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: invalid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    """Read a YAML config (``path`` may be None: overrides only; ``extends: FILE`` at its top builds on another)
+    and apply ``key=value`` overrides."""
+    data = _read_yaml(Path(path)) if path is not None else {}
     return config_from_dict(_merge(data, parse_overrides(overrides)), resolve_base=resolve_base)
 
 

@@ -231,3 +231,25 @@ def test_deepspeed_section_is_ignored_by_the_megatron_engine(base):
     """TP/PP layouts stay valid under engine=megatron whatever the deepspeed section says."""
     cfg = tiny(base, "parallel.tensor_model_parallel_size=2", "deepspeed.zero_stage=3")
     assert cfg.engine == "megatron" and cfg.parallel.tensor_model_parallel_size == 2
+
+
+def test_extends_builds_on_another_file_relative_to_it_and_refuses_loops(base, tmp_path):
+    (tmp_path / "sub").mkdir()
+    middle = tmp_path / "sub" / "middle.yaml"
+    middle.write_text(f"extends: {TINY}\ntrain:\n  train_iters: 11\noptimizer:\n  lr: 3.0e-4\n")
+    top = tmp_path / "sub" / "top.yaml"
+    top.write_text("extends: middle.yaml\noptimizer:\n  lr: 5.0e-4\n")
+    cfg = load_config(top, [f"init.base_checkpoint={base}", "train.seed=9"])
+    want = tiny(base, "train.train_iters=11", "optimizer.lr=5e-4", "train.seed=9")
+    assert cfg == want  # the chain merges key by key: the last file wins, the rest comes from below, then overrides
+    assert "extends" not in yaml.safe_load(dump_config(cfg))
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(Exception, match="'extends' loops back"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(FileNotFoundError, match=r"nowhere.yaml: no such config file \(extended by .*c.yaml\)"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("extends: [x]\n")
+    with pytest.raises(Exception, match="field 'extends' expected the path of a config file"):
+        load_config(tmp_path / "d.yaml")
