@@ -136,9 +136,14 @@ def _run_flops(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- plot
 def _run_plot(args: argparse.Namespace) -> int:
-    from lmfusion.training.plot import plot_losses
+    from lmfusion.errors import UserError
+    from lmfusion.training.plot import plot_runs
 
-    out = plot_losses(args.run_dir, args.output)
+    if args.output is None and len(args.run_dirs) > 1:
+        raise UserError("lmfusion plot: several run directories need --output PNG")
+    out = plot_runs(args.run_dirs, args.output or args.run_dirs[0] / "loss.png",
+                    [m for m in args.metrics.split(",") if m],
+                    args.labels.split(",") if args.labels else None)
     print(f"lmfusion plot: wrote {out}")
     return 0
 
@@ -180,10 +185,16 @@ def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
                    help="share of text-only rows in Transfusion's training mix (paper: 1:1, i.e. 0.5)")
     p.set_defaults(run=_run_flops)
 
-    p = subparsers.add_parser("plot", help="loss curves of a training run as a PNG",
-                              description="Plot LM loss, diffusion loss and total loss of RUN_DIR/metrics.jsonl.")
-    p.add_argument("run_dir", type=Path, help="training run directory (checkpoint.save)")
-    p.add_argument("--output", type=Path, help="PNG to write (default RUN_DIR/loss.png)")
+    p = subparsers.add_parser("plot", help="metric curves of one or several training runs as a PNG",
+                              description="Plot metrics of RUN_DIR/metrics.jsonl against the step (default: total, "
+                                          "LM and diffusion loss), one panel per metric; several runs share the "
+                                          "panels, one colour each, with a legend (comparing ablations).")
+    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR",
+                   help="training run directories (checkpoint.save)")
+    p.add_argument("--output", type=Path, help="PNG to write (default RUN_DIR/loss.png for one run)")
+    p.add_argument("--metrics", default=",".join(("loss", "lm_loss", "diffusion_loss")),
+                   help="comma-separated metrics.jsonl keys, one panel each (e.g. lm_loss,diffusion_loss,grad_norm)")
+    p.add_argument("--labels", default=None, help="comma-separated legend names, one per run (default: directory names)")
     p.set_defaults(run=_run_plot)
 
     p = subparsers.add_parser("export-ckpt", help="a training checkpoint as safetensors + JSON, with its base",
