@@ -53,11 +53,12 @@ def _log(msg: str) -> None:
     print(f"[quickstart] {msg}", flush=True)
 
 
-def _train(config: Path, base: Path, shards: Path, run_dir: Path, overrides: list[str], log_path: Path) -> float:
+def _train(config: Path, base: Path, shards: list[Path], run_dir: Path, overrides: list[str], log_path: Path
+           ) -> float:
     """The real launcher, 2 ranks; returns its wall time. Step lines are echoed; everything goes to ``log_path``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "lmfusion.train", "--config", str(config), f"init.base_checkpoint={base}",
-           f"data.datasets=[{shards}]", f"checkpoint.save={run_dir}", *overrides]
+           f"data.datasets=[{','.join(map(str, shards))}]", f"checkpoint.save={run_dir}", *overrides]
     shown = ["torchrun" if i == 2 else c for i, c in enumerate(cmd) if i not in (0, 1)]
     _log("train: " + " ".join(shown))
     env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread per rank: 2 ranks on 2 cores
@@ -111,7 +112,9 @@ def _write_test_images(ds, out: Path, n: int) -> list[tuple[Path, int]]:
 def run_quickstart(out: Path, *, smoke: bool = False, config: Path = DEFAULT_CONFIG, steps: Optional[int] = None,
                    overrides: tuple[str, ...] = (), cfg_scale: Optional[float] = None,
                    ddim_steps: Optional[int] = None, images_per_class: Optional[int] = None,
-                   seed: int = 0) -> dict[str, Any]:
+                   seed: int = 0, text_shards: Optional[Path] = None, text_weight: float = 0.5) -> dict[str, Any]:
+    """The quickstart end to end (module docstring). ``text_shards``: a text-only shard set blended with the
+    image-caption shards, drawn with probability ``text_weight`` (the ablations' text/image mixture)."""
     import numpy as np
     import torch
 
@@ -179,7 +182,13 @@ def run_quickstart(out: Path, *, smoke: bool = False, config: Path = DEFAULT_CON
     seeds = [f"train.seed={1234 + seed}", f"data.seed={seed}"] if seed else []  # --set still wins
     train_overrides = (list(opts["overrides"]) + ([f"train.train_iters={steps}"] if steps else []) + seeds
                        + list(overrides))
-    train_wall = _train(config, base, shards, run_dir, train_overrides, out / "train.log")
+    datasets = [shards]
+    if text_shards is not None:
+        if not 0.0 < text_weight < 1.0:
+            raise UserError(f"--text-weight must lie in (0, 1), got {text_weight}")
+        datasets.append(Path(text_shards).expanduser().resolve())
+        train_overrides = [f"data.weights=[{1.0 - text_weight},{text_weight}]", *train_overrides]
+    train_wall = _train(config, base, datasets, run_dir, train_overrides, out / "train.log")
     from lmfusion.training.metrics import read_metrics
     from lmfusion.training.plot import plot_losses
 
@@ -217,6 +226,7 @@ def run_quickstart(out: Path, *, smoke: bool = False, config: Path = DEFAULT_CON
         "final_loss": {k: records[-1].get(k) for k in ("loss", "lm_loss", "diffusion_loss")},
         "dataset": ds.name, "dataset_source": ds.source, "dataset_fallback": ds.fallback_reason or None,
         "train_images": n_train,
+        "text_shards": {"dir": str(datasets[1]), "weight": text_weight} if text_shards is not None else None,
         "base": {"name": "SmolLM2-135M-Instruct", "package": base_mod.GGUF_PACKAGE, "dir": str(base),
                  "layers": m.num_layers, "hidden_size": m.hidden_size},
         "image": {"resolution": RESOLUTION, "tokens_per_image": m.image.grid_size ** 2,
@@ -273,7 +283,8 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     results = run_quickstart(args.out, smoke=args.smoke, config=args.config, steps=args.steps,
                              overrides=tuple(args.set), cfg_scale=args.cfg, ddim_steps=args.ddim_steps,
-                             images_per_class=args.images_per_class, seed=args.seed)
+                             images_per_class=args.images_per_class, seed=args.seed,
+                             text_shards=args.text_shards, text_weight=args.text_weight)
     return 0 if results["text_identical"] else 1
 
 
@@ -294,4 +305,8 @@ def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the VAE, the judge, the training subset, training and sampling (default 0; a "
                         "non-zero seed keys its own cached VAE and judge)")
+    p.add_argument("--text-shards", type=Path, default=None,
+                   help="a text-only shard set (data_tools/build_shards.py --kind text) blended into training")
+    p.add_argument("--text-weight", type=float, default=0.5,
+                   help="share of samples drawn from --text-shards (default 0.5: the paper's ablation mixture)")
     p.set_defaults(run=_run)

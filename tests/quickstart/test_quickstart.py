@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from lmfusion.quickstart import data
 from lmfusion.quickstart.evaluate import class_named
@@ -84,7 +85,16 @@ def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart") / "run"
     cache = tmp_path_factory.mktemp("empty_cache")
     env = {**os.environ, "LMFUSION_CACHE": str(cache)}
-    proc = subprocess.run([sys.executable, "-m", "lmfusion.cli", "quickstart", "--smoke", "--out", str(out)],
+    # a text-only set blended in (--text-shards: the ablations' mixture), built by the shard builder
+    corpus = tmp_path_factory.mktemp("corpus")
+    (corpus / "texts.jsonl").write_text("".join(json.dumps({"text": f"a short text number {i} about cats."}) + "\n"
+                                                for i in range(8)))
+    build = subprocess.run([sys.executable, "data_tools/build_shards.py", str(corpus / "texts.jsonl"), "--kind",
+                            "text", "--output", str(corpus / "shards"), "--workers", "0", "--no-progress"],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    assert build.returncode == 0, build.stderr
+    proc = subprocess.run([sys.executable, "-m", "lmfusion.cli", "quickstart", "--smoke", "--out", str(out),
+                           "--text-shards", str(corpus / "shards"), "--text-weight", "0.25"],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out, proc.stdout, cache
@@ -112,6 +122,8 @@ def test_smoke_results_json(smoke_run):
     assert r["text_identical"] is True
     assert r["text"]["before"] == r["text"]["after"]
     assert r["steps"] == 2 and r["smoke"] is True
+    trained = yaml.safe_load((out / "train" / "config.yaml").read_text())["data"]
+    assert trained["datasets"][1] == r["text_shards"]["dir"] and trained["weights"] == [0.75, 0.25]
     assert r["dataset"] in ("fashion-mnist", "sklearn-digits")
     assert (r["dataset_fallback"] is None) == (r["dataset"] == "fashion-mnist")
     assert len(r["captions"]) == SMOKE["caption_images"]
