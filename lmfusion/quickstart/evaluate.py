@@ -19,7 +19,7 @@ import torch
 from lmfusion.quickstart import classifier as clf
 from lmfusion.quickstart.data import Dataset, balanced_indices, prompt
 
-__all__ = ["FIXED_TEXT", "PROMPT", "TextProof", "text_proof", "sampler_of", "generate_per_class", "caption_images",
+__all__ = ["FIXED_TEXT", "PROMPT", "TextProof", "text_perplexity", "text_proof", "sampler_of", "generate_per_class", "caption_images",
            "classifier_view", "class_named", "score_images"]
 
 FIXED_TEXT = ("The Eiffel Tower is a wrought-iron lattice tower in Paris, France. It is named after the engineer "
@@ -39,19 +39,35 @@ class TextProof:
 
 
 @torch.no_grad()
-def text_proof(bundle, max_new_tokens: int = 24) -> TextProof:
-    """Perplexity of :data:`FIXED_TEXT` and the greedy continuation of :data:`PROMPT` (fp32, text-only inputs)."""
-    from lmfusion.inference.text import SamplingParams, Session, generate_text
+def text_perplexity(bundle, texts: Sequence[str]) -> float:
+    """Perplexity of ``texts`` (each ``<bos> text``, cut to the context; token-weighted over all of them; fp32,
+    text-only inputs, one process)."""
+    from lmfusion.inference.text import Session
 
     model, tok, cfg = bundle.model, bundle.tokenizer, bundle.config
-    ids = [cfg.bos_token_id, *tok.encode(FIXED_TEXT, add_special_tokens=False)]
-    session = Session(model, 1)
-    logits = session.extend([ids]).logits[:, 0, :cfg.vocab_size].float()  # (s, 1, V) -> (s, V); TP=1 here
-    nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="mean")
+    total, count = 0.0, 0
+    for text in texts:
+        ids = [cfg.bos_token_id, *tok.encode(text, add_special_tokens=False)][:cfg.max_position_embeddings]
+        if len(ids) < 2:
+            continue
+        logits = Session(model, 1).extend([ids]).logits[:, 0, :cfg.vocab_size].float()  # (s, 1, V) -> (s, V)
+        total += float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum"))
+        count += len(ids) - 1
+    if not count:
+        raise ValueError("text_perplexity: no text of two tokens or more")
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def text_proof(bundle, max_new_tokens: int = 24) -> TextProof:
+    """Perplexity of :data:`FIXED_TEXT` and the greedy continuation of :data:`PROMPT` (fp32, text-only inputs)."""
+    from lmfusion.inference.text import SamplingParams, generate_text
+
+    model, tok, cfg = bundle.model, bundle.tokenizer, bundle.config
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=bundle.meta.stop_token_ids)
     prompt_ids = [cfg.bos_token_id, *tok.encode(PROMPT, add_special_tokens=False)]
     out = generate_text(model, [prompt_ids], params)[0]
-    return TextProof(math.exp(float(nll)), out, tok.decode(out, skip_special_tokens=True))
+    return TextProof(text_perplexity(bundle, [FIXED_TEXT]), out, tok.decode(out, skip_special_tokens=True))
 
 
 def sampler_of(bundle) -> str:
