@@ -46,7 +46,8 @@ def understanding_inputs(processor: Any, image: Any, question: Optional[str] = N
                          source: str = "base") -> Any:
     """Processor output (``input_ids``, ``pixel_values``, ``image_sizes``) for one PIL image and either a
     ``question`` (a user turn of the image then the text, through the processor's chat template with the generation
-    prompt) or ``raw`` text sent as it is, its one ``<image>`` marking where the image goes."""
+    prompt) or ``raw`` text sent as it is, its one ``<image>`` marking where the image goes (the tokenizer adds its
+    BOS unless the text starts with it)."""
     if (question is None) == (raw is None):
         raise UserError("give a question or --raw TEXT (one of them)")
     marker = getattr(processor, "image_token", "<image>")
@@ -54,7 +55,9 @@ def understanding_inputs(processor: Any, image: Any, question: Optional[str] = N
         if raw.count(marker) != 1:
             raise UserError(f"--raw: the text holds {raw.count(marker)} {marker} markers, expected exactly one "
                             f"(where the image goes)")
-        return processor(images=image, text=raw, return_tensors="pt")
+        bos = getattr(processor.tokenizer, "bos_token", None)  # text that opens with it already has it (as HF's
+        add_special_tokens = not (bos and raw.startswith(bos))  # apply_chat_template decides): no second one
+        return processor(images=image, text=raw, return_tensors="pt", add_special_tokens=add_special_tokens)
     if not getattr(processor, "chat_template", None):
         raise UserError(f"{source}: the processor has no chat template; pass --raw TEXT with {marker} where the "
                         f"image goes")

@@ -176,3 +176,26 @@ def test_bad_image_input_is_one_line(vlm, tmp_path, capsys):
     assert json.loads((text_base / hf.CONVERSION).read_text())["kind"] == "text"
     err = one_line_error(capsys, ["chat", "--ckpt", str(text_base), "--image", str(image), QUESTION])
     assert "no vision tower" in err
+
+
+def test_raw_text_gets_one_bos(tmp_path):
+    """``--raw`` text: the tokenizer's BOS is added as the processor adds it, but not a second time to text that
+    starts with it (HF's processor apply_chat_template decides the same way)."""
+    from tokenizers import processors
+    from transformers import AutoProcessor
+
+    from lmfusion.inference.vlm import understanding_inputs
+    from tests.unit.test_hf_llava import add_processor, llava_config
+
+    processor = add_processor(tmp_path, llava_config())
+    backend = processor.tokenizer.backend_tokenizer
+    bos = processor.tokenizer.bos_token
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                           special_tokens=[(bos, processor.tokenizer.bos_token_id)])
+    processor.save_pretrained(tmp_path)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    image = Image.fromarray(np.zeros((40, 70, 3), dtype=np.uint8))
+    ids = [understanding_inputs(processor, image, raw=text)["input_ids"][0].tolist()
+           for text in ("w5 <image> w6", f"{bos} w5 <image> w6")]
+    assert ids[0] == ids[1] and ids[0].count(processor.tokenizer.bos_token_id) == 1 and ids[0][0] == ids[1][0]
+    assert ids[0][0] == processor.tokenizer.bos_token_id
