@@ -115,7 +115,8 @@ def test_chat_image_question_and_raw_print_hf_answers(vlm, which, capsys):
     raw = "w5 <image> w6 w7"
     inputs = processor(images=Image.open(image).convert("RGB"), text=raw, return_tensors="pt")
     want = hf_greedy(hf_model, inputs, stops=eos)
-    assert printed(capsys, ["chat", *common, "--raw", raw]) == processor.tokenizer.decode(want, skip_special_tokens=True)
+    answer = printed(capsys, ["chat", *common, "--raw", raw])
+    assert answer == processor.tokenizer.decode(want, skip_special_tokens=True)
 
 
 def test_caption_takes_the_vlm_path_on_a_vlm_base(vlm, capsys):

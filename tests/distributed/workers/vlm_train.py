@@ -194,7 +194,8 @@ def tp2_training_keeps_the_understanding_path_bitwise():
         err = (after - hf_model(**inputs).logits).abs().max().item()
     if err > LOGIT_TOL:
         errors.append(f"understanding logits differ from HF's by {err:.2e}")
-    hf_parts = {"vision_tower": hf_model.model.vision_tower, "multi_modal_projector": hf_model.model.multi_modal_projector}
+    hf_parts = {"vision_tower": hf_model.model.vision_tower,
+                "multi_modal_projector": hf_model.model.multi_modal_projector}
     for part, module in hf_parts.items():
         ours = getattr(loaded.vision, part).state_dict()
         theirs = module.state_dict()
