@@ -251,7 +251,11 @@ def _base_model_fields(init: InitConfig, user_model: Mapping[str, Any]) -> tuple
     path = hf_dir / hf.HF_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"init.hf_dir: {path} does not exist")
-    fields = hf.hf_config_to_model_kwargs(json.loads(path.read_text()), source=str(path))
+    from lmfusion.hf import llava
+
+    hf_config = json.loads(path.read_text())
+    fields = (llava.llava_model_kwargs(hf_config, str(path)) if llava.is_llava_next(hf_config)  # a VLM's LM
+              else hf.hf_config_to_model_kwargs(hf_config, source=str(path)))
     for name, token in (("boi_token_id", hf.BOI_TOKEN), ("eoi_token_id", hf.EOI_TOKEN)):
         if name in user_model:
             fields[name] = _coerce(user_model[name], int, f"model.{name}")

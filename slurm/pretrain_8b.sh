@@ -3,6 +3,7 @@
 #
 #   mkdir -p logs && sbatch slurm/pretrain_8b.sh [key=value ...]        # extra config overrides go to the trainer
 #   DRY_RUN=1 bash slurm/pretrain_8b.sh                                  # print the launch commands, run nothing
+#   CONFIG=examples/configs/llavafusion_8b.yaml sbatch slurm/pretrain_8b.sh   # LLaVAFusion (LLaVA-NeXT-8B base)
 #
 # Why this layout: the model holds 2 x 8B weights (frozen text + trainable image twins; 32 GB in bf16) and 8B
 # trainable parameters (fp32 gradient buffer 32 GB, Adam state 96 GB sharded over DP by the distributed optimizer).
@@ -32,7 +33,19 @@ set -euo pipefail
 REPO_DIR="${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}"
 PYTHON="${PYTHON:-python}"
 CONFIG="${CONFIG:-${REPO_DIR}/examples/configs/llama3_8b.yaml}"
-RUN_DIR="${RUN_DIR:-${REPO_DIR}/runs/lmfusion-llama3-8b}"
+# The run directory: RUN_DIR, else the config's checkpoint.save (relative paths under REPO_DIR); a checkpoint.save=
+# override among the arguments wins, as it does for the trainer. Any config runs unchanged (llavafusion_8b.yaml too).
+if [[ -z "${RUN_DIR:-}" ]]; then
+    RUN_DIR="$("${PYTHON}" -c 'import sys, yaml; print(((yaml.safe_load(open(sys.argv[1])) or {}).get("checkpoint") or {}).get("save") or "")' "${CONFIG}")"
+fi
+for arg in "$@"; do
+    if [[ "${arg}" == checkpoint.save=* ]]; then RUN_DIR="${arg#checkpoint.save=}"; fi
+done
+if [[ -z "${RUN_DIR}" ]]; then
+    echo "pretrain_8b.sh: ${CONFIG} sets no checkpoint.save; set RUN_DIR" >&2
+    exit 2
+fi
+[[ "${RUN_DIR}" == /* ]] || RUN_DIR="${REPO_DIR}/${RUN_DIR}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 TP="${TP:-2}"
 PP="${PP:-1}"

@@ -7,8 +7,10 @@ the heavy modules (megatron, diffusers) when a command runs, so ``lmfusion --hel
     lmfusion generate --ckpt DIR --prompt "a red shoe" --out grid.png [--cfg 1.6 --steps 250 --seed 0 --n 4]
     lmfusion generate --ckpt DIR --edit photo.png --prompt "make it red" --out edited.png
     lmfusion generate --ckpt DIR --prompt "Once upon a time" --text [--max-new-tokens 64 --temperature 0 --top-p 1]
-    lmfusion caption --ckpt DIR --image x.png
+    lmfusion caption --ckpt DIR --image x.png          # a VLM base: through its own understanding path
     lmfusion chat --ckpt DIR --out-dir chat_images
+    lmfusion chat --ckpt DIR --image x.png "What is in the picture?"   # a VLM base (LLaVA-NeXT): its chat template
+    lmfusion chat --ckpt DIR --image x.png --raw "USER: <image>\nWhat is it? ASSISTANT:"
 """
 
 from __future__ import annotations
@@ -202,10 +204,44 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vlm_base(args: argparse.Namespace) -> bool:
+    """Whether ``--ckpt`` reads a VLM base (one with a vision tower), without building the model."""
+    from lmfusion.hf.llava import base_kind
+    from lmfusion.inference.load import checkpoint_base_dir
+
+    return base_kind(checkpoint_base_dir(args.ckpt)) == "vlm"
+
+
+def _answer(args: argparse.Namespace, question: "str | None", raw: "str | None") -> int:
+    """An image + question (or raw text) through the VLM base's own path: processor, vision tower, text modules."""
+    import torch
+
+    from lmfusion.inference.image import read_rgb
+    from lmfusion.inference.vlm import check_room, generate_with_images, load_processor, understanding_inputs
+
+    image = read_rgb(args.image)
+    _params(args)
+    bundle = _load(args)
+    processor = load_processor(bundle.meta.base_dir)
+    inputs = understanding_inputs(processor, image, question=question, raw=raw, source=str(bundle.meta.base_dir))
+    ids = inputs["input_ids"][0]
+    check_room(ids.numel(), args.max_new_tokens, bundle.config.max_position_embeddings)
+    out = generate_with_images(bundle.model, ids, inputs["pixel_values"], inputs["image_sizes"],
+                               _params(args, bundle.meta.stop_token_ids),
+                               generator=torch.Generator().manual_seed(args.seed))
+    if _is_main():
+        print(processor.tokenizer.decode(out, skip_special_tokens=True))
+    return 0
+
+
 def _run_caption(args: argparse.Namespace) -> int:
     from lmfusion.inference.image import caption_image, check_image_file, check_vae, encode_image
 
     check_image_file(args.image)
+    if not args.latent and _vlm_base(args):
+        from lmfusion.inference.vlm import CAPTION_QUESTION
+
+        return _answer(args, args.question or CAPTION_QUESTION, None)
     _params(args)
     codec = _codec(args)
     bundle = _load(args)
@@ -223,8 +259,19 @@ def _run_chat(args: argparse.Namespace) -> int:
     import torch
 
     from lmfusion.inference.chat import Conversation, ImageOptions, run_chat
-    from lmfusion.inference.image import check_vae
+    from lmfusion.inference.image import check_image_file, check_vae
 
+    if args.image is not None or args.raw is not None or args.question is not None:  # one answer about an image
+        if args.image is None:
+            raise UserError("a question or --raw TEXT needs --image IMG (without them, chat reads prompts from stdin)")
+        if (args.question is None) == (args.raw is None):
+            raise UserError("--image: give a question or --raw TEXT (one of them)")
+        check_image_file(args.image)
+        if not _vlm_base(args):
+            raise UserError(f"--image: the base of {args.ckpt} has no vision tower (a text-only base); image "
+                            f"understanding needs a VLM base (convert-hf of a LlavaNextForConditionalGeneration "
+                            f"directory)")
+        return _answer(args, args.question, args.raw)
     _params(args)
     codec = _codec(args)
     bundle = _load(args)
@@ -255,17 +302,35 @@ def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
     _sampling(p, max_new=64)
     p.set_defaults(run=_run_generate)
 
-    p = subparsers.add_parser("caption", help="image -> text (greedy)",
-                              description="Encode an image with the checkpoint's VAE (clean, t=0) and caption it.")
+    p = subparsers.add_parser("caption", help="image -> text (greedy; a VLM base's own path when it has one)",
+                              description="Caption an image. On a checkpoint whose base is a vision-language model "
+                                          "(a LLaVA-NeXT base: it has a vision tower) the image goes through the "
+                                          "base's own understanding path (vision tower, projector, language model) "
+                                          "with --question in its chat template. Otherwise, or with --latent, the "
+                                          "image is encoded with the checkpoint's VAE (clean, t=0) and captioned "
+                                          "through the image modules.")
     _common(p, images=True)
     p.add_argument("--image", required=True, type=Path, help="image file (any format Pillow reads)")
+    p.add_argument("--question", default=None, metavar="TEXT",
+                   help="VLM path: the instruction asked about the image (default: lmms-eval's COCO caption "
+                        "prompt)")
+    p.add_argument("--latent", action="store_true",
+                   help="caption through the VAE latent and the image modules even on a VLM base")
     _sampling(p, max_new=32)
     p.set_defaults(run=_run_caption)
 
-    p = subparsers.add_parser("chat", help="interleaved text and images on stdin/stdout",
+    p = subparsers.add_parser("chat", help="interleaved text and images on stdin/stdout; --image: ask about an image",
                               description="Read prompts from stdin; the model's text is printed and, when it emits "
-                                          "<boi>, an image is drawn by diffusion and written to --out-dir.")
+                                          "<boi>, an image is drawn by diffusion and written to --out-dir. With "
+                                          "--image IMG \"question\" (a VLM base), answer once about the image "
+                                          "through the base's own understanding path and chat template.")
     _common(p, images=True)
+    p.add_argument("question", nargs="?", default=None,
+                   help="with --image: the question, put in the base's chat template with the image before it")
+    p.add_argument("--image", type=Path, default=None, metavar="IMG",
+                   help="an image to ask about (needs a VLM base: LLaVA-NeXT converted with convert-hf)")
+    p.add_argument("--raw", default=None, metavar="TEXT",
+                   help="with --image: send TEXT as it is (no chat template), <image> marking where the image goes")
     p.add_argument("--out-dir", type=Path, default=Path("chat_images"), help="where images are written")
     p.add_argument("--max-images", type=int, default=4, help="images per response")
     _diffusion(p)

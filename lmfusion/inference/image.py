@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -45,8 +45,8 @@ from lmfusion.errors import UserError
 from lmfusion.inference.text import Image, SamplingParams, Session, generate_text
 
 __all__ = ["DEFAULT_CFG_SCALE", "DEFAULT_STEPS", "LATENT_RANGE_FILE", "latent_range", "denoise", "commit_image",
-           "unconditional_session", "text_to_image", "edit_image", "check_vae", "vae_scale_factor", "check_image_file", "load_image", "encode_image", "caption_image",
-           "to_pil", "make_grid", "save_images"]
+           "unconditional_session", "text_to_image", "edit_image", "check_vae", "vae_scale_factor", "check_image_file",
+           "read_rgb", "load_image", "encode_image", "caption_image", "to_pil", "make_grid", "save_images"]
 
 DEFAULT_CFG_SCALE = 1.6
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "euler": 50}
@@ -210,6 +210,18 @@ def check_image_file(path: str | Path) -> None:
     path = Path(path)
     with _image_errors(path), PILImage.open(path) as img:
         img.load()
+
+
+def read_rgb(path: str | Path) -> Any:
+    """The image at ``path`` as an RGB PIL image, upright (EXIF orientation applied), as transformers' ``load_image``
+    gives a processor; unreadable files are one-line errors naming them."""
+    from PIL import Image as PILImage
+    from PIL import ImageOps
+
+    path = Path(path)
+    with _image_errors(path), PILImage.open(path) as img:
+        img.load()
+        return ImageOps.exif_transpose(img).convert("RGB")
 
 
 def load_image(path: str | Path, size: int) -> Tensor:

@@ -45,7 +45,8 @@ from lmfusion.rundir import CHECKPOINT_JSON, LATEST
 from lmfusion.rundir.export import EMA_SET, EXPORT_JSON, IMAGE_SET, is_export, load_export, read_export
 
 __all__ = ["CHECKPOINT_JSON", "LATEST", "TEXT_FIELDS", "CheckpointMeta", "InferenceModel", "init_runtime",
-           "resolve_device", "resolve_checkpoint", "record_diffusion", "checkpoint_diffusion", "checkpoint_vae",
+           "resolve_device", "resolve_checkpoint", "record_diffusion", "checkpoint_base_dir", "checkpoint_diffusion",
+           "checkpoint_vae",
            "load_for_inference", "load_vae", "load_tokenizer", "choose_weights"]
 
 # Fields a training checkpoint's model config must share with its base (they fix the frozen text model's tensors
@@ -175,6 +176,16 @@ def checkpoint_vae(ckpt: str | Path) -> tuple[Optional[dict[str, Any]], str]:
         return None, f"checkpoint {path}"
     record, record_path = _read_record(kind, path)
     return record.get("vae"), str(record_path)
+
+
+def checkpoint_base_dir(ckpt: str | Path) -> Path:
+    """The base directory a checkpoint (base, export or training checkpoint) reads its frozen model from, without
+    building the model."""
+    kind, path = resolve_checkpoint(ckpt)
+    if kind == "base":
+        return path
+    record, record_path = _read_record(kind, path)
+    return rundir.resolve_base(record, record_path)
 
 
 def checkpoint_diffusion(ckpt: str | Path) -> DiffusionConfig:

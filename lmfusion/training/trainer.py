@@ -82,6 +82,12 @@ class Trainer:
 
         base_cfg, weights = load_base_state(self.base_dir)
         self._check_text_fields(dataclasses.asdict(base_cfg), f"base {self.base_dir}")
+        if self.rt.rank == 0:
+            from lmfusion.hf.llava import base_kind
+
+            if base_kind(self.base_dir) == "vlm":  # lmfusion/model/vision.py: an inference-time path only
+                print("lmfusion train: the base is a vision-language model; training reads latents, so its vision "
+                      "tower, projector and image_newline stay in the base (not built, not checkpointed)", flush=True)
         self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.rt.dp_size)
         with weights:
             self.tm: TrainModel = self.build_train_model(weights)

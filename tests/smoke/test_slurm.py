@@ -30,7 +30,8 @@ def test_bash_syntax(script):
 
 
 def _dry_run(env: dict[str, str], *args: str) -> list[list[str]]:
-    proc = subprocess.run(["bash", str(PRETRAIN), *args], env={**os.environ, "DRY_RUN": "1", **env},
+    proc = subprocess.run(["bash", str(PRETRAIN), *args], env={**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable,
+                                                              **env},
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return [shlex.split(line) for line in proc.stdout.splitlines() if line and not line.startswith("#")]
@@ -64,6 +65,30 @@ def test_dry_run_prints_srun_torchrun_and_requeue():
     nodes, gpus = int(_sbatch("nodes")), int(_sbatch("gpus-per-node"))
     assert nodes * gpus % (par["tensor_model_parallel_size"] * par["pipeline_model_parallel_size"]) == 0
     assert _sbatch("signal").startswith("USR1@") and _sbatch("requeue") == ""
+
+
+@pytest.mark.parametrize("name", ["llama3_8b", "llavafusion_8b"])
+def test_dry_run_takes_each_8b_config_unchanged(name):
+    """CONFIG=examples/configs/<name>.yaml: the trainer gets that file, its run directory is the config's
+    checkpoint.save (under REPO_DIR), the script's layout overrides equal the config's own (nothing changes it), and a
+    checkpoint.save= argument moves the run directory the requeue check reads."""
+    config = REPO / "examples" / "configs" / f"{name}.yaml"
+    raw = yaml.safe_load(config.read_text())
+    launch, _ = _dry_run({"CONFIG": str(config), "REPO_DIR": str(REPO)})
+    run = launch[launch.index("torch.distributed.run") - 2:]
+    assert run[run.index("--config") + 1] == str(config)
+    overrides = dict(a.split("=", 1) for a in run if "=" in a and not a.startswith("-"))
+    assert overrides["checkpoint.save"] == str(REPO / raw["checkpoint"]["save"])
+    par = raw["parallel"]
+    assert int(overrides["parallel.tensor_model_parallel_size"]) == par["tensor_model_parallel_size"]
+    assert int(overrides["parallel.pipeline_model_parallel_size"]) == par["pipeline_model_parallel_size"]
+    assert overrides["parallel.sequence_parallel"] == str(par["sequence_parallel"]).lower()
+    assert overrides["train.recompute"] == raw["train"].get("recompute", "none")
+    proc = subprocess.run(["bash", str(PRETRAIN), "checkpoint.save=/elsewhere/run"],
+                          env={**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "CONFIG": str(config)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "/elsewhere/run/exit_status.json" in proc.stdout
 
 
 def _free_port() -> int:

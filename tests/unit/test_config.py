@@ -253,3 +253,54 @@ def test_extends_builds_on_another_file_relative_to_it_and_refuses_loops(base, t
     (tmp_path / "d.yaml").write_text("extends: [x]\n")
     with pytest.raises(Exception, match="field 'extends' expected the path of a config file"):
         load_config(tmp_path / "d.yaml")
+
+LLAVAFUSION_8B = REPO / "examples" / "configs" / "llavafusion_8b.yaml"
+# llava-hf/llama3-llava-next-8b-hf's config.json as the hub stores it: a sparse text_config (LlamaConfig defaults
+# fill the rest), the <image> token added after Llama-3's vocabulary, which is padded to a multiple of 64.
+LLAVA_NEXT_8B_CONFIG = {
+    "architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next", "image_token_index": 128256,
+    "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    "projector_hidden_act": "gelu", "tie_word_embeddings": False, "use_image_newline_parameter": True,
+    "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 128320,
+    "text_config": {"_name_or_path": "meta-llama/Meta-Llama-3-8B-Instruct", "architectures": ["LlamaForCausalLM"],
+                    "bos_token_id": 128000, "eos_token_id": 128009, "intermediate_size": 14336,
+                    "max_position_embeddings": 8192, "model_type": "llama", "num_key_value_heads": 8,
+                    "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "vocab_size": 128320},
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                      "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                      "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+}
+
+
+def test_llavafusion_8b_example_is_the_llama3_recipe_on_a_llava_next_base(tmp_path):
+    """The LLaVAFusion config loads and validates; every section but the base and run directory is llama3_8b.yaml's
+    (the paper's recipe unchanged); the text fields it repeats are those a conversion of LLaVA-NeXT-8B's config.json
+    gives, and it loads against such a base (a mismatch would be refused by name)."""
+    from lmfusion.hf.llava import llava_model_kwargs
+
+    cfg = load_config(LLAVAFUSION_8B, resolve_base=False)
+    paper = load_config(LLAMA3_8B, resolve_base=False)
+    for section in ("parallel", "data", "train", "optimizer", "diffusion", "logging"):
+        assert getattr(cfg, section) == getattr(paper, section), section
+    assert dataclasses.replace(cfg.checkpoint, save=paper.checkpoint.save) == paper.checkpoint
+    assert cfg.model.image == paper.model.image and cfg.engine == paper.engine
+    assert cfg.init.base_checkpoint != paper.init.base_checkpoint and cfg.checkpoint.save != paper.checkpoint.save
+    lm = ModelConfig(**llava_model_kwargs(LLAVA_NEXT_8B_CONFIG), boi_token_id=128002, eoi_token_id=128003)
+    written = yaml.safe_load(LLAVAFUSION_8B.read_text())["model"]
+    for key in set(written) & set(TEXT_FIELDS):
+        assert getattr(lm, key) == written[key], key
+    lm.save(tmp_path / "base" / "lmfusion_config.json")
+    resolved = load_config(LLAVAFUSION_8B, [f"init.base_checkpoint={tmp_path / 'base'}"])
+    assert all(getattr(resolved.model, k) == getattr(lm, k) for k in TEXT_FIELDS)
+    assert resolved.model.vocab_size == 128320 and resolved.model.eos_token_id == 128009
+    assert resolved.data_parallel_size(64) == 64 // resolved.parallel.tensor_model_parallel_size
+
+
+def test_hf_dir_may_be_a_llava_next_directory(tmp_path):
+    """init.hf_dir on a LLaVA-NeXT directory reads its language model's fields (converted into the run on launch)."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(LLAVA_NEXT_8B_CONFIG))
+    cfg = load_config(LLAMA3_8B, ["init.base_checkpoint=null", f"init.hf_dir={hf}", "model.vocab_size=128320",
+                                  "model.eos_token_id=128009"])
+    assert (cfg.model.vocab_size, cfg.model.hidden_size, cfg.model.rope_theta) == (128320, 4096, 500000.0)
