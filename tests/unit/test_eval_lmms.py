@@ -229,3 +229,31 @@ def test_text_base_and_missing_data_are_one_line_errors(vlm, ckpts, tmp_path, ca
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after datasets' progress lines: tasks load first
     assert last.startswith("lmfusion eval: error: ") and "has no vision path (a text-only base)" in last
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_registered_and_built_from_model_args(vlm):
+    """lmms-eval's ``--model lmfusion --model_args ckpt=...`` route: the registry entry and create_from_arg_string."""
+    from lmms_eval.api.registry import MODEL_REGISTRY
+
+    from lmfusion.evaluation.lmms_adapter import LMFusionLMMS
+
+    root, docs = vlm
+    assert MODEL_REGISTRY["lmfusion"] is LMFusionLMMS
+    lm = LMFusionLMMS.create_from_arg_string(f"ckpt={root / 'run'},device=cpu,chat_template=false")
+    assert lm.bundle.meta.kind == "training" and lm.chat_template is None
+    assert lm.prompt(docs[0]["question"], 1) == f"<image>\n{docs[0]['question']}"  # llava_hf's raw convention
+    with pytest.raises(Exception, match="expected ckpt=DIR"):
+        LMFusionLMMS.create_from_arg_string("device=cpu")
+
+
+def test_missing_lmms_eval_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    """Without lmms-eval the command stops before loading anything, saying how to install it without its CUDA deps."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "lmms_eval" or m.startswith("lmms_eval.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "lmms_eval", None)  # what an absent package gives: ImportError
+    monkeypatch.delitem(sys.modules, "lmfusion.evaluation.lmms_adapter", raising=False)
+    assert main(["eval", "lmms", "--ckpt", str(tmp_path), "--tasks", VQA, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs lmms-eval" in err and "--no-deps lmms-eval==0.7.3" in err
