@@ -22,13 +22,14 @@ from lmfusion.errors import UserError
 __all__ = ["add_subparser"]
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, batch_size: bool = True) -> None:
     p.add_argument("--ckpt", required=True, type=Path, help="base (convert-hf), export (export-ckpt: safetensors + JSON, safe to take from others) or "
                         "training run/iteration directory (your own runs only: distributed-checkpoint files, read "
                         "with code execution refused)")
     p.add_argument("--out", required=True, type=Path, help="output directory (results.json, table1.md, ...)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available; torchrun: LOCAL_RANK)")
-    p.add_argument("--batch-size", type=int, default=8)
+    if batch_size:  # eval lmms runs one request at a time (each carries its own images and tiling)
+        p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--name", default=None, help="row name in table1.md")
     p.add_argument("--weights", choices=("ema", "raw"), default=None,
                    help="image set: 'ema' (train.ema's average; the default when the checkpoint has one) or 'raw'")
@@ -191,7 +192,7 @@ def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
 
     u = sub.add_parser("lmms", help="lmms-eval image-understanding tasks through a VLM base's own path, beside the "
                                     "base's scores")
-    _common(u)
+    _common(u, batch_size=False)
     u.add_argument("--tasks", required=True, help="comma-separated lmms-eval task names (e.g. mme,pope)")
     u.add_argument("--limit", type=int, default=None, help="examples per task (smoke runs)")
     u.add_argument("--include-path", type=Path, default=None,
