@@ -73,12 +73,28 @@ def load_lmms_tasks(names: list[str], include_path: Optional[Path] = None) -> di
             if isinstance(e, (ConnectionError, FileNotFoundError)) or \
                     type(e).__module__.startswith(("datasets", "huggingface_hub")):
                 path = _dataset_files(manager, name)
+                fetch = ("" if path in (None, "json", "csv", "parquet", "imagefolder") else
+                         f"; on a machine with network run python -c \"import datasets; "
+                         f"datasets.load_dataset({path!r})\" and copy its HF_HOME here")
                 raise FileNotFoundError(
                     f"--tasks {name}: dataset {path} cannot be read offline ({type(e).__name__}: {e}); lmms-eval "
-                    f"tasks read the local Hugging Face datasets cache (HF_HOME) or local files") from raised
+                    f"tasks read the local Hugging Face datasets cache (HF_HOME) or local files{fetch}") from raised
             raise
-        tasks.update({k: v for k, v in loaded.items() if not isinstance(v, dict)})
+        tasks.update(_leaf_tasks(loaded))
     return tasks
+
+
+def _leaf_tasks(loaded: dict) -> dict[str, Any]:
+    """``{task name: Task}`` of a ``load_task_or_group`` result: a group (e.g. ``mmbench``) nests its subtasks."""
+    out = {}
+    for key, value in loaded.items():
+        if isinstance(value, tuple):  # (group, task)
+            value = value[1]
+        if isinstance(value, dict):
+            out.update(_leaf_tasks(value))
+        elif value is not None:
+            out[key if isinstance(key, str) else value.config.task] = value
+    return out
 
 
 def _filelock_compat() -> None:

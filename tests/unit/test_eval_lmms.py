@@ -257,3 +257,18 @@ def test_missing_lmms_eval_is_a_one_line_error(monkeypatch, tmp_path, capsys):
     assert main(["eval", "lmms", "--ckpt", str(tmp_path), "--tasks", VQA, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "needs lmms-eval" in err and "--no-deps lmms-eval==0.7.3" in err
+
+
+def test_a_group_loads_its_tasks(vlm, tmp_path):
+    """``--tasks GROUP`` (lmms-eval group YAML, as ``mmbench``) evaluates the group's tasks."""
+    from lmfusion.evaluation.understanding import load_lmms_tasks
+
+    root, _ = vlm
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for f in (root / "tasks").iterdir():
+        if f.is_file():
+            (tasks / f.name).write_text(f.read_text())
+    (tasks / "group.yaml").write_text(f"group: lmfusion_tiny_group\ntask:\n  - {VQA}\n")
+    loaded = load_lmms_tasks(["lmfusion_tiny_group"], tasks)
+    assert list(loaded) == [VQA] and loaded[VQA].config.task == VQA
