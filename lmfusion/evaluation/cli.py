@@ -4,6 +4,7 @@
                              [--clip-dir HF_CLIP_DIR]
     lmfusion eval caption    --ckpt DIR --images DIR|SHARDS [--references captions.json] --out DIR
     lmfusion eval text       --ckpt DIR --tasks hellaswag,piqa,siqa,winogrande --out DIR [--base-hf DIR]
+    lmfusion eval lmms       --ckpt DIR --tasks mme,pope --out DIR [--include-path TASK_DIR]   (VLM bases)
 
 Generation and captioning shard items over ``torchrun`` ranks (``torchrun ... -m lmfusion.cli eval ...``: one full
 model per rank, :mod:`.runtime`) and resume; metrics are computed on rank 0 once every rank is done. Every command
@@ -21,13 +22,14 @@ from lmfusion.errors import UserError
 __all__ = ["add_subparser"]
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, batch_size: bool = True) -> None:
     p.add_argument("--ckpt", required=True, type=Path, help="base (convert-hf), export (export-ckpt: safetensors + JSON, safe to take from others) or "
                         "training run/iteration directory (your own runs only: distributed-checkpoint files, read "
                         "with code execution refused)")
     p.add_argument("--out", required=True, type=Path, help="output directory (results.json, table1.md, ...)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available; torchrun: LOCAL_RANK)")
-    p.add_argument("--batch-size", type=int, default=8)
+    if batch_size:  # eval lmms runs one request at a time (each carries its own images and tiling)
+        p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--name", default=None, help="row name in table1.md")
     p.add_argument("--weights", choices=("ema", "raw"), default=None,
                    help="image set: 'ema' (train.ema's average; the default when the checkpoint has one) or 'raw'")
@@ -131,9 +133,15 @@ def _run_text(args: argparse.Namespace) -> int:
     return run_text(args)
 
 
+def _run_lmms(args: argparse.Namespace) -> int:
+    from lmfusion.evaluation.understanding import run_lmms
+
+    return run_lmms(args)
+
+
 def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
-    """Register ``eval`` with its ``generation``, ``caption`` and ``text`` commands."""
-    p = subparsers.add_parser("eval", help="paper metrics: FID/CLIP, CIDEr, text benchmarks",
+    """Register ``eval`` with its ``generation``, ``caption``, ``text`` and ``lmms`` commands."""
+    p = subparsers.add_parser("eval", help="paper metrics: FID/CLIP, CIDEr, text and image-understanding benchmarks",
                               description="Evaluate a checkpoint (results.json + table1.md in --out).")
     sub = p.add_subparsers(dest="eval_command", required=True, metavar="WHAT")
 
@@ -181,3 +189,19 @@ def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
     t.add_argument("--base-hf", type=Path, default=None,
                    help="compare with this HF model directory instead, via lm-eval's own HF adapter")
     t.set_defaults(run=_run_text)
+
+    u = sub.add_parser("lmms", help="lmms-eval image-understanding tasks through a VLM base's own path, beside the "
+                                    "base's scores")
+    _common(u, batch_size=False)
+    u.add_argument("--tasks", required=True, help="comma-separated lmms-eval task names (e.g. mme,pope)")
+    u.add_argument("--limit", type=int, default=None, help="examples per task (smoke runs)")
+    u.add_argument("--include-path", type=Path, default=None,
+                   help="directory of extra lmms-eval task YAMLs (e.g. local image tasks)")
+    u.add_argument("--base", type=Path, default=None,
+                   help="LMFusion checkpoint to compare with (default: a training checkpoint's own base)")
+    u.add_argument("--chat-template", choices=("auto", "none"), default="auto",
+                   help="auto: the base processor's chat template (a user turn, images first); none: the task's "
+                        "text as it is, one <image> line per image in front")
+    u.add_argument("--max-new-tokens", type=int, default=256,
+                   help="generation length where a task's generation_kwargs set none")
+    u.set_defaults(run=_run_lmms)

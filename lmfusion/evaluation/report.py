@@ -44,7 +44,24 @@ def table1(results: dict) -> str:
                  "CIDEr x 100 (COCO convention). FID on Inception pool features; CLIP score 100 * cos."]
     if text.get("differences"):
         notes.append("**Text scores differ from the base model's:** " + ", ".join(text["differences"]))
-    return "\n".join(lines + notes) + "\n"
+    return "\n".join(lines + notes + _understanding(results.get("lmms"), results.get("name", "LMFusion"))) + "\n"
+
+
+def _understanding(lmms: dict | None, name: str) -> list[str]:
+    """Image understanding (``lmfusion eval lmms``, VLM bases): every task's metrics x 100, base row first."""
+    if not lmms:
+        return []
+    cols = [(t, m) for t, ms in sorted(lmms["metrics"].items()) for m in sorted(ms)]
+    lines = ["", "Image understanding (lmms-eval; x 100):", "",
+             "| Model | " + " | ".join(f"{t} {m}" for t, m in cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    rows = ([("Base (frozen VLM)", lmms["base_metrics"])] if lmms.get("base_metrics") else []) + \
+        [(name, lmms["metrics"])]
+    for label, metrics in rows:
+        lines.append(f"| {label} | " + " | ".join(_fmt(100 * metrics[t][m]) if m in metrics.get(t, {}) else "-"
+                                                 for t, m in cols) + " |")
+    if lmms.get("differences"):
+        lines += ["", "**Understanding scores differ from the base model's:** " + ", ".join(lmms["differences"])]
+    return lines
 
 
 def merge_results(out_dir: Path, section: str, values: dict, name: str | None = None) -> dict:

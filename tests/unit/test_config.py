@@ -254,6 +254,7 @@ def test_extends_builds_on_another_file_relative_to_it_and_refuses_loops(base, t
     with pytest.raises(Exception, match="field 'extends' expected the path of a config file"):
         load_config(tmp_path / "d.yaml")
 
+
 LLAVAFUSION_8B = REPO / "examples" / "configs" / "llavafusion_8b.yaml"
 # llava-hf/llama3-llava-next-8b-hf's config.json as the hub stores it: a sparse text_config (LlamaConfig defaults
 # fill the rest), the <image> token added after Llama-3's vocabulary, which is padded to a multiple of 64.
