@@ -44,7 +44,7 @@ def export_checkpoint(iter_dir: Path, output: Path) -> Path:
                if name.startswith("base/") and name.count("/") == 1 and name != "base/conversion.json"}
     export = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "iteration": record.get("iteration"),
               "model": record["model"], "vae": record.get("vae"), "diffusion": record.get("diffusion"),
-              "base": "base", "ema": EMA_SET if ema_key else None,
+              "base": "base", "ema": EMA_SET if ema_key else None, "text_lr_ratio": record.get("text_lr_ratio", 0.0),
               "base_conversion_sha256": base_sha256(tmp / "base"), "base_files": in_base,
               "source": str(iter_dir.resolve()), "integrity": integrity.write_manifest(tmp, files)}
     atomic_write_text(tmp / EXPORT_JSON, json_text(export))

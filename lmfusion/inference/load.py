@@ -21,7 +21,9 @@ Three kinds of ``--ckpt`` directory (the run directory's contract is :mod:`lmfus
       RUN_DIR/iter_0000100/<megatron dist_checkpointing files of model.sharded_state_dict(prefix)>
 
   ``--ckpt`` may name the run directory (its newest complete iteration) or one iteration directory. The text weights come
-  from the base, the image set from the dist checkpoint, which megatron reshards: it loads at any TP size.
+  from the base, the image set from the dist checkpoint, which megatron reshards: it loads at any TP size. A run
+  trained with ``optimizer.text_lr_ratio`` > 0 (``"text_lr_ratio"`` in its record) holds its text set too, which
+  then replaces the base's.
 
 Inference runs in one process by default: a one-rank gloo (CPU) or NCCL (GPU) group in an in-process store, megatron
 model parallel state TP=PP=1, megatron CPU mode on CPU. Under ``torchrun`` the group spans the launched ranks and
@@ -249,7 +251,9 @@ def load_for_inference(ckpt: str | Path, device: str | torch.device | None = Non
         weights.close()
         raise
     with weights:
-        model = build_model(cfg, base=weights, params_dtype=dtype, freeze=False, device=device)
+        # a run whose text trained (optimizer.text_lr_ratio > 0) holds its text set too: loaded over the base's below
+        model = build_model(cfg, base=weights, params_dtype=dtype, freeze=False, device=device,
+                            train_text=float(saved.get("text_lr_ratio") or 0) > 0)
     if kind == "training":
         rundir.load_image_set(model, path, ema_key if chosen == "ema" else prefix)
     elif kind == "export":
