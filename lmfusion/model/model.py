@@ -31,7 +31,11 @@ from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
-from megatron.core.transformer.utils import sharded_state_dict_default
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_tp_sharded_tensor_for_checkpoint,
+    sharded_state_dict_default,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
@@ -294,14 +298,12 @@ class LMFusionModel(MegatronModule):
         are a sharded axis and every TP-sharded tensor keeps its sharding, so checkpoints load at other TP/PP sizes.
         A tied head's copy on the last stage is saved under the embedding's key as a replica (megatron's
         ``tie_embeddings_and_output_weights_state_dict``), so the text set reshards across PP sizes too."""
-        metadata = {"dp_cp_group": None, **(metadata or {})}  # megatron's dense layers index it
+        metadata = ensure_metadata_has_dp_cp_group(metadata)  # megatron's dense layers (embedding, head) index it
         full = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         keep = {k: v for k, v in full.items() if (is_image_param(k[len(prefix):]) or self.saves_text)
                 and not k.endswith("_extra_state")}
         head = f"{prefix}output_layer.weight"
         if self.saves_text and head in keep and self.model_config.tie_word_embeddings:
-            from megatron.core.transformer.utils import make_tp_sharded_tensor_for_checkpoint
-
             keep[head] = make_tp_sharded_tensor_for_checkpoint(
                 tensor=self.output_layer.weight, key=f"{prefix}embedding.word_embeddings.weight",
                 replica_id=(1, 0, parallel_state.get_data_parallel_rank(with_context_parallel=True)),
