@@ -498,8 +498,9 @@ class Config:
                f"Engine); set train.fp8=null")
         _check(not self.checkpoint.async_save, "engine=deepspeed: checkpoint.async_save=true is megatron-only; set "
                "checkpoint.async_save=false")
-        _check(not self.optimizer.trains_text, f"engine=deepspeed: optimizer.text_lr_ratio={self.optimizer.text_lr_ratio} "
-               f"is megatron-only (the DeepSpeed engine trains and checkpoints the image set); set it to 0")
+        _check(not self.optimizer.trains_text, f"engine=deepspeed: optimizer.text_lr_ratio="
+               f"{self.optimizer.text_lr_ratio} is megatron-only (the DeepSpeed engine trains and checkpoints the "
+               f"image set); set it to 0")
         _check(not self.train.ema.enabled, "engine=deepspeed: train.ema.enabled=true is megatron-only (the EMA is "
                "sharded like megatron's distributed optimizer); set train.ema.enabled=false or engine=megatron")
 

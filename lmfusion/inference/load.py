@@ -66,6 +66,7 @@ class CheckpointMeta:
     base_dir: Path
     stop_token_ids: tuple[int, ...]  # eos ids of the source model (Llama-3 instruct lists several)
     weights: str = "raw"  # "ema" (train.ema's average of the image set) or "raw"
+    text_lr_ratio: float = 0.0  # > 0: the run trained its text set (it drifts from the base by design)
 
 
 class InferenceModel(NamedTuple):
@@ -267,7 +268,8 @@ def load_for_inference(ckpt: str | Path, device: str | torch.device | None = Non
     # params_dtype covers megatron's modules only; the image encoder/decoder (plain torch) follow here, as megatron's
     # Float16Module casts the whole model in training.
     model = model.to(dtype=dtype).eval()
-    meta = CheckpointMeta(kind, path, base_dir, _stop_token_ids(base_dir, cfg), chosen)
+    meta = CheckpointMeta(kind, path, base_dir, _stop_token_ids(base_dir, cfg), chosen,
+                          float(saved.get("text_lr_ratio") or 0))
     return InferenceModel(model, cfg, load_tokenizer(base_dir), vae, meta, diffusion)
 
 
