@@ -146,12 +146,16 @@ def _run_plot(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- export-ckpt
 def _run_export(args: argparse.Namespace) -> int:
     from lmfusion import rundir
-    from lmfusion.inference.export import export_checkpoint
+    from lmfusion.inference.export import export_checkpoint, export_text_hf
 
     iter_dir = rundir.find_checkpoint(args.ckpt)
     if iter_dir is None:
         raise FileNotFoundError(f"{args.ckpt}: expected a training iteration directory or a run directory with a "
                                 f"complete iter_*/{rundir.CHECKPOINT_JSON}, found neither")
+    if args.hf:
+        out = export_text_hf(iter_dir, args.output)
+        print(f"lmfusion export-ckpt: wrote {out} ({iter_dir.name}: the text model as a Hugging Face directory)")
+        return 0
     out = export_checkpoint(iter_dir, args.output)
     print(f"lmfusion export-ckpt: wrote {out} ({iter_dir.name}: image set as safetensors + its base)")
     return 0
@@ -193,4 +197,7 @@ def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
                                           "loaded: the form to share (generate, caption, chat, eval read it).")
     p.add_argument("ckpt", type=Path, help="run directory or iter_XXXXXXX directory")
     p.add_argument("--output", type=Path, required=True, help="new directory to write")
+    p.add_argument("--hf", action="store_true",
+                   help="write the run's text model as a Hugging Face directory instead (the text set it trained "
+                        "when optimizer.text_lr_ratio > 0, else its base's)")
     p.set_defaults(run=_run_export)

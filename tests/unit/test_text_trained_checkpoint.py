@@ -107,3 +107,24 @@ def test_eval_text_reports_drift_for_trained_text(trained, tmp_path, capsys, mon
     assert "drift from the base" in capsys.readouterr().out
     table = (out / "table1.md").read_text()
     assert "drift from the base" in table and "Base (frozen text)" not in table
+
+
+def test_hf_export_holds_the_trained_text(trained, tmp_path):
+    """``export-ckpt --hf``: the Hugging Face Llama written from the run gives our model's text logits (the trained
+    text, not the base's; fp32, 1e-4 as the HF parity tests)."""
+    from lmfusion.cli import main
+    from lmfusion.inference.load import load_for_inference
+    from lmfusion.model.model import ModelInputs
+    from tests.fixtures import hf_logits
+
+    root, _ = trained
+    out = tmp_path / "hf"
+    assert main(["export-ckpt", str(root / "run"), "--output", str(out), "--hf"]) == 0
+    bundle = load_for_inference(root / "run", device="cpu")
+    tokens = torch.randint(0, bundle.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = bundle.model(ModelInputs(tokens=tokens, document_ids=torch.zeros_like(tokens))).logits
+    ours = ours.transpose(0, 1)[..., : bundle.config.vocab_size]  # (s, b, V) -> (b, s, V)
+    theirs = hf_logits(out, tokens)
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert (ours - hf_logits(root / "hf", tokens)).abs().max().item() > 1e-2  # the base's text differs
