@@ -9,8 +9,12 @@ holds the final norm, LM head and image decoder; other stages take their input t
 Every stage builds the micro-batch's routing plan, mask and RoPE table once from the same
 :class:`ModelInputs` (they are cheap and identical on all stages) and hands them to each of its layers.
 
-Tied embeddings: the text path is frozen, so the last stage may hold its own frozen copy of the embedding as the LM
-head (no embedding-gradient sync between stages is needed); at PP=1 the head reads the embedding parameter itself.
+Tied embeddings: with frozen text the last stage may hold its own frozen copy of the embedding as the LM head (no
+embedding-gradient sync between stages is needed); at PP=1 the head reads the embedding parameter itself. When the
+text trains (``optimizer.text_lr_ratio`` > 0) the copy is kept equal as megatron's GPTModel keeps it: the embedding
+group sums both stages' gradients (:meth:`LMFusionModel.tie_trained_embedding`).
+
+``model.separation`` decides which layer slots (and the final norm) are routed or shared (``megatron_ext/spec.py``).
 """
 
 from __future__ import annotations
