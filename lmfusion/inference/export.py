@@ -63,5 +63,6 @@ def export_text_hf(ckpt: Path, output: Path, dtype: str | None = None, overwrite
     bundle = load_for_inference(ckpt, device="cpu", weights="raw")  # verifies files and the base hash
     state = None
     if bundle.meta.text_lr_ratio > 0:
-        state = {n: p.detach() for n, p in bundle.model.named_parameters() if not is_image_param(n)}
+        state = {n: p.detach() for n, p in bundle.model.named_parameters()
+                 if not is_image_param(n) and not n.startswith("vision.")}  # a VLM's tower: the base's, frozen
     return export_hf(bundle.meta.base_dir, output, dtype, state=state, overwrite=overwrite)

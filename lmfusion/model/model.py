@@ -304,8 +304,9 @@ class LMFusionModel(MegatronModule):
         ``tie_embeddings_and_output_weights_state_dict``), so the text set reshards across PP sizes too."""
         metadata = ensure_metadata_has_dp_cp_group(metadata)  # megatron's dense layers (embedding, head) index it
         full = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        # a VLM base's vision path (attached for inference) is frozen and always the base's
         keep = {k: v for k, v in full.items() if (is_image_param(k[len(prefix):]) or self.saves_text)
-                and not k.endswith("_extra_state")}
+                and not k.endswith("_extra_state") and not k[len(prefix):].startswith("vision.")}
         head = f"{prefix}output_layer.weight"
         if self.saves_text and head in keep and self.model_config.tie_word_embeddings:
             keep[head] = make_tp_sharded_tensor_for_checkpoint(
