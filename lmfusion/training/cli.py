@@ -124,13 +124,17 @@ def _run_flops(args: argparse.Namespace) -> int:
           f"({step.text_on / total:.1%}), text before any image (incl. padding) {step.text_off} "
           f"({step.text_off / total:.1%}); {step.images} images")
     ref = result["transfusion_recipe"]
-    for key, label in (("lmfusion", "LMFusion (text frozen)"),
+    sep = cfg.model.separation
+    for key, label in (("lmfusion", "LMFusion (text frozen)" if sep == "deep" else f"LMFusion (text frozen, {sep})"),
                        ("lmfusion_as_implemented", "LMFusion, as autograd runs it"),
                        ("all_trainable", "same model, everything trainable"),
                        ("transfusion_same_data", "Transfusion from scratch, same data"),
                        ("transfusion_recipe", f"Transfusion recipe (+{args.text_only_share:.0%} text-only rows)")):
         print(f"  {label:<48} {result[key]:.4e} FLOPs/step   {result[key] / ref:6.1%} of the Transfusion recipe")
     print(f"lmfusion_over_transfusion_recipe: {result['lmfusion'] / ref:.4f}")
+    if cfg.optimizer.trains_text:
+        print(f"this config trains the text too (optimizer.text_lr_ratio {cfg.optimizer.text_lr_ratio:g}): its step "
+              f"costs 'everything trainable'")
     return 0
 
 
