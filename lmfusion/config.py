@@ -95,9 +95,8 @@ class ModelConfig:
     linear_backend: LinearBackend = "auto"
     """'local' (pure torch), 'te' (Transformer Engine), or 'auto' (TE when it imports and a GPU is present)."""
     separation: Separation = "deep"
-    """Which layer modules have an image twin (paper Section 5.1): 'deep' (LMFusion: QKV, O, FFN and every norm),
-    'shallow' (the FFN with its pre-MLP norm, and the final norm; QKV, O and the attention norm are shared) or 'none'
-    (one dense set for both modalities; only the image encoder/decoder are image-specific). Same base for all."""
+    """Which layer modules have an image twin (paper Section 5.1; megatron_ext/spec.py): 'deep' (all), 'shallow'
+    (FFN, its norm, final norm) or 'none' (only the image encoder/decoder are image-specific). Same base for all."""
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
@@ -314,9 +313,8 @@ class OptimConfig:
     their lr (and min_lr) is ``lr_mult`` x the schedule's, which the image twins (copied from the pretrained text
     weights) follow unscaled. A megatron-core parameter-group override; 1: one schedule for all."""
     text_lr_ratio: float = 0.0
-    """Learning rate of the text modules (every parameter that is not image-specific: embedding, text/shared
-    layer modules, final norm, LM head) as a multiple of the schedule's (paper Section 5.1: eta_text / eta_img).
-    0: frozen (LMFusion; no gradient, reduction or optimizer state); > 0: trained, and checkpointed in the run."""
+    """Learning rate of every non-image parameter as a multiple of the schedule's (paper Section 5.1: eta_text /
+    eta_img). 0: frozen (LMFusion); > 0: trained, and checkpointed in the run."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0 and 0 <= self.min_lr <= self.lr,
