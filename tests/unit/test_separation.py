@@ -189,3 +189,26 @@ def test_flops_follow_separation_and_frozen_text():
     assert f["none"].image_trainable_linear == 0 and f["deep"].image_trainable_linear == f["deep"].layer_linear
     everything = step_flops(MODEL, counts, "all_trainable")
     assert all(flops[s] < everything for s in SEPARATIONS)
+
+
+def test_deepspeed_refuses_text_training():
+    from lmfusion.errors import UserError
+
+    with pytest.raises(UserError, match="engine=deepspeed: optimizer.text_lr_ratio=0.1"):
+        dataclasses.replace(_cfg("deep", 0.1), engine="deepspeed")
+
+
+def test_resume_checks_read_older_records_as_deep_frozen(tmp_path):
+    """A record from before these settings (no separation, no ratio) is a deep, frozen-text run."""
+    from lmfusion.errors import UserError
+    from lmfusion.training.trainer import check_training_setup
+
+    old = {"model": {k: v for k, v in MODEL.to_dict().items() if k != "separation"}}
+    check_training_setup(old, _cfg("deep", 0.0), tmp_path)
+    with pytest.raises(UserError, match="model.separation is 'deep' in the checkpoint, 'none' in this config"):
+        check_training_setup(old, _cfg("none", 0.0), tmp_path)
+    with pytest.raises(UserError, match="optimizer.text_lr_ratio is 0.0 in the checkpoint, 1.0 in this config"):
+        check_training_setup(old, _cfg("deep", 1.0), tmp_path)
+    ratio_changed = {**old, "model": MODEL.to_dict(), "text_lr_ratio": 0.5}
+    with pytest.raises(UserError, match="parameter groups differ"):
+        check_training_setup(ratio_changed, _cfg("deep", 1.0), tmp_path)
