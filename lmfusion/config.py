@@ -32,6 +32,7 @@ __all__ = ["ModelConfig", "RopeScaling", "to_transformer_config", "LLAMA3_BOI", 
 # Choice fields: the annotation is the one list of allowed values (config_io and __post_init__ both read it).
 AttentionBackend = Literal["auto", "sdpa", "flex", "te"]  # 'te' is typed so that the refusal can say why
 LinearBackend = Literal["auto", "local", "te"]
+Separation = Literal["deep", "shallow", "none"]
 Precision = Literal["auto", "bf16", "fp32"]
 Recompute = Literal["none", "full"]
 Fp8 = Optional[Literal["hybrid", "e4m3"]]
@@ -93,6 +94,9 @@ class ModelConfig:
     fused kernel for this arbitrary mask; see lmfusion/model/attention.py.)"""
     linear_backend: LinearBackend = "auto"
     """'local' (pure torch), 'te' (Transformer Engine), or 'auto' (TE when it imports and a GPU is present)."""
+    separation: Separation = "deep"
+    """Which layer modules have an image twin (paper Section 5.1; megatron_ext/spec.py): 'deep' (all), 'shallow'
+    (FFN, its norm, final norm) or 'none' (only the image encoder/decoder are image-specific). Same base for all."""
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
@@ -122,7 +126,8 @@ class ModelConfig:
             from lmfusion.model.attention import TE_REFUSED
 
             raise UserError(f"model.{TE_REFUSED}")
-        _check_choices("model", self, attention_backend=AttentionBackend, linear_backend=LinearBackend)
+        _check_choices("model", self, attention_backend=AttentionBackend, linear_backend=LinearBackend,
+                       separation=Separation)
 
     # ------------------------------------------------------------------ derived
     def padded_vocab_size(self, tp: int) -> int:
@@ -307,6 +312,9 @@ class OptimConfig:
     """Learning-rate multiplier of the image I/O blocks (U-Net down/up or linear patchify; trained from scratch):
     their lr (and min_lr) is ``lr_mult`` x the schedule's, which the image twins (copied from the pretrained text
     weights) follow unscaled. A megatron-core parameter-group override; 1: one schedule for all."""
+    text_lr_ratio: float = 0.0
+    """Learning rate of every non-image parameter as a multiple of the schedule's (paper Section 5.1: eta_text /
+    eta_img). 0: frozen (LMFusion); > 0: trained, and checkpointed in the run."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0 and 0 <= self.min_lr <= self.lr,
@@ -318,6 +326,11 @@ class OptimConfig:
         _check(self.adam_eps > 0 and self.weight_decay >= 0 and self.clip_grad >= 0,
                "optimizer.adam_eps must be > 0, optimizer.weight_decay and optimizer.clip_grad >= 0")
         _check(self.lr_mult > 0, f"optimizer.lr_mult must be > 0, got {self.lr_mult}")
+        _check(self.text_lr_ratio >= 0, f"optimizer.text_lr_ratio must be >= 0, got {self.text_lr_ratio}")
+
+    @property
+    def trains_text(self) -> bool:
+        return self.text_lr_ratio > 0
 
 
 @dataclass
@@ -483,6 +496,9 @@ class Config:
                f"Engine); set train.fp8=null")
         _check(not self.checkpoint.async_save, "engine=deepspeed: checkpoint.async_save=true is megatron-only; set "
                "checkpoint.async_save=false")
+        _check(not self.optimizer.trains_text, f"engine=deepspeed: optimizer.text_lr_ratio="
+               f"{self.optimizer.text_lr_ratio} is megatron-only (the DeepSpeed engine trains and checkpoints the "
+               f"image set); set it to 0")
         _check(not self.train.ema.enabled, "engine=deepspeed: train.ema.enabled=true is megatron-only (the EMA is "
                "sharded like megatron's distributed optimizer); set train.ema.enabled=false or engine=megatron")
 

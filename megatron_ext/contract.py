@@ -4,7 +4,8 @@ Which parameter is text or image, which base tensor it loads from, how it is TP-
 checkpointed is decided here, never per backend:
 
 * **Names.** A routed module registers, as its own direct parameters, ``weight`` (and ``bias``) for text and
-  ``image_weight`` (and ``image_bias``) for image. Text names are megatron's dense names, so a dense megatron
+  ``image_weight`` (and ``image_bias``) for image; a shared module (a slot that ``model.separation`` leaves
+  unseparated) registers the text names only, and both modalities use them. Text names are megatron's dense names, so a dense megatron
   checkpoint's ``weight`` is the text weight as it is; an image name is its text name with ``image_`` in front
   (:func:`image_twin_name` / :func:`text_twin_name`). Base loading, freezing, twin initialisation and the
   trainable set (``lmfusion/model/weights.py``) read these names and nothing else.
@@ -78,13 +79,16 @@ def routed_linear_sharded_state_dict(module: torch.nn.Module, partition_dim: int
 
 
 def check_routed_linear(layer: torch.nn.Module, *, partition_dim: int, stride: int = 1, bias: bool = False,
-                        tp_group=None) -> None:
+                        tp_group=None, routed: bool = True) -> None:
     """Raise AssertionError listing every way ``layer`` breaks the contract (names, shapes, TP attributes,
-    checkpoint keys and shards); ``tp_group`` is the group it was built with (None: the layer's ``tp_group``)."""
+    checkpoint keys and shards); ``tp_group`` is the group it was built with (None: the layer's ``tp_group``).
+    ``routed=False``: a shared (dense) layer of an unseparated slot, which holds the text names only."""
     tp_group = tp_group if tp_group is not None else getattr(layer, "tp_group", None)
     tp_rank, tp_size = get_pg_rank(tp_group), get_pg_size(tp_group)
     problems = []
-    want = {"weight", "image_weight"} | ({"bias", "image_bias"} if bias else set())
+    want = {"weight"} | ({"bias"} if bias else set())
+    if routed:
+        want |= {image_twin_name(n) for n in want}
     names = {n for n, _ in layer.named_parameters()}  # recursive: nothing may hide under another name
     if names != want:
         problems.append(f"parameters {sorted(names)}, expected {sorted(want)}")

@@ -22,6 +22,11 @@ weight-sized tensor of zeros (470 MB for one 8B fc1 in fp32).
 Between a column and a row layer the activations may stay grouped (``keep_grouped=True`` /
 ``input_grouped=True``): an MLP then permutes once on the way in and once on the way out.
 
+A slot both modalities share (``model.separation`` shallow / none) is filled with :class:`SharedColumnParallelLinear`
+/ :class:`SharedRowParallelLinear`: megatron's own dense layers (their communication, their frozen-weight path) with
+the routed layers' call signature, the plan ignored, and the contract's text names and checkpoint keys (``weight``,
+``bias``; no twin).
+
 The Transformer Engine variant lives in :mod:`megatron_ext.te_linear`.
 """
 
@@ -53,7 +58,8 @@ from torch.nn import Parameter
 from megatron_ext.contract import image_twin_name, routed_linear_sharded_state_dict
 from megatron_ext.routing import IMAGE, TEXT, RoutingPlan
 
-__all__ = ["ModalityColumnParallelLinear", "ModalityRowParallelLinear", "routed_linear", "tag_partitioned"]
+__all__ = ["ModalityColumnParallelLinear", "ModalityRowParallelLinear", "SharedColumnParallelLinear",
+           "SharedRowParallelLinear", "routed_linear", "tag_partitioned"]
 
 
 def _all_gather_first_dim(x: torch.Tensor, group, async_op: bool = False):
@@ -323,4 +329,48 @@ class ModalityRowParallelLinear(RowParallelLinear):
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """Both modalities shard along axis 1; biases are replicated (as megatron's dense row layer)."""
+        return routed_linear_sharded_state_dict(self, 1, prefix, sharded_offsets, metadata, self.tp_group)
+
+
+class SharedColumnParallelLinear(ColumnParallelLinear):
+    """megatron's dense column-parallel linear with the routed layer's ``forward(x, plan, keep_grouped=False)``:
+    one weight for every token (the plan is ignored; ``keep_grouped`` must be False)."""
+
+    def __init__(self, input_size: int, output_size: int, *, config: ModelParallelConfig, init_method: Callable,
+                 bias: bool = True, gather_output: bool = False, stride: int = 1, skip_bias_add: bool = False,
+                 is_expert: bool = False, tp_comm_buffer_name: Optional[str] = None, tp_group=None, **unused):
+        super().__init__(input_size, output_size, config=config, init_method=init_method, bias=bias,
+                         gather_output=gather_output, stride=stride, skip_bias_add=skip_bias_add,
+                         is_expert=is_expert, tp_comm_buffer_name=tp_comm_buffer_name, tp_group=tp_group)
+        tag_partitioned(self.weight, 0, stride)
+
+    def forward(self, input_: torch.Tensor, plan: Optional[RoutingPlan] = None, keep_grouped: bool = False):
+        if keep_grouped:
+            raise ValueError("SharedColumnParallelLinear: a dense layer has no grouped output")
+        return super().forward(input_)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """The contract's keys (weights and biases split on axis 0), without megatron's ``_extra_state``."""
+        return routed_linear_sharded_state_dict(self, 0, prefix, sharded_offsets, metadata, self.tp_group)
+
+
+class SharedRowParallelLinear(RowParallelLinear):
+    """megatron's dense row-parallel linear with the routed layer's ``forward(x, plan, input_grouped=False)``."""
+
+    def __init__(self, input_size: int, output_size: int, *, config: ModelParallelConfig, init_method: Callable,
+                 bias: bool, input_is_parallel: bool, skip_bias_add: bool, stride: int = 1,
+                 is_expert: bool = False, tp_comm_buffer_name: Optional[str] = None, tp_group=None, **unused):
+        super().__init__(input_size, output_size, config=config, init_method=init_method, bias=bias,
+                         input_is_parallel=input_is_parallel, skip_bias_add=skip_bias_add, stride=stride,
+                         is_expert=is_expert, tp_comm_buffer_name=tp_comm_buffer_name, tp_group=tp_group)
+        tag_partitioned(self.weight, 1, stride)
+
+    def forward(self, input_: torch.Tensor, plan: Optional[RoutingPlan] = None, input_grouped: bool = False,
+                seq_shape: Optional[tuple[int, int]] = None):
+        if input_grouped:
+            raise ValueError("SharedRowParallelLinear takes token-ordered input")
+        return super().forward(input_)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """The contract's keys (weights split on axis 1, biases replicated), without ``_extra_state``."""
         return routed_linear_sharded_state_dict(self, 1, prefix, sharded_offsets, metadata, self.tp_group)

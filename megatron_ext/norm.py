@@ -5,6 +5,8 @@ weight multiply, exactly as Hugging Face's ``LlamaRMSNorm`` does (so frozen text
 in fp32). The normalisation has no weights and is shared; only the final scale is routed, by gathering each
 token's weight row (one (tokens, h) gather — cheaper than grouping the tokens for an elementwise op). When every
 token has one modality only that weight is used; the other gets no gradient (as in the routed linears).
+:class:`SharedRMSNorm` is the dense form for a slot both modalities share (``model.separation`` shallow / none): the
+same formula and call signature, one ``weight``, the routing plan ignored.
 
 With sequence parallelism the norm runs on this rank's sequence shard; pass ``sp_shard=(tp_rank, tp_size)``. Its
 weights carry ``sequence_parallel=True`` so megatron's ``finalize_model_grads`` all-reduces their gradients over the
@@ -26,7 +28,7 @@ from torch.nn import Parameter
 
 from megatron_ext.routing import TEXT, RoutingPlan
 
-__all__ = ["RoutedRMSNorm"]
+__all__ = ["RoutedRMSNorm", "SharedRMSNorm"]
 
 
 class RoutedRMSNorm(MegatronModule):
@@ -70,3 +72,25 @@ class RoutedRMSNorm(MegatronModule):
         tp_group = parallel_state.get_tensor_model_parallel_group() if dp_cp_group is not None else None
         return make_sharded_tensors_for_checkpoint(state_dict, prefix, {}, sharded_offsets, tp_group=tp_group,
                                                    dp_cp_group=dp_cp_group)
+
+
+class SharedRMSNorm(MegatronModule):
+    """One RMSNorm ``weight`` for both modalities, with :class:`RoutedRMSNorm`'s call signature (the plan is
+    ignored) so that a layer spec can fill a norm slot with either."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(config=config)
+        self.hidden_size = hidden_size
+        self.eps = eps
+        self.weight = Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    _normalise = RoutedRMSNorm._normalise
+
+    def forward(self, x: torch.Tensor, plan: RoutingPlan | None = None, sp_shard: tuple[int, int] | None = None
+                ) -> torch.Tensor:
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(f"SharedRMSNorm: expected hidden size {self.hidden_size}, got {x.shape[-1]}")
+        return self.weight * self._normalise(x)
+
+    sharded_state_dict = RoutedRMSNorm.sharded_state_dict

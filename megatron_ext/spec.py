@@ -9,6 +9,19 @@ parameter contract (names, TP strides, checkpoint keys; :mod:`megatron_ext.contr
 megatron's Transformer Engine spec (``TELayerNormColumnParallelLinear``; here the checkpoint key stays
 ``mlp.pre_mlp_layernorm``). The layer (``lmfusion/model/layer.py``) owns both residual adds and the sequence-parallel
 shard, which it passes down.
+
+**Separation depth** (paper Section 5.1) is which slots a spec fills with routed modules and which with shared (dense)
+ones of the same call signature (:data:`SEPARATIONS`; the layer's forward is the same for all):
+
+* ``deep`` (LMFusion): every slot routed.
+* ``shallow``: the MLP slot routed (``pre_mlp_layernorm``, ``linear_fc1``, ``linear_fc2``), attention shared
+  (``input_layernorm``, ``linear_qkv``, ``linear_proj``). The pre-MLP norm goes with the FFN: its scale multiplies
+  fc1's input feature-wise, i.e. it is a diagonal factor of fc1, so a shared norm in front of modality FFNs would
+  only tie one factor of the FFN across modalities; separation at the FFN then means the whole FFN sub-block.
+* ``none``: every slot shared; only the image encoder/decoder (outside the layers) are image-specific.
+
+The model's final norm (``decoder.final_layernorm``) is filled like ``pre_mlp_layernorm``: it closes the residual
+stream that the FFNs write, and feeds the modality heads.
 """
 
 from __future__ import annotations
@@ -23,14 +36,35 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_ext.linear import ModalityColumnParallelLinear, ModalityRowParallelLinear
-from megatron_ext.norm import RoutedRMSNorm
+from megatron_ext.linear import (
+    ModalityColumnParallelLinear,
+    ModalityRowParallelLinear,
+    SharedColumnParallelLinear,
+    SharedRowParallelLinear,
+)
+from megatron_ext.norm import RoutedRMSNorm, SharedRMSNorm
 from megatron_ext.routing import RoutingPlan
 from megatron_ext import te_linear
-from megatron_ext.te_linear import TEModalityColumnParallelLinear, TEModalityRowParallelLinear, require_te
+from megatron_ext.te_linear import (
+    TEModalityColumnParallelLinear,
+    TEModalityRowParallelLinear,
+    TESharedColumnParallelLinear,
+    TESharedRowParallelLinear,
+    require_te,
+)
 
-__all__ = ["RoutedLayerSubmodules", "RoutedMLPSubmodules", "RoutedMLP", "routed_layer_submodules",
+__all__ = ["SEPARATIONS", "RoutedLayerSubmodules", "RoutedMLPSubmodules", "RoutedMLP", "routed_layer_submodules",
            "routed_mlp_spec", "resolve_backend"]
+
+SEPARATIONS = ("deep", "shallow", "none")
+
+# (norm, column, row) modules per backend: routed (one weight per modality) and shared (one for both)
+_ROUTED = {"local": (RoutedRMSNorm, ModalityColumnParallelLinear, ModalityRowParallelLinear),
+           "te": (RoutedRMSNorm, TEModalityColumnParallelLinear, TEModalityRowParallelLinear)}
+_SHARED = {"local": (SharedRMSNorm, SharedColumnParallelLinear, SharedRowParallelLinear),
+           "te": (SharedRMSNorm, TESharedColumnParallelLinear, TESharedRowParallelLinear)}
+# which halves of the layer are routed: (attention half, MLP half)
+_ROUTED_HALVES = {"deep": (True, True), "shallow": (False, True), "none": (False, False)}
 
 Slot = Union[ModuleSpec, type]
 
@@ -44,7 +78,8 @@ class RoutedMLPSubmodules:
 
 @dataclass
 class RoutedLayerSubmodules:
-    """Every routed slot of an LMFusion layer; attention (shared) is the model's own slot."""
+    """Every slot of an LMFusion layer that a spec fills with a routed or a shared module; the core attention
+    (always shared) is the layer's own."""
 
     input_layernorm: Slot = RoutedRMSNorm
     linear_qkv: Slot = ModalityColumnParallelLinear
@@ -65,18 +100,19 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def routed_layer_submodules(backend: str = "auto") -> RoutedLayerSubmodules:
-    """The routed slots filled for ``backend``. Norms are routed RMSNorm in both (TE has no routed norm)."""
-    if resolve_backend(backend) == "te":
-        return RoutedLayerSubmodules(linear_qkv=TEModalityColumnParallelLinear,
-                                     linear_proj=TEModalityRowParallelLinear,
-                                     linear_fc1=TEModalityColumnParallelLinear,
-                                     linear_fc2=TEModalityRowParallelLinear)
-    return RoutedLayerSubmodules()
+def routed_layer_submodules(backend: str = "auto", separation: str = "deep") -> RoutedLayerSubmodules:
+    """The layer's slots filled for ``backend`` and ``separation`` (module docstring). Norms are torch RMSNorms in
+    both backends (TE has no routed norm)."""
+    if separation not in _ROUTED_HALVES:
+        raise ValueError(f"separation must be one of {SEPARATIONS}, got {separation!r}")
+    backend = resolve_backend(backend)
+    attn_half, mlp_half = ((_ROUTED if routed else _SHARED)[backend] for routed in _ROUTED_HALVES[separation])
+    return RoutedLayerSubmodules(input_layernorm=attn_half[0], linear_qkv=attn_half[1], linear_proj=attn_half[2],
+                                 pre_mlp_layernorm=mlp_half[0], linear_fc1=mlp_half[1], linear_fc2=mlp_half[2])
 
 
-def routed_mlp_spec(backend: str = "auto") -> ModuleSpec:
-    slots = routed_layer_submodules(backend)
+def routed_mlp_spec(backend: str = "auto", separation: str = "deep") -> ModuleSpec:
+    slots = routed_layer_submodules(backend, separation)
     return ModuleSpec(module=RoutedMLP, submodules=RoutedMLPSubmodules(
         pre_mlp_layernorm=slots.pre_mlp_layernorm, linear_fc1=slots.linear_fc1, linear_fc2=slots.linear_fc2))
 

@@ -24,6 +24,11 @@ tagging would compete with ours. ``train()``/``eval()`` are forwarded to them an
 ``.bfloat16``) re-binds them to the routed module's parameters. TE's per-GEMM FP8 scaling state (``_extra_state``)
 is not checkpointed (as before this contract): delayed-scaling amax histories restart after a resume.
 
+A slot both modalities share (``model.separation`` shallow / none) gets ``TESharedColumnParallelLinear`` /
+``TESharedRowParallelLinear``: the same module with one GEMM (``weight``/``bias`` only, no twin) run on every token
+in token order (no grouping; under FP8 the layer's token count s x b must then be a multiple of 16, as for megatron's
+own TE layers).
+
 Activation recompute must use :func:`te_checkpoint` (TE's checkpoint re-enters ``fp8_autocast`` on recompute;
 torch's does not).
 
@@ -61,7 +66,8 @@ except Exception:  # ImportError, or RuntimeError from a TE without its CUDA lib
     te = None
     HAVE_TE = False
 
-__all__ = ["HAVE_TE", "TEModalityColumnParallelLinear", "TEModalityRowParallelLinear", "fp8_pad_multiple",
+__all__ = ["HAVE_TE", "TEModalityColumnParallelLinear", "TEModalityRowParallelLinear", "TESharedColumnParallelLinear",
+           "TESharedRowParallelLinear", "fp8_pad_multiple",
            "require_te", "default_device", "has_te_linears", "te_checkpoint"]
 
 FP8_GEMM_MULTIPLE = 16
@@ -103,6 +109,8 @@ class _TEModalityLinear(MegatronModule):
     """One ``te.pytorch.Linear`` per modality; the contract's parameters registered here (module docstring)."""
 
     partition_dim: int
+    modalities = len(MODALITY_NAMES)
+    """GEMMs (and parameter sets) held: one per modality, or one shared (the ``TEShared*`` classes)."""
 
     def __init__(self, input_size: int, output_size: int, *, config: ModelParallelConfig, init_method: Callable,
                  bias: bool, stride: int = 1, tp_group=None, device: Optional[torch.device] = None):
@@ -124,10 +132,11 @@ class _TEModalityLinear(MegatronModule):
         gemms = tuple(te.Linear(local_in, local_out, bias=bias, params_dtype=config.params_dtype, parallel_mode=None,
                                 device=self.device, get_rng_state_tracker=tracker,
                                 init_method=init_method if config.perform_initialization else _skip_init)
-                      for _ in MODALITY_NAMES)
+                      for _ in range(self.modalities))
         self._gemms = gemms  # a tuple: not submodules (module docstring)
         self._names = tuple((w, b if bias else None) for w, b in (("weight", "bias"), (image_twin_name("weight"),
-                                                                                        image_twin_name("bias"))))
+                                                                                        image_twin_name("bias")))
+                            )[:self.modalities]
         for gemm, (w_name, b_name) in zip(gemms, self._names):
             self.register_parameter(w_name, gemm.weight)
             mark_partitioned(gemm.weight, self.partition_dim, stride)
@@ -139,8 +148,12 @@ class _TEModalityLinear(MegatronModule):
                 mark_partitioned(gemm.bias, 0, stride)
             gemm.bias.allreduce = True
         if not bias:
-            self.register_parameter("bias", None)
-            self.register_parameter(image_twin_name("bias"), None)
+            for _, b_name in (("weight", "bias"), ("image_weight", "image_bias"))[:self.modalities]:
+                self.register_parameter(b_name, None)
+
+    def _gemms_on(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """(n, in) token order -> (n, out) token order through this module's GEMM(s)."""
+        return _routed_te_gemms(x, plan, self._gemms)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -181,7 +194,7 @@ class TEModalityColumnParallelLinear(_TEModalityLinear):
         else:
             total = copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
         s, b = total.shape[0], total.shape[1]
-        y = _routed_te_gemms(total.reshape(s * b, -1), plan, self._gemms).view(s, b, -1)
+        y = self._gemms_on(total.reshape(s * b, -1), plan).view(s, b, -1)
         if self.gather_output:
             y = gather_from_tensor_model_parallel_region(y, group=self.tp_group)
         return y, None
@@ -205,10 +218,27 @@ class TEModalityRowParallelLinear(_TEModalityLinear):
         if not self.input_is_parallel:
             input_ = scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
         s, b = input_.shape[0], input_.shape[1]
-        y = _routed_te_gemms(input_.reshape(s * b, -1), plan, self._gemms).view(s, b, -1)
+        y = self._gemms_on(input_.reshape(s * b, -1), plan).view(s, b, -1)
         if self.sequence_parallel:
             return reduce_scatter_to_sequence_parallel_region(y, group=self.tp_group), None
         return reduce_from_tensor_model_parallel_region(y, group=self.tp_group), None
+
+
+class _Shared:
+    """Mixin: one TE GEMM for every token (the plan is ignored)."""
+
+    modalities = 1
+
+    def _gemms_on(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        return self._gemms[0](x)
+
+
+class TESharedColumnParallelLinear(_Shared, TEModalityColumnParallelLinear):
+    """Column-parallel TE linear shared by both modalities (``weight``/``bias`` only)."""
+
+
+class TESharedRowParallelLinear(_Shared, TEModalityRowParallelLinear):
+    """Row-parallel TE linear shared by both modalities (``weight`` only)."""
 
 
 def has_te_linears(module: torch.nn.Module) -> bool:

@@ -37,12 +37,16 @@ def table1(results: dict) -> str:
             cells += [_fmt(r.get("fid"), 2), _fmt(r.get("clip_score"), 2)]
         return "| " + " | ".join(cells) + " |"
 
+    trained = (text.get("text_lr_ratio") or 0) > 0
     if text.get("base"):
-        lines.append(row("Base (frozen text)", text["base"], with_images=False))
+        lines.append(row("Base" if trained else "Base (frozen text)", text["base"], with_images=False))
     lines.append(row(results.get("name", "LMFusion"), text.get("ours", {}), with_images=True))
     notes = ["", "Text: accuracy (acc_norm where the task reports it) in %; Avg over the paper's four tasks. "
                  "CIDEr x 100 (COCO convention). FID on Inception pool features; CLIP score 100 * cos."]
-    if text.get("differences"):
+    if text.get("differences") and trained:
+        notes.append(f"Text trained in this run (optimizer.text_lr_ratio {text['text_lr_ratio']:g}); drift from the "
+                     f"base: " + ", ".join(text["differences"]))
+    elif text.get("differences"):
         notes.append("**Text scores differ from the base model's:** " + ", ".join(text["differences"]))
     return "\n".join(lines + notes + _understanding(results.get("lmms"), results.get("name", "LMFusion"))) + "\n"
 

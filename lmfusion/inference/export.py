@@ -1,6 +1,8 @@
 """``lmfusion export-ckpt``: write the export (:mod:`lmfusion.rundir.export`, its format and loader) of a training
 iteration, loaded as inference loads it: the image set resharded to TP = PP = 1 (and the EMA average with
-``train.ema``), the base copied, every file hashed, the record written last and the directory renamed into place."""
+``train.ema``), the base copied, every file hashed, the record written last and the directory renamed into place.
+``--hf`` (:func:`export_text_hf`) writes the run's text model as a Hugging Face directory instead: the base's text,
+or, for a run with ``optimizer.text_lr_ratio`` > 0, the text set it trained."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from lmfusion.rundir.export import EMA_SET, EXPORT_FORMAT, EXPORT_JSON, EXPORT_V
 from lmfusion.rundir.layout import base_sha256, json_text, read_record, resolve_base
 from lmfusion.utils import atomic_write_text
 
-__all__ = ["export_checkpoint"]
+__all__ = ["export_checkpoint", "export_text_hf"]
 
 
 def export_checkpoint(iter_dir: Path, output: Path) -> Path:
@@ -44,9 +46,23 @@ def export_checkpoint(iter_dir: Path, output: Path) -> Path:
                if name.startswith("base/") and name.count("/") == 1 and name != "base/conversion.json"}
     export = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "iteration": record.get("iteration"),
               "model": record["model"], "vae": record.get("vae"), "diffusion": record.get("diffusion"),
-              "base": "base", "ema": EMA_SET if ema_key else None,
+              "base": "base", "ema": EMA_SET if ema_key else None, "text_lr_ratio": record.get("text_lr_ratio", 0.0),
               "base_conversion_sha256": base_sha256(tmp / "base"), "base_files": in_base,
               "source": str(iter_dir.resolve()), "integrity": integrity.write_manifest(tmp, files)}
     atomic_write_text(tmp / EXPORT_JSON, json_text(export))
     os.replace(tmp, output)
     return output
+
+
+def export_text_hf(ckpt: Path, output: Path, dtype: str | None = None, overwrite: bool = False) -> Path:
+    """The text model of ``ckpt`` (training iteration or export) as a Hugging Face directory (``lmfusion.hf``'s
+    ``export_hf``): its base's weights, or the run's own where its text trained."""
+    from lmfusion.hf import export_hf
+    from lmfusion.model.weights import is_image_param
+
+    bundle = load_for_inference(ckpt, device="cpu", weights="raw")  # verifies files and the base hash
+    state = None
+    if bundle.meta.text_lr_ratio > 0:
+        state = {n: p.detach() for n, p in bundle.model.named_parameters()
+                 if not is_image_param(n) and not n.startswith("vision.")}  # a VLM's tower: the base's, frozen
+    return export_hf(bundle.meta.base_dir, output, dtype, state=state, overwrite=overwrite)

@@ -21,7 +21,9 @@ Three kinds of ``--ckpt`` directory (the run directory's contract is :mod:`lmfus
       RUN_DIR/iter_0000100/<megatron dist_checkpointing files of model.sharded_state_dict(prefix)>
 
   ``--ckpt`` may name the run directory (its newest complete iteration) or one iteration directory. The text weights come
-  from the base, the image set from the dist checkpoint, which megatron reshards: it loads at any TP size.
+  from the base, the image set from the dist checkpoint, which megatron reshards: it loads at any TP size. A run
+  trained with ``optimizer.text_lr_ratio`` > 0 (``"text_lr_ratio"`` in its record) holds its text set too, which
+  then replaces the base's.
 
 Inference runs in one process by default: a one-rank gloo (CPU) or NCCL (GPU) group in an in-process store, megatron
 model parallel state TP=PP=1, megatron CPU mode on CPU. Under ``torchrun`` the group spans the launched ranks and
@@ -65,6 +67,7 @@ class CheckpointMeta:
     base_dir: Path
     stop_token_ids: tuple[int, ...]  # eos ids of the source model (Llama-3 instruct lists several)
     weights: str = "raw"  # "ema" (train.ema's average of the image set) or "raw"
+    text_lr_ratio: float = 0.0  # > 0: the run trained its text set (it drifts from the base by design)
 
 
 class InferenceModel(NamedTuple):
@@ -260,7 +263,9 @@ def load_for_inference(ckpt: str | Path, device: str | torch.device | None = Non
         weights.close()
         raise
     with weights:
-        model = build_model(cfg, base=weights, params_dtype=dtype, freeze=False, device=device)
+        # a run whose text trained (optimizer.text_lr_ratio > 0) holds its text set too: loaded over the base's below
+        model = build_model(cfg, base=weights, params_dtype=dtype, freeze=False, device=device,
+                            train_text=float(saved.get("text_lr_ratio") or 0) > 0)
     if kind == "training":
         rundir.load_image_set(model, path, ema_key if chosen == "ema" else prefix)
     elif kind == "export":
@@ -274,7 +279,8 @@ def load_for_inference(ckpt: str | Path, device: str | torch.device | None = Non
     # params_dtype covers megatron's modules only; the image encoder/decoder (plain torch) follow here, as megatron's
     # Float16Module casts the whole model in training.
     model = model.to(dtype=dtype).eval()
-    meta = CheckpointMeta(kind, path, base_dir, _stop_token_ids(base_dir, cfg), chosen)
+    meta = CheckpointMeta(kind, path, base_dir, _stop_token_ids(base_dir, cfg), chosen,
+                          float(saved.get("text_lr_ratio") or 0))
     return InferenceModel(model, cfg, load_tokenizer(base_dir), vae, meta, diffusion)
 
 

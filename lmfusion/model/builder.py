@@ -15,7 +15,7 @@ from megatron.core import parallel_state
 
 from lmfusion.config import ModelConfig, to_transformer_config
 from lmfusion.model.model import LMFusionModel
-from lmfusion.model.weights import BaseTensors, freeze_text, init_image_twins_from_text, load_base_weights
+from lmfusion.model.weights import BaseTensors, init_image_twins_from_text, load_base_weights, set_trainable
 
 __all__ = ["build_model", "build_model_chunks", "chunk_layout"]
 
@@ -31,7 +31,8 @@ def chunk_layout(num_layers: int, pp: int, pp_rank: int, vpp: int = 1, vp_stage:
 
 
 def build_model(model_config: ModelConfig, *, base: Optional[BaseTensors] = None, sequence_parallel: bool = False,
-                params_dtype: torch.dtype = torch.float32, freeze: bool = True, seed: int = 1234,
+                params_dtype: torch.dtype = torch.float32, freeze: bool = True, train_text: bool = False,
+                seed: int = 1234,
                 device: torch.device | str | None = None, vp_stage: Optional[int] = None,
                 **config_overrides) -> LMFusionModel:
     """The local pipeline stage (or virtual stage ``vp_stage`` under an interleaved schedule) at the current megatron
@@ -39,7 +40,8 @@ def build_model(model_config: ModelConfig, *, base: Optional[BaseTensors] = None
 
     With ``base``, text weights come from it and image twins are copied from them; otherwise everything keeps
     megatron's random init (twins still copied, so text and image start equal). ``freeze`` sets
-    ``requires_grad`` to the image set only (do it before building DDP / the optimizer). ``seed`` seeds the
+    ``requires_grad`` to the image set only, or to everything with ``train_text`` (``optimizer.text_lr_ratio`` > 0:
+    the model then checkpoints its text set too); do it before building DDP / the optimizer. ``seed`` seeds the
     CPU generator first: replicated modules (image encoder/decoder) must start identical on every TP rank, and
     megatron's CPU initialisation draws full weights from it before slicing.
     """
@@ -63,7 +65,9 @@ def build_model(model_config: ModelConfig, *, base: Optional[BaseTensors] = None
                           layer_offset=offset)
     init_image_twins_from_text(model)
     if freeze:
-        freeze_text(model)
+        set_trainable(model, train_text)
+    else:
+        model.saves_text = train_text  # inference of a run whose text trained: its text comes from the run
     if device is not None:
         model.to(device=device)  # LMFusionModel._apply moves the RoPE table with it
     return model

@@ -9,8 +9,12 @@ holds the final norm, LM head and image decoder; other stages take their input t
 Every stage builds the micro-batch's routing plan, mask and RoPE table once from the same
 :class:`ModelInputs` (they are cheap and identical on all stages) and hands them to each of its layers.
 
-Tied embeddings: the text path is frozen, so the last stage may hold its own frozen copy of the embedding as the LM
-head (no embedding-gradient sync between stages is needed); at PP=1 the head reads the embedding parameter itself.
+Tied embeddings: with frozen text the last stage may hold its own frozen copy of the embedding as the LM head (no
+embedding-gradient sync between stages is needed); at PP=1 the head reads the embedding parameter itself. When the
+text trains (``optimizer.text_lr_ratio`` > 0) the copy is kept equal as megatron's GPTModel keeps it: the embedding
+group sums both stages' gradients (:meth:`LMFusionModel.tie_trained_embedding`).
+
+``model.separation`` decides which layer slots (and the final norm) are routed or shared (``megatron_ext/spec.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,11 @@ from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
-from megatron.core.transformer.utils import sharded_state_dict_default
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_tp_sharded_tensor_for_checkpoint,
+    sharded_state_dict_default,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
@@ -43,7 +51,6 @@ from lmfusion.model.kv_cache import KVCache
 from lmfusion.model.layer import LayerContext, lmfusion_layer_spec
 from lmfusion.model.weights import is_image_param
 from megatron_ext.linear import tag_partitioned
-from megatron_ext.norm import RoutedRMSNorm
 from megatron_ext.routing import IMAGE, RoutingPlan
 from megatron_ext.te_linear import fp8_pad_multiple
 from megatron_ext.spec import resolve_backend, routed_layer_submodules
@@ -213,8 +220,8 @@ class LMFusionModel(MegatronModule):
                  post_process: bool = True, layer_offset: Optional[int] = None, num_local_layers: Optional[int] = None):
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
-        # read by megatron's finalize_model_grads at PP>1: the text path (embedding, head) is frozen, so a tied
-        # head is a frozen copy on the last stage and no embedding-gradient sync across stages is needed
+        # read by megatron's finalize_model_grads at PP>1: with frozen text a tied head is a frozen copy on the last
+        # stage and no embedding-gradient sync across stages is needed (trained text: tie_trained_embedding)
         self.share_embeddings_and_output_weights = False
         self.model_config = model_config
         self.pre_process, self.post_process = pre_process, post_process
@@ -252,14 +259,17 @@ class LMFusionModel(MegatronModule):
         if pre_process:
             self.embedding = TextEmbedding(config, self.padded_vocab_size, model_config.hidden_size)
             self.image_encoder = encoder
-        spec = lmfusion_layer_spec(routed_layer_submodules(linear_backend))
+        slots = routed_layer_submodules(linear_backend, model_config.separation)  # model.separation fills the slots
+        spec = lmfusion_layer_spec(slots)
         self.decoder = Decoder(config, [
             build_module(spec, config=config, layer_number=layer_offset + i + 1,
                          attention_backend=self.attention_backend)
             for i in range(num_local_layers)])
         if post_process:
-            self.decoder.final_layernorm = RoutedRMSNorm(config, model_config.hidden_size,
-                                                         eps=model_config.rms_norm_eps)
+            # routed or shared as the pre-MLP norm (megatron_ext/spec.py, "Separation depth")
+            self.decoder.final_layernorm = build_module(slots.pre_mlp_layernorm, config=config,
+                                                        hidden_size=model_config.hidden_size,
+                                                        eps=model_config.rms_norm_eps)
             self.share_embedding = model_config.tie_word_embeddings and pre_process
             self.output_layer = ColumnParallelLinear(
                 model_config.hidden_size, self.padded_vocab_size, config=config, init_method=config.init_method,
@@ -269,6 +279,23 @@ class LMFusionModel(MegatronModule):
                 tag_partitioned(self.output_layer.weight, 0, 1)
         if pre_process:
             tag_partitioned(self.embedding.word_embeddings.weight, 0, 1)
+        self.saves_text = False
+        """Checkpoint the text parameters too (``optimizer.text_lr_ratio`` > 0: they train in the run). Set by
+        :func:`lmfusion.model.weights.set_trainable` / inference loading, from the run's record."""
+
+    def shared_embedding_or_output_weight(self) -> Tensor:
+        """megatron's hook (``finalize_model_grads`` all-reduces its gradient between the first and last stage when
+        ``share_embeddings_and_output_weights``): this stage's copy of a tied embedding."""
+        return self.embedding.word_embeddings.weight if self.pre_process else self.output_layer.weight
+
+    def tie_trained_embedding(self) -> None:
+        """Tied embeddings that train at PP > 1: the last stage's head copy gets the first stage's gradient added
+        (megatron's embedding group) and is left out of the gradient norm (``shared``), as megatron's GPTModel."""
+        tied_copy = self.model_config.tie_word_embeddings and self.post_process and not self.pre_process
+        self.share_embeddings_and_output_weights = tied_copy or (
+            self.model_config.tie_word_embeddings and self.pre_process and not self.post_process)
+        if tied_copy:
+            self.output_layer.weight.shared = True
 
     def _apply(self, fn, recurse=True):
         """``.to(device)``/``.cuda()`` move RoPE's frequency table too. megatron keeps it as a plain tensor attribute
@@ -283,11 +310,23 @@ class LMFusionModel(MegatronModule):
 
     # ------------------------------------------------------------------ checkpointing
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
-        """The trainable (image) set only: the frozen text model lives in the base checkpoint, which a training
-        checkpoint refers to instead of copying (docs/architecture.md, "Checkpoint"). Layer indices are a sharded axis and
-        every TP-sharded tensor keeps its sharding, so checkpoints load at other TP/PP sizes."""
+        """The image set, and the text set when it trains (``saves_text``): frozen text lives in the base checkpoint,
+        which a training checkpoint refers to instead of copying (docs/architecture.md, "Checkpoint"). Layer indices
+        are a sharded axis and every TP-sharded tensor keeps its sharding, so checkpoints load at other TP/PP sizes.
+        A tied head's copy on the last stage is saved under the embedding's key as a replica (megatron's
+        ``tie_embeddings_and_output_weights_state_dict``), so the text set reshards across PP sizes too."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)  # megatron's dense layers (embedding, head) index it
         full = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        return {k: v for k, v in full.items() if is_image_param(k[len(prefix):])}
+        # a VLM base's vision path (attached for inference) is frozen and always the base's
+        keep = {k: v for k, v in full.items() if (is_image_param(k[len(prefix):]) or self.saves_text)
+                and not k.endswith("_extra_state") and not k[len(prefix):].startswith("vision.")}
+        head = f"{prefix}output_layer.weight"
+        if self.saves_text and head in keep and self.model_config.tie_word_embeddings:
+            keep[head] = make_tp_sharded_tensor_for_checkpoint(
+                tensor=self.output_layer.weight, key=f"{prefix}embedding.word_embeddings.weight",
+                replica_id=(1, 0, parallel_state.get_data_parallel_rank(with_context_parallel=True)),
+                allow_shape_mismatch=True)
+        return keep
 
     # ------------------------------------------------------------------ megatron pipeline hooks
     def set_input_tensor(self, input_tensor) -> None:

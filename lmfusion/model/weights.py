@@ -4,9 +4,10 @@
   ``image_weight``/``image_bias`` image, megatron's TP attributes), the same for every linear backend: nothing here
   knows which backend built a layer.
 * **Trainable = image set**: every routed module's ``image_weight``/``image_bias`` and the image encoder/decoder.
-  Everything else (embedding, text norms/QKV/O/FFN, final text norm, LM head) is text and frozen with
+  Everything else (embedding, text or shared norms/QKV/O/FFN, final norm, LM head) is text and frozen with
   ``requires_grad=False`` before DDP and the optimizer are built: no grad buffer, no optimizer state, no
-  weight-gradient GEMM, no data-parallel reduction.
+  weight-gradient GEMM, no data-parallel reduction. With ``optimizer.text_lr_ratio`` > 0 the text set trains too
+  (:func:`set_trainable`), at its own learning rate (``lmfusion/training/model_setup.py``).
 * **Image twins start as copies** of their text weights; the U-Net blocks keep their random initialisation.
 * **Base loading** reads full (TP=1) tensors by megatron name and slices this rank's shard using the tensor-parallel
   attributes megatron puts on each parameter (``partition_dim``, ``partition_stride``: the fused SwiGLU fc1 is
@@ -25,7 +26,7 @@ from megatron.core import parallel_state
 from lmfusion.errors import UserError
 from megatron_ext.contract import is_image_param_name, text_twin_name
 
-__all__ = ["is_image_param", "trainable_parameter_names", "freeze_text", "init_image_twins_from_text",
+__all__ = ["is_image_param", "trainable_parameter_names", "freeze_text", "set_trainable", "init_image_twins_from_text",
            "load_base_weights", "BaseTensors", "tp_shard"]
 
 _IMAGE_PREFIXES = ("image_encoder.", "image_decoder.")
@@ -42,8 +43,20 @@ def trainable_parameter_names(model: torch.nn.Module) -> list[str]:
 
 def freeze_text(model: torch.nn.Module) -> list[str]:
     """``requires_grad`` = is_image_param(name); returns the trainable names."""
+    return set_trainable(model, train_text=False)
+
+
+def set_trainable(model: torch.nn.Module, train_text: bool) -> list[str]:
+    """``requires_grad`` = the image set, plus the text set when ``train_text`` (which the model then checkpoints:
+    ``saves_text``); returns the trainable names. A model with a frozen vision path keeps it frozen."""
+    vision = getattr(model, "vision", None)
+    frozen = {id(p) for p in vision.parameters()} if vision is not None else set()
     for name, param in model.named_parameters():
-        param.requires_grad_(is_image_param(name))
+        param.requires_grad_(id(param) not in frozen and (train_text or is_image_param(name)))
+    if hasattr(model, "saves_text"):
+        model.saves_text = train_text
+    if train_text and hasattr(model, "tie_trained_embedding"):
+        model.tie_trained_embedding()
     return trainable_parameter_names(model)
 
 

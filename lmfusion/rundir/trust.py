@@ -158,4 +158,6 @@ def load_image_set(model: torch.nn.Module, iter_dir: Path, prefix: str = "") -> 
     loaded = load_dist_checkpoint(sharded, iter_dir)
     state = {k[len(prefix):]: loaded[k] for k in sharded if k in loaded}  # not the common state (optimizer groups)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    check_image_set_loaded(missing, unexpected, iter_dir)
+    # the image set, and the text set of a run whose text trained (the model's ``saves_text``)
+    wanted = [n for n, _ in model.named_parameters() if f"{prefix}{n}" in sharded]
+    check_image_set_loaded(missing, unexpected, iter_dir, wanted)

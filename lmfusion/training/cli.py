@@ -124,13 +124,17 @@ def _run_flops(args: argparse.Namespace) -> int:
           f"({step.text_on / total:.1%}), text before any image (incl. padding) {step.text_off} "
           f"({step.text_off / total:.1%}); {step.images} images")
     ref = result["transfusion_recipe"]
-    for key, label in (("lmfusion", "LMFusion (text frozen)"),
+    sep = cfg.model.separation
+    for key, label in (("lmfusion", "LMFusion (text frozen)" if sep == "deep" else f"LMFusion (text frozen, {sep})"),
                        ("lmfusion_as_implemented", "LMFusion, as autograd runs it"),
                        ("all_trainable", "same model, everything trainable"),
                        ("transfusion_same_data", "Transfusion from scratch, same data"),
                        ("transfusion_recipe", f"Transfusion recipe (+{args.text_only_share:.0%} text-only rows)")):
         print(f"  {label:<48} {result[key]:.4e} FLOPs/step   {result[key] / ref:6.1%} of the Transfusion recipe")
     print(f"lmfusion_over_transfusion_recipe: {result['lmfusion'] / ref:.4f}")
+    if cfg.optimizer.trains_text:
+        print(f"this config trains the text too (optimizer.text_lr_ratio {cfg.optimizer.text_lr_ratio:g}): its step "
+              f"costs 'everything trainable'")
     return 0
 
 
@@ -151,12 +155,16 @@ def _run_plot(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- export-ckpt
 def _run_export(args: argparse.Namespace) -> int:
     from lmfusion import rundir
-    from lmfusion.inference.export import export_checkpoint
+    from lmfusion.inference.export import export_checkpoint, export_text_hf
 
     iter_dir = rundir.find_checkpoint(args.ckpt)
     if iter_dir is None:
         raise FileNotFoundError(f"{args.ckpt}: expected a training iteration directory or a run directory with a "
                                 f"complete iter_*/{rundir.CHECKPOINT_JSON}, found neither")
+    if args.hf:
+        out = export_text_hf(iter_dir, args.output)
+        print(f"lmfusion export-ckpt: wrote {out} ({iter_dir.name}: the text model as a Hugging Face directory)")
+        return 0
     out = export_checkpoint(iter_dir, args.output)
     print(f"lmfusion export-ckpt: wrote {out} ({iter_dir.name}: image set as safetensors + its base)")
     return 0
@@ -204,4 +212,7 @@ def add_subparser(subparsers: "argparse._SubParsersAction") -> None:
                                           "loaded: the form to share (generate, caption, chat, eval read it).")
     p.add_argument("ckpt", type=Path, help="run directory or iter_XXXXXXX directory")
     p.add_argument("--output", type=Path, required=True, help="new directory to write")
+    p.add_argument("--hf", action="store_true",
+                   help="write the run's text model as a Hugging Face directory instead (the text set it trained "
+                        "when optimizer.text_lr_ratio > 0, else its base's)")
     p.set_defaults(run=_run_export)

@@ -16,6 +16,9 @@ gradient path 4n, a frozen one off it 2n. In LMFusion:
 * **attention** (no weights): 4 x heads x head_dim FLOPs per (query, key) pair the mask allows and layer, forward;
   x3 for on-path queries (backward computes dQ and dK/dV).
 * **image encoder/decoder** (trainable): counted once per image with torch's FlopCounterMode, x3.
+* **separation** (``model.separation``): image tokens run the routed slots' image twins (trainable: 6n) but the
+  shared slots' frozen weights (4n): all of the layer's weights under 'deep', the FFN under 'shallow', none under
+  'none'. With ``optimizer.text_lr_ratio`` > 0 every weight trains: the trainer counts 'all_trainable'.
 
 Compared with: **everything trainable** (same LMFusion model, text unfrozen: 6n everywhere, LM head 6n at text
 positions) and **Transfusion from scratch** (one dense weight set, all trainable; per step the same FLOPs as
@@ -125,6 +128,12 @@ class ModelFlops:
     image_io: int
     """Per image: image encoder + decoder forward."""
     num_layers: int
+    routed_linear: int = -1
+    """The part of ``layer_linear`` in routed slots (``model.separation``; -1: all of it)."""
+
+    @property
+    def image_trainable_linear(self) -> int:
+        return self.layer_linear if self.routed_linear < 0 else self.routed_linear
 
 
 def _image_io_flops(image_cfg, hidden: int) -> int:
@@ -156,9 +165,10 @@ def model_flops(cfg: ModelConfig) -> ModelFlops:
     qkv = h * (cfg.num_attention_heads + 2 * cfg.num_query_groups) * d
     proj = cfg.num_attention_heads * d * h
     mlp = 3 * h * cfg.ffn_hidden_size  # fused [gate; up] + down
+    routed = {"deep": qkv + proj + mlp, "shallow": mlp, "none": 0}[cfg.separation]
     return ModelFlops(layer_linear=2 * (qkv + proj + mlp), lm_head=2 * cfg.vocab_size * h,
                       attn_pair=4 * cfg.num_attention_heads * d, image_io=_image_io_flops(cfg.image, h),
-                      num_layers=cfg.num_layers)
+                      num_layers=cfg.num_layers, routed_linear=2 * routed)
 
 
 def step_flops(cfg: ModelConfig, counts: TokenCounts, mode: str = "lmfusion", as_implemented: bool = False) -> float:
@@ -171,7 +181,10 @@ def step_flops(cfg: ModelConfig, counts: TokenCounts, mode: str = "lmfusion", as
     text_tokens = c.text_off + c.text_on
     if mode == "lmfusion":
         off_mult = 2 if as_implemented else 1  # the LM head's data gradient runs at every position
-        layers = f.layer_linear * L * (3 * c.image + 2 * c.text_on + c.text_off)
+        routed = f.image_trainable_linear  # image tokens: 6n through routed twins, 4n through shared frozen slots
+        shared = f.layer_linear - routed  # megatron's dense layers run the data gradient of every token
+        layers = L * (c.image * (3 * routed + 2 * shared) + f.layer_linear * 2 * c.text_on
+                      + c.text_off * (routed + off_mult * shared))
         head = f.lm_head * (2 * c.text_on + off_mult * c.text_off + off_mult * c.image)
         attn = f.attn_pair * L * (3 * c.attn_on + (3 if as_implemented else 1) * c.attn_off)
     elif mode in ("all_trainable", "transfusion"):

@@ -37,6 +37,7 @@ from lmfusion.config import Config
 from lmfusion.errors import UserError
 from lmfusion.model.builder import build_model_chunks
 from lmfusion.model.model import LMFusionModel
+from lmfusion.model.weights import is_image_param
 from megatron_ext import cpu, torch_adam
 from megatron_ext.device import runtime_device
 
@@ -128,17 +129,32 @@ def check_buckets(cfg: Config, chunks: list[DistributedDataParallel]) -> None:
                         f"dp_reshardable or parallel.overlap_grad_reduce=false")
 
 
+def _is_text_param(param: torch.nn.Parameter, name: str) -> bool:
+    """A text parameter, named through any DDP / Float16Module ``module.`` prefixes."""
+    parts = name.split(".")
+    while parts and parts[0] == "module":
+        parts.pop(0)
+    return not is_image_param(".".join(parts))
+
+
 def param_group_overrides(cfg: Config, opt_config: OptimizerConfig):
-    """megatron-core ``config_overrides`` for ``optimizer.lr_mult``; None (megatron's default groups) when it is 1."""
+    """megatron-core ``config_overrides`` for ``optimizer.lr_mult`` and ``optimizer.text_lr_ratio``; None (megatron's
+    default groups) when neither applies."""
     o = cfg.optimizer
-    if o.lr_mult == 1.0:
+    if o.lr_mult == 1.0 and not o.trains_text:
         return None
     from megatron.core.optimizer import ParamKey, get_standard_config_overrides
+    from megatron.core.optimizer import ParamWithNamePredicate
     from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
     overrides = get_standard_config_overrides(opt_config)  # biases and 1-D weights: wd_mult 0, as by default
-    overrides[ParamKey(name=IMAGE_IO_NAMES)] = ParamGroupOverride(max_lr=o.lr * o.lr_mult,
-                                                                  min_lr=o.min_lr * o.lr_mult, lr_mult=o.lr_mult)
+    if o.lr_mult != 1.0:
+        overrides[ParamKey(name=IMAGE_IO_NAMES)] = ParamGroupOverride(max_lr=o.lr * o.lr_mult,
+                                                                      min_lr=o.min_lr * o.lr_mult, lr_mult=o.lr_mult)
+    if o.trains_text:
+        text = ParamWithNamePredicate(name="lmfusion_text", fn=_is_text_param)
+        overrides[ParamKey(with_name_predicate=text)] = ParamGroupOverride(
+            max_lr=o.lr * o.text_lr_ratio, min_lr=o.min_lr * o.text_lr_ratio, lr_mult=o.text_lr_ratio)
     return overrides
 
 
@@ -174,8 +190,8 @@ def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
 
 def build_train_model(cfg: Config, base, train_text: bool = False, device: torch.device | None = None) -> TrainModel:
     """Model chunks (text from ``base``; random when None) on ``device`` (default: the runtime device), DDP, megatron
-    optimizer and LR/WD scheduler, wired for the schedules. ``train_text``: train the text weights too (the
-    everything-trainable baseline of benchmarks)."""
+    optimizer and LR/WD scheduler, wired for the schedules. The text weights train when ``optimizer.text_lr_ratio``
+    > 0 or ``train_text`` (the everything-trainable baseline of benchmarks, at the schedule's lr)."""
     if cfg.train.fp8 is not None:
         from megatron_ext.te_linear import HAVE_TE
 
@@ -187,7 +203,7 @@ def build_train_model(cfg: Config, base, train_text: bool = False, device: torch
     dtype = params_dtype(cfg)
     chunks = build_model_chunks(cfg.model, vpp=cfg.parallel.vpp, base=base,
                                 sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=dtype,
-                                seed=cfg.train.seed, freeze=not train_text,
+                                seed=cfg.train.seed, train_text=train_text or cfg.optimizer.trains_text,
                                 device=runtime_device() if device is None else device, **_fp8_overrides(cfg))
     if cfg.train.recompute == "full":
         for model in chunks:

@@ -98,7 +98,8 @@ class Trainer:
             print(f"lmfusion train: precision: {precision} ({why})", flush=True)
         record = {"format": rundir.RECORD_FORMAT, "base": str(self.base_dir),
                   "base_conversion_sha256": rundir.base_sha256(self.base_dir), "model": cfg.model.to_dict(),
-                  "vae": self._vae_block(), "diffusion": dataclasses.asdict(cfg.diffusion)}
+                  "vae": self._vae_block(), "diffusion": dataclasses.asdict(cfg.diffusion),
+                  "text_lr_ratio": cfg.optimizer.text_lr_ratio}  # > 0: the text set is in the checkpoint
         c = cfg.checkpoint
         self.ema = self.make_ema()
         self.checkpointer = self.make_checkpointer(record)
@@ -209,6 +210,7 @@ class Trainer:
                     raise UserError(f"{path.parent}: optimizer.lr_mult is {saved} in the checkpoint, "
                                     f"{self.cfg.optimizer.lr_mult} in this config: the optimizer's parameter groups "
                                     f"differ; keep {saved} or set checkpoint.load_optimizer=false")
+            check_training_setup(record, self.cfg, path)
             objective = (record.get("diffusion") or {}).get("objective", "epsilon")  # older records: epsilon
             if objective != self.cfg.diffusion.objective:
                 raise UserError(f"{path}: diffusion.objective is {objective!r} in the checkpoint, "
@@ -306,7 +308,8 @@ class Trainer:
             self.ema.update()
         self.tm.scheduler.step(increment=1)
         elapsed = time.perf_counter() - t0
-        flops = step_flops(self.cfg.model, step_counts, "lmfusion")
+        mode = "all_trainable" if self.cfg.optimizer.trains_text else "lmfusion"  # frozen-aware only if text is frozen
+        flops = step_flops(self.cfg.model, step_counts, mode)
         tflops = flops / elapsed / self.rt.world_size / 1e12
         tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_length
         return {"loss": loss, "lm_loss": lm, "diffusion_loss": diff, "grad_norm": float(grad_norm), "lr": lr,
@@ -380,6 +383,24 @@ class Trainer:
             close()
         if hasattr(self, "rt"):
             self.rt.close()
+
+
+def check_training_setup(record: dict[str, Any], cfg: Config, path: Path) -> None:
+    """A checkpoint resumes only with its ``model.separation`` (other separations have other parameters) and with
+    its text set trained or frozen as it was (trained text lives in the run, frozen text in the base)."""
+    separation = (record.get("model") or {}).get("separation", "deep")  # older records: deep
+    if separation != cfg.model.separation:
+        raise UserError(f"{path}: model.separation is {separation!r} in the checkpoint, {cfg.model.separation!r} in "
+                        f"this config; set model.separation={separation}")
+    ratio = float(record.get("text_lr_ratio", 0.0))
+    if (ratio > 0) != cfg.optimizer.trains_text:
+        raise UserError(f"{path}: optimizer.text_lr_ratio is {ratio} in the checkpoint, {cfg.optimizer.text_lr_ratio} "
+                        f"in this config; the text set is {'in the run' if ratio > 0 else 'the frozen base'} there: "
+                        f"keep it {'> 0' if ratio > 0 else '0'}")
+    if ratio != cfg.optimizer.text_lr_ratio and cfg.checkpoint.load_optimizer:
+        raise UserError(f"{path}: optimizer.text_lr_ratio is {ratio} in the checkpoint, {cfg.optimizer.text_lr_ratio} "
+                        f"in this config: the optimizer's parameter groups differ; keep {ratio} or set "
+                        f"checkpoint.load_optimizer=false")
 
 
 def _saved_lr_mult(config_path: Path) -> float:

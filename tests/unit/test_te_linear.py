@@ -25,6 +25,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from lmfusion.config import ModelConfig
 from lmfusion.model.image_config import ImageIOConfig
 from megatron_ext.contract import check_routed_linear
+from megatron_ext.spec import SEPARATIONS
 from megatron_ext.linear import ModalityColumnParallelLinear, ModalityRowParallelLinear
 from megatron_ext.routing import RoutingPlan
 from tests import fake_te
@@ -73,32 +74,38 @@ def _config(**kw) -> ModelParallelConfig:
     return ModelParallelConfig(params_dtype=torch.float32, use_cpu_initialization=True, **kw)
 
 
-def _column(backend: str, inp: int, out: int, *, bias: bool, stride: int, group, init=True):
-    from megatron_ext.te_linear import TEModalityColumnParallelLinear
+def _column(backend: str, inp: int, out: int, *, bias: bool, stride: int, group, init=True, routed=True):
+    from megatron_ext.linear import SharedColumnParallelLinear
+    from megatron_ext.te_linear import TEModalityColumnParallelLinear, TESharedColumnParallelLinear
 
-    cls = TEModalityColumnParallelLinear if backend == "te" else ModalityColumnParallelLinear
+    cls = {("te", True): TEModalityColumnParallelLinear, ("local", True): ModalityColumnParallelLinear,
+           ("te", False): TESharedColumnParallelLinear, ("local", False): SharedColumnParallelLinear}[backend, routed]
     return cls(inp, out, config=_config(perform_initialization=init), init_method=torch.nn.init.xavier_normal_,
                bias=bias, gather_output=False, stride=stride, tp_group=group)
 
 
-def _row(backend: str, inp: int, out: int, *, bias: bool, group):
-    from megatron_ext.te_linear import TEModalityRowParallelLinear
+def _row(backend: str, inp: int, out: int, *, bias: bool, group, routed=True):
+    from megatron_ext.linear import SharedRowParallelLinear
+    from megatron_ext.te_linear import TEModalityRowParallelLinear, TESharedRowParallelLinear
 
-    cls = TEModalityRowParallelLinear if backend == "te" else ModalityRowParallelLinear
+    cls = {("te", True): TEModalityRowParallelLinear, ("local", True): ModalityRowParallelLinear,
+           ("te", False): TESharedRowParallelLinear, ("local", False): SharedRowParallelLinear}[backend, routed]
     return cls(inp, out, config=_config(), init_method=torch.nn.init.xavier_normal_, bias=bias,
                input_is_parallel=True, skip_bias_add=False, tp_group=group)
 
 
+@pytest.mark.parametrize("routed", [True, False])
 @pytest.mark.parametrize("backend", ["local", "te"])
 @pytest.mark.parametrize("tp_rank, tp_size", [(0, 1), (0, 2), (1, 2)])
-def test_routed_linears_follow_the_contract(runtime, te, backend, tp_rank, tp_size):
+def test_routed_linears_follow_the_contract(runtime, te, backend, tp_rank, tp_size, routed):
+    """Routed layers and the shared (dense) layers of unseparated slots, on both backends."""
     group = TPGroup(tp_rank, tp_size)
     for bias, stride in ((False, 1), (True, 1), (False, 2), (True, 2)):
-        col = _column(backend, 16, 24, bias=bias, stride=stride, group=group)
-        check_routed_linear(col, partition_dim=0, stride=stride, bias=bias)
+        col = _column(backend, 16, 24, bias=bias, stride=stride, group=group, routed=routed)
+        check_routed_linear(col, partition_dim=0, stride=stride, bias=bias, routed=routed)
         assert col.weight.shape == (24 // tp_size, 16)
-    row = _row(backend, 24, 16, bias=False, group=group)
-    check_routed_linear(row, partition_dim=1, bias=False)
+    row = _row(backend, 24, 16, bias=False, group=group, routed=routed)
+    check_routed_linear(row, partition_dim=1, bias=False, routed=routed)
     assert row.weight.shape == (16, 24 // tp_size)
 
 
@@ -152,18 +159,20 @@ def _full_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_te_model_loads_freezes_and_checkpoints_like_local(runtime, te):
-    """A whole model on either backend: the same names, base weights, twins, trainable set, checkpoint keys and
-    outputs (the stand-in computes F.linear, so outputs agree to float rounding: 1e-5)."""
+@pytest.mark.parametrize("separation", SEPARATIONS)
+def test_te_model_loads_freezes_and_checkpoints_like_local(runtime, te, separation):
+    """A whole model on either backend, for each separation: the same names, base weights, twins, trainable set,
+    checkpoint keys and outputs (the stand-in computes F.linear, so outputs agree to float rounding: 1e-5)."""
     from lmfusion.model.builder import build_model
     from lmfusion.training.synthetic import synthetic_batches
 
-    random_model = build_model(MODEL, freeze=False, seed=7)
+    model_cfg = dataclasses.replace(MODEL, separation=separation)
+    random_model = build_model(model_cfg, freeze=False, seed=7)
     tensors = _full_state(random_model)  # a TP=1 base in megatron naming (of which text names only are read)
     for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         tensors[name] = tensors[name][:MODEL.vocab_size]  # a base holds the vocabulary unpadded
     base = DictBase(tensors)
-    models = {b: build_model(dataclasses.replace(MODEL, linear_backend=b), base=base, seed=3)
+    models = {b: build_model(dataclasses.replace(model_cfg, linear_backend=b), base=base, seed=3)
               for b in ("local", "te")}
     local, te_model = models["local"], models["te"]
     assert [n for n, _ in te_model.named_parameters()] == [n for n, _ in local.named_parameters()]
@@ -172,7 +181,7 @@ def test_te_model_loads_freezes_and_checkpoints_like_local(runtime, te):
         assert torch.equal(state["te"][name], value), name
     trainable = {b: [n for n, p in m.named_parameters() if p.requires_grad] for b, m in models.items()}
     assert trainable["te"] == trainable["local"]
-    assert any(".linear_fc1.image_weight" in n for n in trainable["te"])
+    assert any(".linear_fc1.image_weight" in n for n in trainable["te"]) == (separation != "none")
     assert sorted(te_model.sharded_state_dict()) == sorted(local.sharded_state_dict())
 
     batch = next(synthetic_batches(MODEL, seq_length=48, micro_batch_size=2, seed=1))

@@ -37,7 +37,7 @@ LAYOUTS = {
 }
 
 
-def make_tiny_assets(root: Path, num_layers: int = 2) -> dict[str, str]:
+def make_tiny_assets(root: Path, num_layers: int = 2, tie_word_embeddings: bool = False) -> dict[str, str]:
     """A tiny random Llama (HF, safetensors) with the data fixtures' word tokenizer, converted to a base, and a shard
     set of random 8 x 8 images (identity VAE); returns the paths and the tiny example config."""
     import torch
@@ -54,7 +54,7 @@ def make_tiny_assets(root: Path, num_layers: int = 2) -> dict[str, str]:
     config = LlamaConfig(vocab_size=len(SPECIALS) + len(WORDS), hidden_size=64, intermediate_size=96,
                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=128, rope_theta=10000.0, bos_token_id=ids["<bos>"],
-                         eos_token_id=ids["<eos>"], tie_word_embeddings=False)
+                         eos_token_id=ids["<eos>"], tie_word_embeddings=tie_word_embeddings)
     LlamaForCausalLM(config).save_pretrained(root / "hf", safe_serialization=True)
     convert_hf(root / "hf", root / "base", boi=ids["<boi>"], eoi=ids["<eoi>"])
     return {"base": str(root / "base"), "hf": str(root / "hf"), "shards": str(shards), "config": str(TINY_CONFIG)}
