@@ -9,7 +9,7 @@ import typing
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["atomic_write_text", "atomic_write_bytes", "literal_choices"]
+__all__ = ["atomic_write_text", "atomic_write_bytes", "literal_choices", "check_choices"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -48,3 +48,14 @@ def literal_choices(tp: Any) -> Optional[tuple]:
         if len(rest) == 1 and typing.get_origin(rest[0]) is typing.Literal:
             return ((None,) if len(rest) < len(args) else ()) + typing.get_args(rest[0])
     return None
+
+
+def check_choices(section: str, obj: Any, **annotations: Any) -> None:
+    """Each named field of ``obj`` holds a value its ``Literal`` annotation allows; otherwise a one-line
+    :class:`~lmfusion.errors.UserError` naming ``section.field``, the allowed values and the value found."""
+    from lmfusion.errors import UserError
+
+    for name, tp in annotations.items():
+        allowed, value = literal_choices(tp), getattr(obj, name)
+        if value not in allowed:
+            raise UserError(f"{section}.{name} must be one of {allowed}, got {value!r}")
