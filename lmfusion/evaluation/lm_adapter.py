@@ -15,7 +15,7 @@ import torch
 from lm_eval import utils
 from lm_eval.api.model import TemplateLM
 
-from lmfusion.inference.text import SamplingParams, Session, generate_text
+from lmfusion.inference.text import SamplingParams, Session, cut_at_stops, generate_text
 
 __all__ = ["LMFusionLM"]
 
@@ -102,10 +102,8 @@ class LMFusionLM(TemplateLM):
             max_new = int(kwargs.get("max_gen_toks", 256))
             ctx = self.tok_encode(context)[-(self.max_length - max_new):] or [self.prefix_token_id]
             params = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop_token_ids=self.stop_ids)
-            text = self.tokenizer.decode(generate_text(self.model, [ctx], params)[0], skip_special_tokens=True)
-            for stop in until:
-                if stop:
-                    text = text.split(stop)[0]
+            text = cut_at_stops(self.tokenizer.decode(generate_text(self.model, [ctx], params)[0],
+                                                      skip_special_tokens=True), until)
             self.cache_hook.add_partial("generate_until", (context, kwargs), text)
             out.append(text)
         return out

@@ -56,7 +56,7 @@ from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.api.model import lmms  # noqa: E402
 from lmms_eval.api.registry import register_model  # noqa: E402
 
-from lmfusion.inference.text import SamplingParams, generate_text  # noqa: E402
+from lmfusion.inference.text import SamplingParams, cut_at_stops, generate_text  # noqa: E402
 from lmfusion.inference.vlm import generate_with_images  # noqa: E402
 from lmfusion.model.model import ModelInputs  # noqa: E402
 
@@ -195,10 +195,7 @@ class LMFusionLMMS(lmms):
                 tokens = generate_with_images(self.model, ids, enc["pixel_values"], enc["image_sizes"], params)
             else:
                 tokens = generate_text(self.model, [ids.tolist()], params)[0]
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            for stop in until:
-                if stop:
-                    text = text.split(stop)[0]
+            text = cut_at_stops(self.tokenizer.decode(tokens, skip_special_tokens=True), until)
             self.cache_hook.add_partial("generate_until", (context, kwargs), text)
             out.append(text)
         return out

@@ -28,8 +28,8 @@ from typing import Any, Optional
 
 from lmfusion.errors import UserError
 
-__all__ = ["LM_EVAL_TASKS", "LOGLIK_TOL", "task_names", "offline_datasets", "load_tasks", "task_metrics",
-           "task_responses", "headline", "compare", "run_text"]
+__all__ = ["LM_EVAL_TASKS", "LOGLIK_TOL", "task_names", "offline_datasets", "task_manager", "load_tasks",
+           "task_metrics", "task_responses", "headline", "compare", "run_text"]
 
 LM_EVAL_TASKS = {"siqa": "social_iqa"}  # our short names -> lm-eval task names
 # Per-request loglikelihood tolerance vs the base: 0 in fact for our adapter on the same weights (same code, same
@@ -76,22 +76,26 @@ def _missing_dataset(task: str, path: Optional[str], name: Optional[str], error:
         f"{constants.HF_HOME} here, or set HF_HOME / HF_DATASETS_CACHE to the copy")
 
 
+def task_manager(manager_class: type, wanted: list[str], include_path: Optional[Path] = None):
+    """A task index of lm-eval's (or lmms-eval's, same interface) ``TaskManager`` class: ``include_path``'s YAMLs
+    alone when they hold every ``wanted`` task (indexing the harness's own thousands of task YAMLs takes ~15 s),
+    else theirs with the harness's."""
+    if include_path is not None and not Path(include_path).exists():
+        raise FileNotFoundError(f"--include-path {include_path}: no such directory or file")
+    if include_path is not None:
+        manager = manager_class(include_path=str(include_path), include_defaults=False)
+        if all(n in manager.task_index for n in wanted):
+            return manager
+    return manager_class(include_path=str(include_path) if include_path is not None else None)
+
+
 def load_tasks(names: list[str], include_path: Optional[Path] = None) -> dict[str, Any]:
     """``{lm-eval task name: Task}`` with datasets loaded (offline); one-line errors for unknown tasks and missing
     datasets."""
     offline_datasets()
     from lm_eval.tasks import TaskManager
 
-    if include_path is not None and not Path(include_path).exists():
-        raise FileNotFoundError(f"--include-path {include_path}: no such directory or file")
-    wanted = [LM_EVAL_TASKS.get(n, n) for n in names]
-    manager = None
-    if include_path is not None:  # local tasks only: skip indexing lm-eval's ~15k task YAMLs (~15 s)
-        manager = TaskManager(include_path=str(include_path), include_defaults=False)
-        if not all(n in manager.task_index for n in wanted):
-            manager = None
-    if manager is None:
-        manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    manager = task_manager(TaskManager, [LM_EVAL_TASKS.get(n, n) for n in names], include_path)
     tasks = {}
     for short in names:
         name = LM_EVAL_TASKS.get(short, short)

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lmfusion.errors import UserError
-from lmfusion.evaluation.text import LOGLIK_TOL, compare, offline_datasets, task_metrics, task_names, task_responses
+from lmfusion.evaluation.text import (LOGLIK_TOL, compare, offline_datasets, task_manager, task_metrics, task_names,
+                                      task_responses)
 
 __all__ = ["load_lmms_tasks", "run_lmms"]
 
@@ -53,15 +54,7 @@ def load_lmms_tasks(names: list[str], include_path: Optional[Path] = None) -> di
     require_lmms_eval()
     from lmms_eval.tasks import TaskManager
 
-    if include_path is not None and not Path(include_path).exists():
-        raise FileNotFoundError(f"--include-path {include_path}: no such directory or file")
-    manager = None
-    if include_path is not None:  # local tasks only: skip indexing lmms-eval's own task YAMLs
-        manager = TaskManager(include_path=str(include_path), include_defaults=False)
-        if not all(n in manager.task_index for n in names):
-            manager = None
-    if manager is None:
-        manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    manager = task_manager(TaskManager, names, include_path)
     tasks = {}
     for name in names:
         if name not in manager.task_index:

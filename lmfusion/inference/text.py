@@ -30,7 +30,7 @@ from lmfusion.model.image_io import tokens_per_image
 from lmfusion.model.kv_cache import KVCache
 from lmfusion.model.model import LMFusionOutput, ModelInputs
 
-__all__ = ["Image", "Item", "SamplingParams", "Session", "last_logits", "sample_next", "generate_text"]
+__all__ = ["Image", "Item", "SamplingParams", "Session", "last_logits", "sample_next", "generate_text", "cut_at_stops"]
 
 
 @dataclass
@@ -201,3 +201,12 @@ def generate_text(model: torch.nn.Module, prompts: Sequence[Sequence[Item]], par
             session = Session(model, b)
             logits = session.next_logits([list(p) + o for p, o in zip(prompts, out)])
     return out
+
+
+def cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of each stop string in turn (lm-eval's and lmms-eval's ``until``, cut as
+    their own models cut)."""
+    for stop in stops:
+        if stop:
+            text = text.split(stop)[0]
+    return text
