@@ -305,3 +305,12 @@ def test_hf_dir_may_be_a_llava_next_directory(tmp_path):
     cfg = load_config(LLAMA3_8B, ["init.base_checkpoint=null", f"init.hf_dir={hf}", "model.vocab_size=128320",
                                   "model.eos_token_id=128009"])
     assert (cfg.model.vocab_size, cfg.model.hidden_size, cfg.model.rope_theta) == (128320, 4096, 500000.0)
+
+
+def test_edit_finetune_example_starts_from_the_pretraining_run_with_a_fresh_optimizer():
+    edit = load_config(REPO / "examples" / "configs" / "edit_finetune_8b.yaml", resolve_base=False)
+    recipe = load_config(LLAMA3_8B, resolve_base=False)
+    assert edit.checkpoint.load == recipe.checkpoint.save and edit.checkpoint.load_optimizer is False
+    assert edit.checkpoint.save != recipe.checkpoint.save
+    assert edit.model == recipe.model and edit.parallel == recipe.parallel and edit.diffusion == recipe.diffusion
+    assert edit.optimizer.lr == recipe.optimizer.lr and edit.train.train_iters < recipe.train.train_iters
