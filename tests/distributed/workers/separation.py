@@ -37,7 +37,8 @@ from tests.distributed.workers.model import (
     mixed_inputs,
     run_schedule,
 )
-from tests.distributed.workers.train import PARITY_TOL, config, losses, make_tiny_assets, train, tree_digest
+from tests.distributed.workers.engine_cases import tree_digest
+from tests.distributed.workers.train import PARITY_TOL, config, losses, make_tiny_assets, train
 
 RATIO = 0.5
 
