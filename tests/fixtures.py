@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import io
 import json
+import math
 import string
 from pathlib import Path
 
@@ -283,3 +284,33 @@ def save_tiny_clip(directory: Path, seed: int = CLIP_SEED, text_sign: int = 1, b
         (directory / "vocab.json").write_text(json.dumps(tokenizer.get_vocab()))
         (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(CLIP_MERGES) + "\n")
     return directory
+
+
+def make_tiny_assets(root: Path, num_layers: int = 2, tie_word_embeddings: bool = False) -> dict[str, str]:
+    """A tiny random Llama (HF, safetensors) with the data fixtures' word tokenizer, converted to a base, and a shard
+    set of random 8 x 8 images (identity VAE); returns the paths and the tiny example config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+
+    make_images(root / "img", 40, seed=7)
+    shards = build_set(root / "shards", root / "img", 8)
+    make_tokenizer(root / "hf")  # the HF directory carries the tokenizer; the base copies it
+    ids = {tok: i for i, tok in enumerate(SPECIALS)}
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(SPECIALS) + len(WORDS), hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, rope_theta=10000.0, bos_token_id=ids["<bos>"],
+                         eos_token_id=ids["<eos>"], tie_word_embeddings=tie_word_embeddings)
+    LlamaForCausalLM(config).save_pretrained(root / "hf", safe_serialization=True)
+    convert_hf(root / "hf", root / "base", boi=ids["<boi>"], eoi=ids["<eoi>"])
+    return {"base": str(root / "base"), "hf": str(root / "hf"), "shards": str(shards), "config": str(TINY_CONFIG)}
+
+
+def cosine_alphas_cumprod(num_steps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal (2021) cosine schedule, computed here in float64 independently of diffusers."""
+    def f(u: float) -> float:
+        return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = torch.tensor([min(1 - f((i + 1) / num_steps) / f(i / num_steps), max_beta) for i in range(num_steps)],
+                         dtype=torch.float64)
+    return torch.cumprod(1 - betas, dim=0)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.distributed.harness import case_names, launch
-from tests.distributed.workers.train import make_tiny_assets
+from tests.fixtures import make_tiny_assets
 
 MODULE = "tests.distributed.workers.ema"
 

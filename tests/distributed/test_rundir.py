@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.distributed.harness import case_names, launch
-from tests.distributed.workers.train import make_tiny_assets
+from tests.fixtures import make_tiny_assets
 
 MODULE = "tests.distributed.workers.rundir"
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed.harness import REPO_ROOT, case_names, launch
-from tests.distributed.workers.train import make_tiny_assets
+from tests.fixtures import make_tiny_assets
 
 MODULE = "tests.distributed.workers.train"
 LAUNCH_TIMEOUT = int(os.environ.get("LMFUSION_LAUNCH_TIMEOUT", "600"))

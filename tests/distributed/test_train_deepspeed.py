@@ -26,7 +26,7 @@ import pytest
 import deepspeed  # noqa: E402,F401  (scripts/setup.sh installs it: a missing DeepSpeed fails here, never skips)
 
 from tests.distributed.harness import REPO_ROOT, case_names, launch  # noqa: E402
-from tests.distributed.workers.train import make_tiny_assets  # noqa: E402
+from tests.fixtures import make_tiny_assets  # noqa: E402
 
 MODULE = "tests.distributed.workers.train_deepspeed"
 LAUNCH_TIMEOUT = int(os.environ.get("LMFUSION_LAUNCH_TIMEOUT", "900"))

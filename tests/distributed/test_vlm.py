@@ -20,7 +20,7 @@ TRAIN_MODULE = "tests.distributed.workers.vlm_train"
 
 @pytest.fixture(scope="module")
 def vlm_spec(tmp_path_factory) -> str:
-    from tests.distributed.workers.vlm_train import make_vlm_assets
+    from tests.fixtures_llava import make_vlm_assets
 
     root = tmp_path_factory.mktemp("vlm_train")
     path = root / "spec.json"

@@ -98,7 +98,7 @@ def _free_port() -> int:
 
 
 def test_script_runs_signal_saves_and_requeues(tmp_path):
-    from tests.distributed.workers.train import make_tiny_assets
+    from tests.fixtures import make_tiny_assets
 
     import psutil
 

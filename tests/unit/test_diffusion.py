@@ -17,18 +17,9 @@ from lmfusion.diffusion import (
     make_train_scheduler,
     sample_timesteps,
 )
+from tests.fixtures import cosine_alphas_cumprod
 
 T = NUM_TRAIN_TIMESTEPS
-
-
-def cosine_alphas_cumprod(num_steps: int, max_beta: float = 0.999) -> torch.Tensor:
-    """Nichol & Dhariwal (2021) cosine schedule, computed here in float64 independently of diffusers."""
-    def f(u: float) -> float:
-        return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    betas = torch.tensor([min(1 - f((i + 1) / num_steps) / f(i / num_steps), max_beta) for i in range(num_steps)],
-                         dtype=torch.float64)
-    return torch.cumprod(1 - betas, dim=0)
 
 
 def test_train_scheduler_is_cosine_epsilon():

@@ -10,7 +10,7 @@ import torch
 from lmfusion.config_io import load_config
 from lmfusion.ema import EmaConfig, ema_decay
 from lmfusion.inference.load import choose_weights
-from tests.unit.test_config import TINY
+from tests.fixtures import TINY_CONFIG as TINY
 
 
 

@@ -27,7 +27,7 @@ import torch
 
 from lmfusion import hf
 from lmfusion.cli import main
-from tests.unit.test_hf_llava import VOCAB, add_processor, llava_config, make_llava
+from tests.fixtures_llava import VOCAB, add_processor, llava_config, make_llava
 
 # LLaVA-NeXT's template shape (llama3-llava-next-8b-hf): header, images first, then text, then the assistant header;
 # the words are the tiny tokenizer's (w0 ... w293).

@@ -34,7 +34,7 @@ from lmfusion.diffusion import (
     sampler_step,
 )
 from lmfusion.losses import diffusion_loss
-from tests.unit.test_diffusion import cosine_alphas_cumprod
+from tests.fixtures import cosine_alphas_cumprod
 
 T = NUM_TRAIN_TIMESTEPS
 MU, SIGMA = 1.5, 0.5

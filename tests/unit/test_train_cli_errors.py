@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.workers.train import make_tiny_assets
+from tests.fixtures import make_tiny_assets
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = int(os.environ.get("LMFUSION_LAUNCH_TIMEOUT", "600"))

@@ -2,7 +2,7 @@
 through a VLM base's own understanding path, ``lmfusion generate`` keeps drawing with the image modules.
 
 Real components: a tiny random LLaVA-NeXT with its processor and a content-list chat template, converted with
-``convert-hf`` (tests/distributed/workers/vlm_train.py ``make_vlm_assets``), and a run trained on it for 2 steps through
+``convert-hf`` (tests/fixtures_llava.py ``make_vlm_assets``), and a run trained on it for 2 steps through
 the real launcher (``torchrun -m lmfusion.train``, 1 rank). Greedy tokens must equal HF
 ``LlavaNextForConditionalGeneration.generate`` on the processor's output for the same image and text, exactly, for
 the base and for the trained run (its understanding path is the base's, bit for bit). fp32.
@@ -33,7 +33,7 @@ def vlm(tmp_path_factory):
     """(assets, HF model, HF processor, run directory, image path)."""
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
-    from tests.distributed.workers.vlm_train import make_vlm_assets
+    from tests.fixtures_llava import make_vlm_assets
 
     root = tmp_path_factory.mktemp("vlm_cli")
     assets = make_vlm_assets(root)
@@ -159,7 +159,7 @@ def test_bad_image_input_is_one_line(vlm, tmp_path, capsys):
     from transformers import LlamaForCausalLM
 
     from lmfusion import hf
-    from tests.unit.test_hf_llava import BOI, EOI, llava_config
+    from tests.fixtures_llava import BOI, EOI, llava_config
 
     assets, _, _, run, image = vlm
     base = ["chat", "--ckpt", assets["base"]]
@@ -186,7 +186,7 @@ def test_raw_text_gets_one_bos(tmp_path):
     from transformers import AutoProcessor
 
     from lmfusion.inference.vlm import understanding_inputs
-    from tests.unit.test_hf_llava import add_processor, llava_config
+    from tests.fixtures_llava import add_processor, llava_config
 
     processor = add_processor(tmp_path, llava_config())
     backend = processor.tokenizer.backend_tokenizer

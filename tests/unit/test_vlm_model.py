@@ -20,7 +20,7 @@ from lmfusion import hf
 from lmfusion.model.model import ModelInputs
 from lmfusion.model.vision import attach_vision_path
 from lmfusion.model.weights import trainable_parameter_names
-from tests.unit.test_hf_llava import PATCH, TILE, VOCAB, add_processor, llava_config, make_llava
+from tests.fixtures_llava import PATCH, TILE, VOCAB, add_processor, llava_config, make_llava
 
 # (h, w): a 2x1 tile grid, a 1x2 grid, a 2x1 grid that unpadding trims by a feature column a side, a small 1x2 one
 SIZES = [(70, 40), (40, 70), (70, 20), (20, 30)]

@@ -113,7 +113,8 @@ def replaced_base_stops_generation_and_export_and_exports_load_without_unpicklin
     import torch
 
     from lmfusion.inference.load import load_for_inference
-    from tests.distributed.workers.train import make_tiny_assets, spec
+    from tests.distributed.workers.train import spec
+    from tests.fixtures import make_tiny_assets
 
     root = Path(shared_tmpdir())
     make_tiny_assets(root)

@@ -38,7 +38,8 @@ from tests.distributed.workers.model import (
     run_schedule,
 )
 from tests.distributed.workers.engine_cases import tree_digest
-from tests.distributed.workers.train import PARITY_TOL, config, losses, make_tiny_assets, train
+from tests.distributed.workers.train import PARITY_TOL, config, losses, train
+from tests.fixtures import make_tiny_assets
 
 RATIO = 0.5
 

@@ -25,7 +25,7 @@ from lmfusion.training.trainer import Trainer
 from tests.distributed.harness import case, worker_main
 from tests.distributed.workers import engine_cases
 from tests.distributed.workers.megatron_common import shared_tmpdir
-from tests.fixtures import SPECIALS
+from tests.fixtures import SPECIALS, make_tiny_assets
 
 PARITY_TOL = 1e-5
 TINY_CONFIG = Path(__file__).resolve().parents[3] / "examples" / "configs" / "tiny_cpu.yaml"
@@ -35,29 +35,6 @@ LAYOUTS = {
     "tp2_sp": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
     "dp2": [],  # TP=PP=1 on 2 ranks
 }
-
-
-def make_tiny_assets(root: Path, num_layers: int = 2, tie_word_embeddings: bool = False) -> dict[str, str]:
-    """A tiny random Llama (HF, safetensors) with the data fixtures' word tokenizer, converted to a base, and a shard
-    set of random 8 x 8 images (identity VAE); returns the paths and the tiny example config."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lmfusion.hf import convert_hf
-    from tests.fixtures import SPECIALS, WORDS, build_set, make_images, make_tokenizer
-
-    make_images(root / "img", 40, seed=7)
-    shards = build_set(root / "shards", root / "img", 8)
-    make_tokenizer(root / "hf")  # the HF directory carries the tokenizer; the base copies it
-    ids = {tok: i for i, tok in enumerate(SPECIALS)}
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(SPECIALS) + len(WORDS), hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, rope_theta=10000.0, bos_token_id=ids["<bos>"],
-                         eos_token_id=ids["<eos>"], tie_word_embeddings=tie_word_embeddings)
-    LlamaForCausalLM(config).save_pretrained(root / "hf", safe_serialization=True)
-    convert_hf(root / "hf", root / "base", boi=ids["<boi>"], eoi=ids["<eoi>"])
-    return {"base": str(root / "base"), "hf": str(root / "hf"), "shards": str(shards), "config": str(TINY_CONFIG)}
 
 
 def spec() -> dict:

@@ -20,7 +20,7 @@ from lmfusion.model.model import ModelInputs
 from lmfusion.model.vision import attach_vision_path
 from tests.distributed.harness import case, worker_main
 from tests.distributed.workers.model import IMAGE, gather_vocab, grid, last_stage, run_schedule, shared_tmpdir
-from tests.unit.test_hf_llava import add_processor, llava_config, make_llava
+from tests.fixtures_llava import add_processor, llava_config, make_llava
 
 LOGIT_TOL = 1e-4
 SIZES = [(70, 40), (40, 70), (70, 20)]  # (h, w): 2x1 and 1x2 tile grids; the last one unpadded

@@ -36,31 +36,6 @@ LOGIT_TOL = 1e-4
 STEPS = 3
 _TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
                  "MASTER_PORT", "TORCHELASTIC_RUN_ID")
-# A LLaVA-style template over content lists (the tiny processor's own renders strings only).
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {% for c in m['content'] %}{% if c['type'] == 'image' %}"
-                 "<image> {% elif c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
-                 "{% if add_generation_prompt %}assistant : {% endif %}")
-
-
-def make_vlm_assets(root: Path, seed: int = 3) -> dict[str, str]:
-    """A tiny random LLaVA-NeXT (HF directory with its processor and a content-list chat template), converted to a
-    VLM base, and a shard set of random 8 x 8 images whose captions the LLaVA tokenizer reads (w0 ... w39)."""
-    from lmfusion.hf import convert_hf
-    from tests.fixtures import build_set, make_images
-    from tests.unit.test_hf_llava import add_processor, llava_config, make_llava
-
-    config = llava_config()
-    make_llava(config, seed=seed).save_pretrained(root / "hf", safe_serialization=True)
-    processor = add_processor(root / "hf", config)
-    processor.chat_template = CHAT_TEMPLATE
-    processor.save_pretrained(root / "hf")
-    convert_hf(root / "hf", root / "base")
-    make_images(root / "img", 24, seed=7)
-    build_set(root / "shards", root / "img", 8)
-    return {"hf": str(root / "hf"), "base": str(root / "base"), "shards": str(root / "shards"),
-            "config": str(TINY_CONFIG)}
-
-
 @functools.lru_cache(maxsize=None)
 def assets() -> dict[str, str]:
     """:func:`make_vlm_assets`' paths, built by the pytest side (``LMFUSION_VLM_SPEC``, a JSON file): the shard
