@@ -29,6 +29,7 @@ from lmfusion.training.model_setup import unwrap
 from lmfusion.training.trainer import Trainer
 from tests.distributed.harness import case, worker_main
 from tests.distributed.workers.model import gather_vocab, grid, run_schedule, shared_tmpdir
+from tests.distributed.workers.train import train as train_to_end
 from tests.fixtures import TINY_CONFIG
 
 GRAD_TOL = 1e-5
@@ -63,13 +64,7 @@ class GradCapture(Trainer):
 
 
 def train(cfg) -> GradCapture:
-    trainer = GradCapture(cfg)
-    try:
-        trainer.run()
-    except BaseException:
-        trainer.close()
-        raise
-    return trainer
+    return train_to_end(cfg, GradCapture)
 
 
 def question_inputs(processor, size=(70, 40)) -> dict:
