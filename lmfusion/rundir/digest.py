@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -91,12 +90,20 @@ class _Follower:
 class HashWhileWriting:
     """Hash the files appearing in ``directory`` whose names ``mine`` accepts while they are written (see the module
     docstring). :meth:`finish` after the writers are done returns ``{name: {sha256, size}}`` for the files it could
-    vouch for; :meth:`cancel` stops without a result."""
+    vouch for; :meth:`cancel` stops without a result.
 
-    def __init__(self, directory: Path, mine: Callable[[str], bool], poll_s: float = 0.002):
-        self.directory, self.mine, self.poll_s = Path(directory), mine, poll_s
+    Between reads that found nothing new it sleeps ``poll_s``, doubled after each idle poll up to ``max_poll_s``
+    and back to ``poll_s`` once bytes arrive: while megatron plans the save (Python holding the GIL, no file yet) the
+    follower wakes a few dozen times instead of every 2 ms, and while a writer streams it stays at most
+    ``max_poll_s`` of writing behind, which :meth:`finish` reads at the end."""
+
+    _event = threading.Event  # the stop flag the thread waits on
+
+    def __init__(self, directory: Path, mine: Callable[[str], bool], poll_s: float = 0.002,
+                 max_poll_s: float = 0.016):
+        self.directory, self.mine, self.poll_s, self.max_poll_s = Path(directory), mine, poll_s, max_poll_s
         self._followers: dict[str, _Follower] = {}
-        self._stop = threading.Event()
+        self._stop = self._event()
         self._buf = memoryview(bytearray(_CHUNK))
         self._error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name="sha256-while-writing", daemon=True)
@@ -116,14 +123,18 @@ class HashWhileWriting:
 
     def _run(self) -> None:
         try:
+            wait = self.poll_s
             while not self._stop.is_set():
                 self._scan()
                 progressed = False
                 for f in list(self._followers.values()):
                     while not self._stop.is_set() and f.advance(self._buf):
                         progressed = True
-                if not progressed:
-                    time.sleep(self.poll_s)
+                if progressed:
+                    wait = self.poll_s
+                else:
+                    self._stop.wait(wait)  # finish() wakes it at once
+                    wait = min(2 * wait, self.max_poll_s)
         except BaseException as e:  # reported by finish(), which then hashes afresh
             self._error = e
 

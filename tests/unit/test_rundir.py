@@ -361,6 +361,35 @@ def test_files_hashed_while_written_match_a_fresh_hash(tmp_path):
     assert files["__0_0.distcp"]["size"] == 40 * 50000 and files["replaced"]["size"] == 777
 
 
+def test_the_follower_backs_off_while_nothing_is_written_and_returns_to_the_short_poll_on_bytes(tmp_path):
+    """Item 4 (cost): between polls that found nothing the follower's wait doubles up to max_poll_s (megatron's
+    planning holds the GIL for most of a small save, with no file to read), and bytes bring it back to poll_s."""
+    import threading
+
+    from lmfusion.rundir.digest import HashWhileWriting
+
+    waits, target = [], tmp_path / "__0_0.distcp"
+
+    class Recording(threading.Event):  # records the follower's waits instead of sleeping; writes after the 6th
+        def wait(self, timeout=None):
+            if timeout is None:
+                return super().wait()
+            waits.append(timeout)
+            if len(waits) == 6:
+                target.write_bytes(os.urandom(1000))
+            if len(waits) == 12:
+                self.set()
+            return self.is_set()
+
+    class Recorded(HashWhileWriting):
+        _event = Recording
+
+    follower = Recorded(tmp_path, lambda name: name.startswith("__0_"), poll_s=0.002, max_poll_s=0.016)
+    follower._thread.join(timeout=30)
+    assert waits == [0.002, 0.004, 0.008, 0.016, 0.016, 0.016, 0.002, 0.004, 0.008, 0.016, 0.016, 0.016]
+    assert follower.finish()["__0_0.distcp"]["size"] == 1000
+
+
 def test_a_changed_file_is_named_after_an_overlapped_load(tmp_path):
     """Item 4 (cost): sizes and the manifest are checked before anything is read; the sha256s while the caller reads
     (start_verify), and result() names a changed file."""
