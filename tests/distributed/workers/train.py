@@ -250,8 +250,9 @@ def lr_mult_scales_the_image_io_groups_and_their_update():
     of the image I/O blocks carry lr_mult x the schedule's lr, the twins' groups the schedule's own. Adam's first
     update is lr x g / (|g| + eps), elementwise, from the same start and gradients: the I/O parameters move exactly
     lr_mult x as far as with lr_mult=1 (rounding of p + delta: 1e-4 relative) and the twins as far (1e-6: the global
-    grad norm may be summed in another order). The DeepSpeed engine's groups carry the same max_lr/min_lr. Resuming
-    the optimizer state under another lr_mult is refused."""
+    grad norm may be summed in another order); an element whose gradient is near eps may differ by 1e-3 of a step.
+    The DeepSpeed engine's groups carry the same max_lr/min_lr. Resuming the optimizer state under another lr_mult
+    is refused."""
     from lmfusion.training.deepspeed_engine import image_param_groups
 
     mult, moved, dirs = 3.0, {}, {}
@@ -282,10 +283,17 @@ def lr_mult_scales_the_image_io_groups_and_their_update():
     twin_keys = [k for k in moved[1.0] if not _is_image_io(k)]
     assert io_keys and twin_keys
     assert any(float(moved[1.0][k].abs().max()) > 0 for k in io_keys), "the I/O blocks did not move"
+    # Elements whose gradient is within a few eps (1e-8) of zero take a step of lr x g / (|g| + eps) that hangs on
+    # the gradient's last bits, which the two runs may sum in another order (CI's machine failed 1e-9 once on the
+    # time embedding, whose gradients are that small; ours does not): such an element may differ by up to 1e-3 of
+    # a full step (lr x mult). A wrong multiplier is off by a whole step on every element.
+    lr = trainer.cfg.optimizer.lr
     for k in io_keys:
-        torch.testing.assert_close(moved[mult][k], mult * moved[1.0][k], rtol=1e-4, atol=1e-9, msg=k)
+        torch.testing.assert_close(moved[mult][k], mult * moved[1.0][k], rtol=1e-4, atol=1e-3 * lr * mult,
+                                   msg=lambda m, k=k: f"{k}: {m}")
     for k in twin_keys:
-        torch.testing.assert_close(moved[mult][k], moved[1.0][k], rtol=1e-6, atol=1e-10, msg=k)
+        torch.testing.assert_close(moved[mult][k], moved[1.0][k], rtol=1e-6, atol=1e-3 * lr,
+                                   msg=lambda m, k=k: f"{k}: {m}")
     # resuming the lr_mult=3 run's optimizer state under another lr_mult is refused in one line
     resumed = Trainer(config(dirs[mult], "train.train_iters=2", "optimizer.lr_warmup_iters=0",
                              "optimizer.lr_decay_style=constant"))
