@@ -287,12 +287,11 @@ def lr_mult_scales_the_image_io_groups_and_their_update():
     # the gradient's last bits, which the two runs may sum in another order (CI's machine failed 1e-9 once on the
     # time embedding, whose gradients are that small; ours does not): such an element may differ by up to 1e-3 of
     # a full step (lr x mult). A wrong multiplier is off by a whole step on every element.
-    lr = trainer.cfg.optimizer.lr
     for k in io_keys:
-        torch.testing.assert_close(moved[mult][k], mult * moved[1.0][k], rtol=1e-4, atol=1e-3 * lr * mult,
+        torch.testing.assert_close(moved[mult][k], mult * moved[1.0][k], rtol=1e-4, atol=1e-3 * o.lr * mult,
                                    msg=lambda m, k=k: f"{k}: {m}")
     for k in twin_keys:
-        torch.testing.assert_close(moved[mult][k], moved[1.0][k], rtol=1e-6, atol=1e-3 * lr,
+        torch.testing.assert_close(moved[mult][k], moved[1.0][k], rtol=1e-6, atol=1e-3 * o.lr,
                                    msg=lambda m, k=k: f"{k}: {m}")
     # resuming the lr_mult=3 run's optimizer state under another lr_mult is refused in one line
     resumed = Trainer(config(dirs[mult], "train.train_iters=2", "optimizer.lr_warmup_iters=0",
